@@ -1,0 +1,72 @@
+// One exported file (or block device), shared by every loop thread.
+//
+// Loops submit their own io_uring reads and writes against fd(); this class
+// only owns the descriptor, the export's size and what is known about its
+// allocation. The allocation map is seeded with SEEK_DATA/SEEK_HOLE when the
+// file is opened (before any loop runs) and is then kept up to date by the
+// loops as their writes, trims and zero requests complete; nothing else
+// writes the file while it is exported. The map is guarded by a mutex held
+// only for in-memory updates and queries, never across I/O.
+//
+// Durability: writes go to the page cache; FLUSH is fdatasync() and FUA is
+// RWF_DSYNC on the write. A failed fdatasync is sticky (sticky_error()):
+// after it the export refuses writes and flushes with EIO, because the kernel
+// may already have dropped the dirty pages it failed to write.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "protocol/transmission.hpp"
+#include "storage/extent_map.hpp"
+
+namespace storage {
+
+class ImageFile {
+ public:
+  // Opens `path` read-only or read-write. On failure returns nullptr and sets
+  // *err to a message that names the file and the cause.
+  static std::unique_ptr<ImageFile> open(const std::string& path, bool read_only,
+                                         std::string* err);
+  ~ImageFile();
+  ImageFile(const ImageFile&) = delete;
+  ImageFile& operator=(const ImageFile&) = delete;
+
+  int fd() const { return fd_; }
+  uint64_t size() const { return size_; }
+  bool read_only() const { return read_only_; }
+  bool is_block_device() const { return block_device_; }
+  const std::string& path() const { return path_; }
+
+  // Bookkeeping after a completed operation on [off, off + len). Thread-safe.
+  void note_write(uint64_t off, uint64_t len);
+  void note_punch(uint64_t off, uint64_t len);
+  void note_zero(uint64_t off, uint64_t len);
+
+  // base:allocation extents for [off, off + len) in bytes; they cover a
+  // prefix of the range (all of it unless capped by max_extents).
+  std::vector<nbd::Extent> allocation(uint64_t off, uint64_t len, size_t max_extents) const;
+
+  // 0, or the errno of the first failed fdatasync.
+  int sticky_error() const { return sticky_.load(std::memory_order_relaxed); }
+  void set_sticky_error(int err);
+
+ private:
+  ImageFile() = default;
+  bool scan_allocation(std::string* err);
+
+  std::string path_;
+  int fd_ = -1;
+  uint64_t size_ = 0;
+  bool read_only_ = false;
+  bool block_device_ = false;
+  static constexpr uint64_t kGrain = 4096;
+  mutable std::mutex mu_;
+  ExtentMap map_;  // guarded by mu_
+  std::atomic<int> sticky_{0};
+};
+
+}  // namespace storage
