@@ -1,0 +1,109 @@
+#include "server/config.hpp"
+
+#include <boost/program_options.hpp>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace po = boost::program_options;
+
+namespace server {
+namespace {
+
+constexpr const char* kUsage =
+    "Usage: nbdserver [options]\n"
+    "Serves files and block devices over NBD, on io_uring.\n\n"
+    "Example: nbdserver --listen 127.0.0.1:10809 --export disk=/srv/disk.img,ro\n";
+
+po::options_description describe(ServerOptions* o, std::vector<std::string>* exports,
+                                 std::string* config) {
+  po::options_description d("Options");
+  d.add_options()
+      ("help,h", "show this help")
+      ("version", "show the version")
+      ("config", po::value(config), "read options from FILE (same names, INI syntax)")
+      ("listen", po::value(&o->listen)->composing(),
+       "listen on HOST:PORT (repeatable; default 0.0.0.0:10809); port 0 picks a free one")
+      ("socket", po::value(&o->socket), "listen on a Unix socket at PATH")
+      ("export", po::value(exports)->composing(),
+       "serve NAME=FILE[,ro][,desc=TEXT] (repeatable)")
+      ("default-export", po::value(&o->default_export),
+       "the export that the empty name selects (default: none)")
+      ("log-level", po::value(&o->log_level)->default_value("info"),
+       "trace, debug, info, warn or error")
+      ("threads", po::value(&o->threads)->default_value(0),
+       "event loops to run (default: one per core)")
+      ("max-connections", po::value(&o->max_connections)->default_value(4096),
+       "connections served at once; more are refused")
+      ("max-block", po::value(&o->max_block)->default_value(32 * 1024 * 1024),
+       "largest READ or WRITE in bytes (advertised as the maximum block size)")
+      ("max-inflight", po::value(&o->max_inflight)->default_value(256),
+       "requests in flight per connection before reading pauses")
+      ("handshake-timeout", po::value(&o->handshake_timeout)->default_value(10),
+       "seconds a client may take to finish the handshake")
+      ("request-timeout", po::value(&o->request_timeout)->default_value(60),
+       "seconds a half-received request may stall before the connection is closed")
+      ("shutdown-timeout", po::value(&o->shutdown_timeout)->default_value(30),
+       "seconds to let in-flight requests finish after SIGTERM")
+      ("ready-file", po::value(&o->ready_file),
+       "once listening, write the bound addresses to PATH, one per line");
+  return d;
+}
+
+ParseResult fail(std::string msg) { return {false, 2, "nbdserver: " + msg}; }
+
+ParseResult check(ServerOptions* o, const std::vector<std::string>& exports) {
+  static const char* levels[] = {"trace", "debug", "info", "warn", "error"};
+  if (std::find(std::begin(levels), std::end(levels), o->log_level) == std::end(levels))
+    return fail("--log-level '" + o->log_level + "': expected trace, debug, info, warn or error");
+  if (o->max_block < 512 || o->max_block > (1u << 30))
+    return fail("--max-block must be between 512 and 1073741824");
+  if (o->max_connections == 0) return fail("--max-connections must be at least 1");
+  if (o->max_inflight == 0 || o->max_inflight > 65536)
+    return fail("--max-inflight must be between 1 and 65536");
+  if (o->threads > 256) return fail("--threads must be at most 256");
+  if (!(o->handshake_timeout > 0) || !(o->request_timeout > 0) || !(o->shutdown_timeout >= 0))
+    return fail("timeouts must be positive numbers of seconds");
+  for (const std::string& e : exports) {
+    exports::ExportSpec spec;
+    std::string err;
+    if (!exports::parse_export_spec(e, &spec, &err)) return fail(err);
+    o->exports.push_back(std::move(spec));
+  }
+  if (o->exports.empty()) return fail("nothing to serve: give at least one --export NAME=FILE");
+  if (o->threads == 0) o->threads = std::max(1u, std::thread::hardware_concurrency());
+  if (o->listen.empty() && o->socket.empty()) o->listen.push_back("0.0.0.0:10809");
+  return {true, 0, {}};
+}
+
+}  // namespace
+
+ParseResult parse_options(int argc, const char* const* argv, ServerOptions* out) {
+  ServerOptions o;
+  std::vector<std::string> exports;
+  std::string config;
+  po::options_description d = describe(&o, &exports, &config);
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, d), vm);
+    if (vm.count("config")) {
+      std::ifstream in(vm["config"].as<std::string>());
+      if (!in) return fail("cannot read config file '" + vm["config"].as<std::string>() + "'");
+      po::store(po::parse_config_file(in, d), vm);
+    }
+    if (vm.count("help")) {
+      std::ostringstream s;
+      s << kUsage << "\n" << d;
+      return {false, 0, s.str()};
+    }
+    if (vm.count("version")) return {false, 0, "nbdserver 0.1.0"};
+    po::notify(vm);
+  } catch (const po::error& e) {
+    return fail(std::string(e.what()) + " (see --help)");
+  }
+  ParseResult r = check(&o, exports);
+  if (r.run) *out = std::move(o);
+  return r;
+}
+
+}  // namespace server

@@ -1,0 +1,38 @@
+// nbdserver's options: command line and config file (Boost.Program_options).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "exports/registry.hpp"
+
+namespace server {
+
+struct ServerOptions {
+  std::vector<std::string> listen;  // HOST:PORT, [V6]:PORT
+  std::string socket;               // Unix socket path
+  std::vector<exports::ExportSpec> exports;
+  std::string default_export;
+  std::string log_level = "info";
+  unsigned threads = 0;  // 0: one loop per core
+  unsigned max_connections = 4096;
+  uint32_t max_block = 32 * 1024 * 1024;
+  unsigned max_inflight = 256;  // requests in flight per connection
+  double handshake_timeout = 10;
+  double request_timeout = 60;
+  double shutdown_timeout = 30;
+  std::string ready_file;
+};
+
+struct ParseResult {
+  bool run = false;   // false: exit with `exit_code` after printing `message`
+  int exit_code = 0;
+  std::string message;
+};
+
+// Parses the command line, then the --config file if one is named (command
+// line values win). Validates every value; never throws.
+ParseResult parse_options(int argc, const char* const* argv, ServerOptions* out);
+
+}  // namespace server

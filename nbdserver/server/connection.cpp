@@ -1,0 +1,41 @@
+#include "server/connection.hpp"
+
+#include <algorithm>
+
+namespace server {
+
+void SendQueue::prepare(msghdr* msg) {
+  size_t n = 0;
+  size_t skip = front_sent_;
+  auto add = [&](const void* p, size_t len) {
+    if (len <= skip) {
+      skip -= len;
+      return;
+    }
+    iov_[n].iov_base = const_cast<uint8_t*>(static_cast<const uint8_t*>(p) + skip);
+    iov_[n].iov_len = len - skip;
+    skip = 0;
+    ++n;
+  };
+  for (const OutMsg& m : q_) {
+    if (n + 3 > kMaxIov) break;
+    if (m.hlen) add(m.head, m.hlen);
+    if (!m.extra.empty()) add(m.extra.data(), m.extra.size());
+    if (m.dlen) add(m.data.data(), m.dlen);
+  }
+  *msg = {};
+  msg->msg_iov = iov_;
+  msg->msg_iovlen = n;
+}
+
+void SendQueue::consume(size_t n) {
+  bytes_ -= n;
+  n += front_sent_;
+  while (!q_.empty() && n >= q_.front().size()) {
+    n -= q_.front().size();
+    q_.pop_front();
+  }
+  front_sent_ = n;
+}
+
+}  // namespace server

@@ -1,0 +1,125 @@
+// Per-connection and per-request state, owned by one loop thread.
+//
+// A Connection holds the socket, the receive buffer, the handshake (until the
+// transmission phase starts) and the queue of replies waiting to be sent. An
+// Op is one request between validation and its reply being queued; it owns
+// the request's data buffer until the reply takes it over.
+//
+// Rules for who touches what:
+// - At most one recv and one sendmsg are in flight per connection. The
+//   kernel owns rbuf's free tail (or an Op's buffer, for a direct payload
+//   recv) while recv_pending, and the front of outq while send_pending.
+// - A connection is freed only when nothing of it is in flight: no recv,
+//   no send and no Op (inflight == 0).
+#pragma once
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "exports/registry.hpp"
+#include "io/buffer_pool.hpp"
+#include "protocol/handshake.hpp"
+#include "protocol/transmission.hpp"
+
+namespace server {
+
+using Clock = std::chrono::steady_clock;
+inline constexpr uint32_t kNone = ~0u;
+
+// One reply (or handshake output) waiting to be sent.
+struct OutMsg {
+  uint8_t head[nbd::kMaxReplyHeader];
+  uint16_t hlen = 0;
+  std::string extra;  // bytes after head: handshake output, errors, extents
+  io::Buffer data;    // read payload, sent after extra
+  size_t dlen = 0;
+  size_t size() const { return hlen + extra.size() + dlen; }
+};
+
+// Reply bytes queued on a connection, sent with as few sendmsg calls as
+// possible. Pure bookkeeping; the loop does the I/O.
+class SendQueue {
+ public:
+  void push(OutMsg&& m) {
+    bytes_ += m.size();
+    q_.push_back(std::move(m));
+  }
+  bool empty() const { return q_.empty(); }
+  size_t bytes() const { return bytes_; }
+  // Fills `msg` with iovecs for up to kMaxIov pieces from the front.
+  void prepare(msghdr* msg);
+  // Drops `n` sent bytes from the front, freeing finished messages.
+  void consume(size_t n);
+
+ private:
+  static constexpr size_t kMaxIov = 128;
+  std::deque<OutMsg> q_;
+  size_t front_sent_ = 0;  // bytes of q_.front() already sent
+  size_t bytes_ = 0;       // unsent bytes in all of q_
+  iovec iov_[kMaxIov];
+};
+
+struct Connection {
+  enum class Phase { kHandshake, kTransmission, kClosing };
+
+  uint64_t id = 0;  // for logs
+  std::string peer;
+  int fd = -1;
+  uint32_t slot = 0;
+  uint32_t gen = 0;
+  Phase phase = Phase::kHandshake;
+
+  std::unique_ptr<nbd::Handshake> hs;
+  nbd::Session session;
+  const exports::ServedExport* exp = nullptr;
+
+  // Receive buffer: bytes [rpos, rlen) are received and not yet parsed.
+  std::vector<uint8_t> rbuf;
+  size_t rpos = 0;
+  size_t rlen = 0;
+  bool recv_pending = false;
+  bool direct_recv = false;  // the pending recv targets payload_op's buffer
+
+  // A WRITE whose payload is still arriving.
+  uint32_t payload_op = kNone;
+  uint64_t payload_got = 0;
+  // A rejected request whose payload is being discarded.
+  uint64_t drain_left = 0;
+  nbd::Request drain_req;
+  nbd::Verdict drain_verdict;
+
+  SendQueue out;
+  msghdr msg{};
+  bool send_pending = false;
+  bool close_after_send = false;  // handshake ended (abort or refusal)
+
+  unsigned inflight = 0;     // Ops not yet replied to
+  bool disconnect = false;   // NBD_CMD_DISC seen, or fatal error
+  bool send_queued = false;  // on the loop's list of connections to flush
+
+  Clock::time_point handshake_deadline;
+  Clock::time_point partial_since;  // when a half-received request began
+  bool partial = false;
+
+  size_t unparsed() const { return rlen - rpos; }
+  const uint8_t* unparsed_data() const { return rbuf.data() + rpos; }
+};
+
+struct Op {
+  uint32_t gen = 0;
+  bool used = false;
+  uint32_t conn = kNone;
+  nbd::Request req;
+  io::Buffer buf;
+  uint64_t done = 0;  // bytes completed so far (short reads and writes)
+  int stage = 0;      // for operations done in several steps
+};
+
+}  // namespace server

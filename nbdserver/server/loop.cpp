@@ -1,0 +1,840 @@
+#include "server/loop.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cassert>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+namespace server {
+namespace {
+
+constexpr size_t kHandshakeBuffer = 4096;
+constexpr size_t kTransmissionBuffer = 128 * 1024;
+constexpr size_t kDirectRecvMin = 16 * 1024;  // payloads this large skip rbuf
+constexpr size_t kMaxQueuedBytes = 64 << 20;  // pause reading past this output
+constexpr size_t kMaxExtents = 16384;
+constexpr size_t kZeroChunk = 1 << 20;
+constexpr unsigned kRingEntries = 1024;
+
+std::string peer_name(int fd) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return "?";
+  char host[INET6_ADDRSTRLEN] = "";
+  if (ss.ss_family == AF_INET) {
+    auto* in = reinterpret_cast<sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(in->sin_port));
+  }
+  if (ss.ss_family == AF_INET6) {
+    auto* in6 = reinterpret_cast<sockaddr_in6*>(&ss);
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(in6->sin6_port));
+  }
+  return "unix";
+}
+
+std::string errno_text(int err) { return strerror(err); }
+
+bool retryable(int res) { return res == -EAGAIN || res == -EINTR; }
+
+}  // namespace
+
+Loop::Loop(Shared& shared, unsigned index) : shared_(shared), index_(index) {}
+
+Loop::~Loop() {
+  for (auto& c : conns_)
+    if (c && c->fd >= 0) ::close(c->fd);
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+bool Loop::init(std::string* err) {
+  std::string log;
+  int ret = ring_.init(kRingEntries, &log);
+  if (!log.empty()) spdlog::info("loop {}: {}", index_, log);
+  if (ret < 0) {
+    *err = "io_uring setup failed: " + errno_text(-ret) +
+           " (is io_uring disabled by kernel.io_uring_disabled?)";
+    return false;
+  }
+  if (!ring_.features().fallocate)
+    spdlog::warn("loop {}: kernel lacks IORING_OP_FALLOCATE; TRIM is ignored and WRITE_ZEROES "
+                 "writes zeroes", index_);
+  if (!ring_.features().fadvise)
+    spdlog::warn("loop {}: kernel lacks IORING_OP_FADVISE; CACHE is a no-op", index_);
+  wake_fd_ = eventfd(0, EFD_CLOEXEC);
+  if (wake_fd_ < 0) {
+    *err = "eventfd: " + errno_text(errno);
+    return false;
+  }
+  accept_pending_.assign(shared_.listeners.size(), false);
+  tick_.tv_sec = 0;
+  tick_.tv_nsec = 500 * 1000 * 1000;
+  return true;
+}
+
+void Loop::wake() {
+  uint64_t one = 1;
+  ssize_t r = ::write(wake_fd_, &one, sizeof one);
+  (void)r;
+}
+
+// ---------------------------------------------------------------- the loop
+
+void Loop::run() {
+  if (int ret = ring_.enable(); ret < 0) {
+    spdlog::critical("loop {}: cannot enable the io_uring: {}", index_, errno_text(-ret));
+    std::abort();
+  }
+  for (uint32_t l = 0; l < shared_.listeners.size(); ++l) post_accept(l);
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_timeout(s, &tick_, 0, 0);
+  s->user_data = io::make_tag(io::Kind::kTimer, 0, 0);
+  s = ring_.sqe();
+  io_uring_prep_read(s, wake_fd_, &wake_buf_, sizeof wake_buf_, 0);
+  s->user_data = io::make_tag(io::Kind::kWake, 0, 0);
+  if (shared_.stopping) begin_shutdown();
+
+  for (;;) {
+    flush_sends();
+    bool accepts = std::find(accept_pending_.begin(), accept_pending_.end(), true) !=
+                   accept_pending_.end();
+    if (shutdown_started_ && live_conns_ == 0 && !accepts) break;
+    int ret = ring_.submit_and_wait(1);
+    if (ret < 0 && ret != -EBUSY && ret != -ETIME) {
+      spdlog::critical("loop {}: io_uring_submit_and_wait: {}", index_, errno_text(-ret));
+      break;
+    }
+    unsigned head, n = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(ring_.raw(), head, cqe) {
+      dispatch(cqe);
+      ++n;
+    }
+    io_uring_cq_advance(ring_.raw(), n);
+  }
+  spdlog::debug("loop {}: stopped", index_);
+}
+
+void Loop::dispatch(const io_uring_cqe* cqe) {
+  const uint64_t tag = cqe->user_data;
+  const uint32_t slot = io::tag_slot(tag), gen = io::tag_gen(tag);
+  switch (io::tag_kind(tag)) {
+    case io::Kind::kAccept:
+      on_accept(slot, cqe->res);
+      break;
+    case io::Kind::kRecv:
+      if (Connection* c = conn_at(slot, gen)) on_recv(*c, cqe->res);
+      break;
+    case io::Kind::kSend:
+      if (Connection* c = conn_at(slot, gen)) on_send(*c, cqe->res);
+      break;
+    case io::Kind::kFile:
+      if (slot < ops_.size() && ops_[slot].used && (ops_[slot].gen & 0xffffff) == gen)
+        on_file(slot, cqe->res);
+      else
+        spdlog::error("loop {}: stale file completion for op {}", index_, slot);
+      break;
+    case io::Kind::kTimer:
+      on_timer();
+      break;
+    case io::Kind::kWake:
+      on_wake();
+      break;
+    case io::Kind::kCancel:
+      break;
+  }
+}
+
+Connection* Loop::conn_at(uint32_t slot, uint32_t gen) {
+  if (slot >= conns_.size() || !conns_[slot] || conns_[slot]->fd < 0 ||
+      (conns_[slot]->gen & 0xffffff) != gen) {
+    spdlog::error("loop {}: stale socket completion for connection slot {}", index_, slot);
+    return nullptr;
+  }
+  return conns_[slot].get();
+}
+
+// ---------------------------------------------------------------- accepting
+
+void Loop::post_accept(uint32_t l) {
+  if (!accepting_ || accept_pending_[l]) return;
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_accept(s, shared_.listeners[l].fd, nullptr, nullptr, SOCK_CLOEXEC);
+  s->user_data = io::make_tag(io::Kind::kAccept, l, 0);
+  accept_pending_[l] = true;
+}
+
+void Loop::on_accept(uint32_t l, int res) {
+  accept_pending_[l] = false;
+  if (res >= 0) {
+    start_connection(res);
+  } else if (res == -EMFILE || res == -ENFILE || res == -ENOMEM || res == -ENOBUFS) {
+    spdlog::error("loop {}: accept on {}: {}; pausing accepts for a moment", index_,
+                  shared_.listeners[l].address, errno_text(-res));
+    accept_backoff_ = true;
+    return;
+  } else if (res != -ECANCELED && !retryable(res) && res != -ECONNABORTED) {
+    spdlog::warn("loop {}: accept on {}: {}", index_, shared_.listeners[l].address,
+                 errno_text(-res));
+  }
+  post_accept(l);
+}
+
+void Loop::on_timer() {
+  const auto now = Clock::now();
+  if (accept_backoff_) {
+    accept_backoff_ = false;
+    for (uint32_t l = 0; l < accept_pending_.size(); ++l) post_accept(l);
+  }
+  const auto request_limit = std::chrono::duration<double>(shared_.opts.request_timeout);
+  for (auto& cp : conns_) {
+    if (!cp || cp->fd < 0 || cp->phase == Connection::Phase::kClosing) continue;
+    Connection& c = *cp;
+    if (c.phase == Connection::Phase::kHandshake && now > c.handshake_deadline) {
+      close_connection(c, "handshake not finished in time", true);
+    } else if (c.partial && now - c.partial_since > request_limit) {
+      close_connection(c, "a request stalled half-received", true);
+    } else if (shutdown_started_ && now > shutdown_deadline_) {
+      close_connection(c, "shutdown timeout reached with requests still in flight", true);
+    }
+  }
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_timeout(s, &tick_, 0, 0);
+  s->user_data = io::make_tag(io::Kind::kTimer, 0, 0);
+}
+
+void Loop::on_wake() {
+  if (shared_.stopping) begin_shutdown();
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_read(s, wake_fd_, &wake_buf_, sizeof wake_buf_, 0);
+  s->user_data = io::make_tag(io::Kind::kWake, 0, 0);
+}
+
+void Loop::begin_shutdown() {
+  if (shutdown_started_) return;
+  shutdown_started_ = true;
+  accepting_ = false;
+  shutdown_deadline_ =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double>(shared_.opts.shutdown_timeout));
+  for (uint32_t l = 0; l < accept_pending_.size(); ++l) {
+    if (!accept_pending_[l]) continue;
+    io_uring_sqe* s = ring_.sqe();
+    io_uring_prep_cancel64(s, io::make_tag(io::Kind::kAccept, l, 0), 0);
+    s->user_data = io::make_tag(io::Kind::kCancel, 0, 0);
+  }
+  for (auto& c : conns_) {
+    if (!c || c->fd < 0) continue;
+    if (c->phase == Connection::Phase::kHandshake) {
+      close_connection(*c, "server shutting down", false);
+    } else {
+      to_send_.push_back(c->slot);
+      c->send_queued = true;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- connections
+
+void Loop::start_connection(int fd) {
+  if (shared_.connections.load() >= shared_.opts.max_connections) {
+    spdlog::warn("refusing a connection from {}: --max-connections {} reached", peer_name(fd),
+                 shared_.opts.max_connections);
+    ::close(fd);
+    return;
+  }
+  shared_.connections++;
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on Unix
+
+  uint32_t slot;
+  if (!free_conns_.empty()) {
+    slot = free_conns_.back();
+    free_conns_.pop_back();
+  } else {
+    slot = uint32_t(conns_.size());
+    conns_.emplace_back();
+  }
+  uint32_t gen = conns_[slot] ? conns_[slot]->gen + 1 : 1;
+  conns_[slot] = std::make_unique<Connection>();
+  Connection& c = *conns_[slot];
+  c.id = shared_.next_conn_id++;
+  c.fd = fd;
+  c.slot = slot;
+  c.gen = gen;
+  c.peer = peer_name(fd);
+  c.rbuf.resize(kHandshakeBuffer);
+  nbd::HandshakeLimits limits;
+  c.hs = std::make_unique<nbd::Handshake>(shared_.registry, limits);
+  c.handshake_deadline =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double>(shared_.opts.handshake_timeout));
+  ++live_conns_;
+  spdlog::debug("conn {}: accepted from {} on loop {}", c.id, c.peer, index_);
+  OutMsg m;
+  m.extra = std::move(c.hs->out());
+  c.hs->out().clear();
+  queue(c, std::move(m));
+}
+
+bool Loop::quiescent(const Connection& c) const {
+  return c.inflight == 0 && c.out.empty() && !c.send_pending;
+}
+
+void Loop::post_recv(Connection& c) {
+  void* target = nullptr;
+  size_t len = 0;
+  if (c.payload_op != kNone && c.unparsed() == 0) {
+    const Op& o = ops_[c.payload_op];
+    uint64_t left = o.req.length - c.payload_got;
+    if (left >= kDirectRecvMin) {
+      target = o.buf.data() + c.payload_got;
+      len = std::min<uint64_t>(left, INT_MAX);
+      c.direct_recv = true;
+    }
+  }
+  if (!c.direct_recv) {
+    if (c.rpos == c.rlen) {
+      c.rpos = c.rlen = 0;
+    } else if (c.rpos > 0 && c.rbuf.size() - c.rlen < kDirectRecvMin) {
+      memmove(c.rbuf.data(), c.rbuf.data() + c.rpos, c.unparsed());
+      c.rlen -= c.rpos;
+      c.rpos = 0;
+    }
+    if (c.rlen == c.rbuf.size()) return;  // full of unparsed requests: wait
+    target = c.rbuf.data() + c.rlen;
+    len = c.rbuf.size() - c.rlen;
+  }
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_recv(s, c.fd, target, len, 0);
+  s->user_data = io::make_tag(io::Kind::kRecv, c.slot, c.gen);
+  c.recv_pending = true;
+}
+
+void Loop::on_recv(Connection& c, int res) {
+  c.recv_pending = false;
+  const bool direct = c.direct_recv;
+  c.direct_recv = false;
+  if (c.phase == Connection::Phase::kClosing || retryable(res) || res == -ENOBUFS) {
+    queue(c, OutMsg());  // just schedules service
+    return;
+  }
+  if (res <= 0) {
+    bool mid = c.partial || c.payload_op != kNone;
+    close_connection(c, res == 0 ? (mid ? "client hung up in the middle of a request"
+                                        : "client closed the connection")
+                                 : "receive failed: " + errno_text(-res),
+                     res < 0 || mid);
+    return;
+  }
+  if (direct) {
+    c.payload_got += uint64_t(res);
+    Op& o = ops_[c.payload_op];
+    if (c.payload_got == o.req.length) {
+      uint32_t op = c.payload_op;
+      c.payload_op = kNone;
+      execute(op);
+    }
+  } else {
+    c.rlen += size_t(res);
+  }
+  if (c.phase == Connection::Phase::kHandshake) on_handshake_input(c);
+  queue(c, OutMsg());
+}
+
+void Loop::on_handshake_input(Connection& c) {
+  size_t used = c.hs->feed(c.unparsed_data(), c.unparsed());
+  c.rpos += used;
+  for (const std::string& e : c.hs->take_errors()) spdlog::info("conn {}: {}", c.id, e);
+  if (!c.hs->out().empty()) {
+    OutMsg m;
+    m.extra = std::move(c.hs->out());
+    c.hs->out().clear();
+    queue(c, std::move(m));
+  }
+  switch (c.hs->status()) {
+    case nbd::Handshake::Status::kContinue:
+      break;
+    case nbd::Handshake::Status::kTransmission:
+      c.session = c.hs->session();
+      c.exp = &exports::Registry::served(*c.session.exp);
+      c.hs.reset();
+      c.phase = Connection::Phase::kTransmission;
+      c.rbuf.resize(kTransmissionBuffer);
+      spdlog::info("conn {}: {} attached export '{}'{}{}", c.id, c.peer, c.exp->name,
+                   c.session.structured ? " with structured replies" : "",
+                   c.session.extended ? " and extended headers" : "");
+      break;
+    case nbd::Handshake::Status::kClosed:
+      if (c.hs->aborted()) {
+        spdlog::debug("conn {}: {}", c.id, c.hs->close_reason());
+      } else {
+        spdlog::warn("conn {}: {}: handshake refused: {}", c.id, c.peer, c.hs->close_reason());
+      }
+      c.close_after_send = true;
+      c.rpos = c.rlen;
+      break;
+  }
+}
+
+// Moves payload bytes from rbuf into the WRITE waiting for them. Returns true
+// when the payload is complete and the request went on to execute.
+bool Loop::read_payload(Connection& c) {
+  Op& o = ops_[c.payload_op];
+  size_t n = std::min<uint64_t>(c.unparsed(), o.req.length - c.payload_got);
+  memcpy(o.buf.data() + c.payload_got, c.unparsed_data(), n);
+  c.rpos += n;
+  c.payload_got += n;
+  if (c.payload_got < o.req.length) return false;
+  uint32_t op = c.payload_op;
+  c.payload_op = kNone;
+  execute(op);
+  return true;
+}
+
+void Loop::process_requests(Connection& c) {
+  const size_t header = c.session.extended ? nbd::kExtendedRequestSize : nbd::kRequestSize;
+  bool paused = false;
+  while (c.phase == Connection::Phase::kTransmission) {
+    if (c.drain_left) {
+      size_t n = std::min<uint64_t>(c.unparsed(), c.drain_left);
+      c.rpos += n;
+      c.drain_left -= n;
+      if (c.drain_left) break;
+      reject(c, c.drain_req, c.drain_verdict);
+      continue;
+    }
+    if (c.payload_op != kNone) {
+      if (!read_payload(c)) break;
+      continue;
+    }
+    if (c.disconnect) {
+      c.rpos = c.rlen;  // nothing after NBD_CMD_DISC is read
+      break;
+    }
+    if (c.inflight >= shared_.opts.max_inflight || c.out.bytes() > kMaxQueuedBytes) {
+      paused = true;
+      break;
+    }
+    nbd::Request req;
+    size_t used = 0;
+    nbd::Parse p = nbd::parse_request(c.unparsed_data(), c.unparsed(), c.session.extended, &req,
+                                      &used);
+    if (p == nbd::Parse::kNeedMore) break;
+    if (p == nbd::Parse::kBadMagic) {
+      close_connection(c, "bad request magic", true);
+      return;
+    }
+    c.rpos += used;
+    handle_request(c, req);
+  }
+  bool partial = c.drain_left || c.payload_op != kNone ||
+                 (!paused && c.unparsed() > 0 && c.unparsed() < header);
+  if (partial && !c.partial) c.partial_since = Clock::now();
+  c.partial = partial;
+}
+
+void Loop::handle_request(Connection& c, const nbd::Request& req) {
+  const uint64_t payload = nbd::payload_length(req, c.session.extended);
+  nbd::Verdict v = nbd::validate(req, c.session);
+  if (v.ok() && shared_.stopping && req.type != nbd::kCmdDisc)
+    v = {nbd::kESHUTDOWN, "server is shutting down"};
+  if (spdlog::should_log(spdlog::level::trace))
+    spdlog::trace("conn {}: {} flags {:#x} offset {} length {}", c.id, nbd::cmd_name(req.type),
+                  req.flags, req.offset, req.length);
+  if (!v.ok()) {
+    spdlog::info("conn {}: {} offset {} length {}: {}: {}", c.id, nbd::cmd_name(req.type),
+                 req.offset, req.length, nbd::error_name(v.error), v.why);
+    if (payload > nbd::kMaxDrain) {
+      close_connection(c, "declared payload of " + std::to_string(payload) +
+                              " bytes is too large to skip", true);
+    } else if (payload) {
+      c.drain_left = payload;
+      c.drain_req = req;
+      c.drain_verdict = v;
+    } else {
+      reject(c, req, v);
+    }
+    return;
+  }
+  if (req.type == nbd::kCmdDisc) {
+    spdlog::debug("conn {}: NBD_CMD_DISC", c.id);
+    c.disconnect = true;
+    return;
+  }
+  uint32_t op = new_op(c, req);
+  Op& o = ops_[op];
+  if ((req.type == nbd::kCmdRead || req.type == nbd::kCmdWrite) && req.length > 0) {
+    o.buf = pool_.get(req.length);
+    if (!o.buf) {
+      finish(op, nbd::kENOMEM, "out of memory for the request buffer");
+      if (req.type == nbd::kCmdWrite) c.drain_left = req.length, c.drain_req = req,
+                                       c.drain_verdict = {nbd::kENOMEM, "out of memory"};
+      return;
+    }
+  }
+  if (req.type == nbd::kCmdWrite && req.length > 0) {
+    c.payload_op = op;
+    c.payload_got = 0;
+    return;
+  }
+  execute(op);
+}
+
+void Loop::reject(Connection& c, const nbd::Request& req, const nbd::Verdict& v) {
+  OutMsg m;
+  m.extra = nbd::encode_done(c.session, req, v.error, v.why);
+  queue(c, std::move(m));
+}
+
+void Loop::queue(Connection& c, OutMsg&& m) {
+  if (m.size()) c.out.push(std::move(m));
+  if (!c.send_queued) {
+    c.send_queued = true;
+    to_send_.push_back(c.slot);
+  }
+}
+
+// Services every connection touched since the last pass: parses what
+// arrived, sends what is queued, posts the next recv, closes when done.
+void Loop::flush_sends() {
+  while (!to_send_.empty()) {
+    std::vector<uint32_t> batch;
+    batch.swap(to_send_);
+    for (uint32_t slot : batch) {
+      Connection* cp = conns_[slot].get();
+      if (!cp || cp->fd < 0) continue;
+      Connection& c = *cp;
+      c.send_queued = false;
+      if (c.phase == Connection::Phase::kClosing) {
+        maybe_free(c);
+        continue;
+      }
+      if (c.phase == Connection::Phase::kTransmission) process_requests(c);
+      if (c.phase == Connection::Phase::kClosing) {
+        maybe_free(c);
+        continue;
+      }
+      if (!c.out.empty() && !c.send_pending) post_send(c);
+      bool idle = quiescent(c) && c.payload_op == kNone && c.drain_left == 0;
+      if ((c.disconnect || c.close_after_send) && quiescent(c)) {
+        close_connection(c, c.disconnect ? "client disconnected" : "handshake ended", false);
+      } else if (shared_.stopping && c.phase == Connection::Phase::kTransmission && idle) {
+        close_connection(c, "server shutting down", false);
+      } else if (!c.recv_pending && !c.disconnect && !c.close_after_send) {
+        bool paused = c.payload_op == kNone && c.drain_left == 0 &&
+                      (c.inflight >= shared_.opts.max_inflight ||
+                       c.out.bytes() > kMaxQueuedBytes);
+        if (!paused) post_recv(c);
+      }
+      if (c.phase == Connection::Phase::kClosing) maybe_free(c);
+    }
+  }
+}
+
+void Loop::post_send(Connection& c) {
+  c.out.prepare(&c.msg);
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_sendmsg(s, c.fd, &c.msg, MSG_NOSIGNAL);
+  s->user_data = io::make_tag(io::Kind::kSend, c.slot, c.gen);
+  c.send_pending = true;
+}
+
+void Loop::on_send(Connection& c, int res) {
+  c.send_pending = false;
+  if (c.phase != Connection::Phase::kClosing) {
+    if (res < 0 && !retryable(res)) {
+      close_connection(c, "send failed: " + errno_text(-res), res != -EPIPE && res != -ECONNRESET);
+      return;
+    }
+    if (res > 0) c.out.consume(size_t(res));
+  }
+  queue(c, OutMsg());
+}
+
+void Loop::close_connection(Connection& c, const std::string& why, bool error) {
+  if (c.phase == Connection::Phase::kClosing) return;
+  if (error) {
+    spdlog::warn("conn {}: {}: closing: {}", c.id, c.peer, why);
+  } else {
+    spdlog::debug("conn {}: closing: {}", c.id, why);
+  }
+  c.phase = Connection::Phase::kClosing;
+  c.hs.reset();
+  ::shutdown(c.fd, SHUT_RDWR);  // completes the pending recv and send
+  if (c.recv_pending) {
+    io_uring_sqe* s = ring_.sqe();
+    io_uring_prep_cancel64(s, io::make_tag(io::Kind::kRecv, c.slot, c.gen), 0);
+    s->user_data = io::make_tag(io::Kind::kCancel, 0, 0);
+  }
+  queue(c, OutMsg());
+}
+
+void Loop::maybe_free(Connection& c) {
+  if (c.recv_pending || c.send_pending) return;
+  if (c.payload_op != kNone) {
+    uint32_t op = c.payload_op;
+    c.payload_op = kNone;
+    ops_[op].used = false;
+    ops_[op].buf.release();
+    free_ops_.push_back(op);
+    --c.inflight;
+  }
+  if (c.inflight) return;
+  ::close(c.fd);
+  c.fd = -1;
+  free_conns_.push_back(c.slot);
+  --live_conns_;
+  shared_.connections--;
+}
+
+// ---------------------------------------------------------------- requests
+
+uint32_t Loop::new_op(Connection& c, const nbd::Request& req) {
+  uint32_t op;
+  if (!free_ops_.empty()) {
+    op = free_ops_.back();
+    free_ops_.pop_back();
+  } else {
+    op = uint32_t(ops_.size());
+    ops_.emplace_back();
+  }
+  Op& o = ops_[op];
+  o.gen++;
+  o.used = true;
+  o.conn = c.slot;
+  o.req = req;
+  o.done = 0;
+  o.stage = 0;
+  ++c.inflight;
+  return op;
+}
+
+void Loop::execute(uint32_t op) {
+  Op& o = ops_[op];
+  Connection& c = *conns_[o.conn];
+  storage::ImageFile& f = *c.exp->file;
+  const nbd::Request& r = o.req;
+  const bool mutates = r.type == nbd::kCmdWrite || r.type == nbd::kCmdTrim ||
+                       r.type == nbd::kCmdWriteZeroes || r.type == nbd::kCmdFlush;
+  if (mutates && f.sticky_error()) {
+    finish(op, nbd::kEIO, "an earlier flush failed (" + errno_text(f.sticky_error()) +
+                              "); the export refuses writes until restarted");
+    return;
+  }
+  auto file_sqe = [&] {
+    io_uring_sqe* s = ring_.sqe();
+    return s;
+  };
+  auto tag = [&] { return io::make_tag(io::Kind::kFile, op, o.gen); };
+  switch (r.type) {
+    case nbd::kCmdRead:
+    case nbd::kCmdWrite:
+      if (r.length == 0) return finish(op, nbd::kOk, {});
+      return submit_file_io(op);
+    case nbd::kCmdFlush: {
+      io_uring_sqe* s = file_sqe();
+      io_uring_prep_fsync(s, f.fd(), IORING_FSYNC_DATASYNC);
+      s->user_data = tag();
+      return;
+    }
+    case nbd::kCmdTrim:
+    case nbd::kCmdWriteZeroes: {
+      if (r.length == 0) return finish(op, nbd::kOk, {});
+      if (!ring_.features().fallocate) {
+        if (r.type == nbd::kCmdTrim) return finish(op, nbd::kOk, {});
+        o.stage = 1;  // go straight to writing zeroes
+        return on_file(op, -EOPNOTSUPP);
+      }
+      int mode = FALLOC_FL_KEEP_SIZE;
+      mode |= (r.type == nbd::kCmdWriteZeroes && (r.flags & nbd::kCmdFlagNoHole))
+                  ? FALLOC_FL_ZERO_RANGE
+                  : FALLOC_FL_PUNCH_HOLE;
+      io_uring_sqe* s = file_sqe();
+      io_uring_prep_fallocate(s, f.fd(), mode, r.offset, r.length);
+      s->user_data = tag();
+      return;
+    }
+    case nbd::kCmdCache: {
+      if (r.length == 0 || !ring_.features().fadvise) return finish(op, nbd::kOk, {});
+      io_uring_sqe* s = file_sqe();
+      io_uring_prep_fadvise(s, f.fd(), r.offset, off_t(r.length), POSIX_FADV_WILLNEED);
+      s->user_data = tag();
+      return;
+    }
+    case nbd::kCmdBlockStatus:
+      return finish(op, nbd::kOk, {});
+    default:
+      assert(false && "validate() let through an unknown command");
+      return finish(op, nbd::kEINVAL, "unknown command");
+  }
+}
+
+// Submits the rest of a read or write (or of the zero-filling fallback).
+void Loop::submit_file_io(uint32_t op) {
+  Op& o = ops_[op];
+  Connection& c = *conns_[o.conn];
+  const int fd = c.exp->file->fd();
+  const uint64_t left = o.req.length - o.done;
+  io_uring_sqe* s = ring_.sqe();
+  if (o.req.type == nbd::kCmdRead) {
+    io_uring_prep_read(s, fd, o.buf.data() + o.done, unsigned(left), o.req.offset + o.done);
+  } else if (o.req.type == nbd::kCmdWrite) {
+    io_uring_prep_write(s, fd, o.buf.data() + o.done, unsigned(left), o.req.offset + o.done);
+    if (o.req.flags & nbd::kCmdFlagFua) s->rw_flags = RWF_DSYNC;
+  } else {  // zero-filling: o.buf holds zeroes
+    unsigned n = unsigned(std::min<uint64_t>(left, o.buf.capacity()));
+    io_uring_prep_write(s, fd, o.buf.data(), n, o.req.offset + o.done);
+    if (o.req.flags & nbd::kCmdFlagFua) s->rw_flags = RWF_DSYNC;
+  }
+  s->user_data = io::make_tag(io::Kind::kFile, op, o.gen);
+}
+
+void Loop::on_file(uint32_t op, int res) {
+  Op& o = ops_[op];
+  Connection& c = *conns_[o.conn];
+  storage::ImageFile& f = *c.exp->file;
+  const nbd::Request& r = o.req;
+  const bool fua = r.flags & nbd::kCmdFlagFua;
+  if (retryable(res)) {
+    if (r.type == nbd::kCmdRead || r.type == nbd::kCmdWrite || o.stage == 1)
+      return submit_file_io(op);
+    return execute(op);
+  }
+  switch (r.type) {
+    case nbd::kCmdRead:
+    case nbd::kCmdWrite:
+      if (res < 0) {
+        if (r.type == nbd::kCmdWrite && fua && res == -EIO) f.set_sticky_error(EIO);
+        return finish(op, nbd::error_from_errno(-res),
+                      std::string(r.type == nbd::kCmdRead ? "read" : "write") + " failed: " +
+                          errno_text(-res));
+      }
+      if (res == 0) return finish(op, nbd::kEIO, "unexpected end of file");
+      o.done += uint64_t(res);
+      if (o.done < r.length) return submit_file_io(op);
+      if (r.type == nbd::kCmdWrite) f.note_write(r.offset, r.length);
+      return finish(op, nbd::kOk, {});
+    case nbd::kCmdFlush:
+      if (res < 0) {
+        f.set_sticky_error(-res);
+        return finish(op, nbd::kEIO, "fdatasync failed: " + errno_text(-res));
+      }
+      return finish(op, nbd::kOk, {});
+    case nbd::kCmdCache:
+      return finish(op, res < 0 ? nbd::error_from_errno(-res) : nbd::kOk,
+                    res < 0 ? "fadvise failed: " + errno_text(-res) : std::string());
+    case nbd::kCmdTrim:
+    case nbd::kCmdWriteZeroes:
+      break;
+    default:
+      return finish(op, nbd::kEIO, "unexpected completion");
+  }
+  // TRIM and WRITE_ZEROES: stage 0 fallocate, 1 writing zeroes, 2 fdatasync.
+  if (o.stage == 0) {
+    if (res == -EOPNOTSUPP || res == -EINVAL) {
+      if (r.type == nbd::kCmdTrim) return finish(op, nbd::kOk, {});  // TRIM is advisory
+      if (r.flags & nbd::kCmdFlagFastZero)
+        return finish(op, nbd::kENOTSUP, "this file cannot zero quickly");
+      o.stage = 1;
+      res = -EOPNOTSUPP;
+    } else if (res < 0) {
+      return finish(op, nbd::error_from_errno(-res), "fallocate failed: " + errno_text(-res));
+    } else {
+      if (r.type == nbd::kCmdTrim || !(r.flags & nbd::kCmdFlagNoHole)) {
+        f.note_punch(r.offset, r.length);
+      } else {
+        f.note_zero(r.offset, r.length);
+      }
+      if (!fua) return finish(op, nbd::kOk, {});
+      o.stage = 2;
+      io_uring_sqe* s = ring_.sqe();
+      io_uring_prep_fsync(s, f.fd(), IORING_FSYNC_DATASYNC);
+      s->user_data = io::make_tag(io::Kind::kFile, op, o.gen);
+      return;
+    }
+  }
+  if (o.stage == 1) {
+    if (res == -EOPNOTSUPP) {  // first entry: set up the zero buffer
+      o.buf = pool_.get(std::min<uint64_t>(r.length, kZeroChunk));
+      if (!o.buf) return finish(op, nbd::kENOMEM, "out of memory for zeroes");
+      memset(o.buf.data(), 0, o.buf.capacity());
+      return submit_file_io(op);
+    }
+    if (res <= 0)
+      return finish(op, res == 0 ? nbd::kEIO : nbd::error_from_errno(-res),
+                    "writing zeroes failed: " + errno_text(res == 0 ? EIO : -res));
+    o.done += uint64_t(res);
+    if (o.done < r.length) return submit_file_io(op);
+    f.note_write(r.offset, r.length);
+    return finish(op, nbd::kOk, {});
+  }
+  if (res < 0) {
+    f.set_sticky_error(-res);
+    return finish(op, nbd::kEIO, "fdatasync failed: " + errno_text(-res));
+  }
+  finish(op, nbd::kOk, {});
+}
+
+void Loop::reply_block_status(uint32_t op) {
+  Op& o = ops_[op];
+  Connection& c = *conns_[o.conn];
+  const size_t max = (o.req.flags & nbd::kCmdFlagReqOne) ? 1 : kMaxExtents;
+  const auto& contexts = c.session.contexts;
+  for (size_t i = 0; i < contexts.size(); ++i) {
+    std::vector<nbd::Extent> ext;
+    if (contexts[i].name == nbd::kContextBaseAllocation)
+      ext = c.exp->file->allocation(o.req.offset, o.req.length, max);
+    OutMsg m;
+    m.extra = nbd::encode_block_status(c.session, o.req, contexts[i].id, ext,
+                                       i + 1 == contexts.size());
+    queue(c, std::move(m));
+  }
+}
+
+// The one place a request completes: queue its reply and release it.
+void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
+  Op& o = ops_[op];
+  Connection& c = *conns_[o.conn];
+  if (err != nbd::kOk)
+    spdlog::warn("conn {}: {} offset {} length {}: {}: {}", c.id, nbd::cmd_name(o.req.type),
+                 o.req.offset, o.req.length, nbd::error_name(err), why);
+  if (c.phase != Connection::Phase::kClosing) {
+    if (err == nbd::kOk && o.req.type == nbd::kCmdBlockStatus) {
+      reply_block_status(op);
+    } else if (err == nbd::kOk) {
+      OutMsg m;
+      if (o.req.type == nbd::kCmdRead) {
+        m.hlen = uint16_t(nbd::encode_read_header(m.head, c.session, o.req, o.req.length));
+        m.data = std::move(o.buf);
+        m.dlen = o.req.length;
+      } else {
+        m.hlen = uint16_t(nbd::encode_ok(m.head, c.session, o.req));
+      }
+      queue(c, std::move(m));
+    } else {
+      OutMsg m;
+      m.extra = nbd::encode_done(c.session, o.req, err, why);
+      queue(c, std::move(m));
+    }
+  } else {
+    queue(c, OutMsg());
+  }
+  o.used = false;
+  o.buf.release();
+  free_ops_.push_back(op);
+  --c.inflight;
+}
+
+}  // namespace server

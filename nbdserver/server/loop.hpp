@@ -1,0 +1,108 @@
+// One event loop: a thread with its own io_uring, its connections and their
+// in-flight requests.
+//
+// Everything a loop owns is touched only by its thread. Connections never
+// move between loops. Completions are decoded in one place (dispatch()) from
+// the tag in user_data, and every request is completed in one place
+// (finish()), which queues its reply.
+//
+// The loop never blocks except in io_uring_submit_and_wait: socket receive
+// and send, file reads and writes, fsync, fallocate and fadvise all go
+// through the ring. Replies are batched: completions only mark a connection
+// as having output, and each pass of the loop sends what accumulated.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "exports/registry.hpp"
+#include "io/buffer_pool.hpp"
+#include "io/ring.hpp"
+#include "server/config.hpp"
+#include "server/connection.hpp"
+#include "server/listen.hpp"
+
+namespace server {
+
+// State shared by every loop. Immutable while loops run, except the atomics.
+struct Shared {
+  const ServerOptions& opts;
+  const exports::Registry& registry;
+  const std::vector<Listener>& listeners;
+  std::atomic<unsigned> connections{0};
+  std::atomic<uint64_t> next_conn_id{1};
+  std::atomic<bool> stopping{false};
+};
+
+class Loop {
+ public:
+  Loop(Shared& shared, unsigned index);
+  ~Loop();
+  Loop(const Loop&) = delete;
+  Loop& operator=(const Loop&) = delete;
+
+  // Sets up the ring and wake-up eventfd. Call before run().
+  bool init(std::string* err);
+  // Runs until shutdown was requested and every connection is closed.
+  void run();
+  // Asks the loop to notice Shared::stopping. Any thread.
+  void wake();
+
+ private:
+  void dispatch(const io_uring_cqe* cqe);
+  // Accepting.
+  void post_accept(uint32_t listener);
+  void on_accept(uint32_t listener, int res);
+  void on_timer();
+  void on_wake();
+  void begin_shutdown();
+  // Connections.
+  Connection* conn_at(uint32_t slot, uint32_t gen);
+  void start_connection(int fd);
+  void post_recv(Connection& c);
+  void on_recv(Connection& c, int res);
+  void on_handshake_input(Connection& c);
+  void process_requests(Connection& c);
+  bool read_payload(Connection& c);
+  void handle_request(Connection& c, const nbd::Request& req);
+  void reject(Connection& c, const nbd::Request& req, const nbd::Verdict& v);
+  void queue(Connection& c, OutMsg&& m);
+  void post_send(Connection& c);
+  void on_send(Connection& c, int res);
+  void flush_sends();
+  void close_connection(Connection& c, const std::string& why, bool error);
+  void maybe_free(Connection& c);
+  bool quiescent(const Connection& c) const;
+  void after_progress(Connection& c);
+  // Requests.
+  uint32_t new_op(Connection& c, const nbd::Request& req);
+  void execute(uint32_t op);
+  void submit_file_io(uint32_t op);
+  void on_file(uint32_t op, int res);
+  void finish(uint32_t op, nbd::Error err, const std::string& why);
+  void reply_block_status(uint32_t op);
+
+  Shared& shared_;
+  unsigned index_;
+  io::Ring ring_;
+  io::BufferPool pool_;
+  int wake_fd_ = -1;
+  uint64_t wake_buf_ = 0;
+  __kernel_timespec tick_{};
+  bool accepting_ = true;
+  std::vector<bool> accept_pending_;
+  bool accept_backoff_ = false;  // EMFILE: retry accepting on the next tick
+  bool shutdown_started_ = false;
+  Clock::time_point shutdown_deadline_;
+
+  std::vector<std::unique_ptr<Connection>> conns_;
+  std::vector<uint32_t> free_conns_;
+  size_t live_conns_ = 0;
+  std::vector<Op> ops_;
+  std::vector<uint32_t> free_ops_;
+  std::vector<uint32_t> to_send_;  // connections with replies to flush
+};
+
+}  // namespace server
