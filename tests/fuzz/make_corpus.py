@@ -1,0 +1,123 @@
+#!/usr/bin/python3
+"""Writes the seed corpora for the fuzz targets into tests/fuzz/corpus/.
+
+Run with /usr/bin/python3 tests/fuzz/make_corpus.py; the output is checked in.
+The input layouts are documented at the top of fuzz_handshake.cpp and
+fuzz_transmission.cpp.
+"""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ---- Handshake ----
+OPT_MAGIC = b"IHAVEOPT"
+EXPORT_NAME, ABORT, LIST, PEEK, STARTTLS, INFO, GO = 1, 2, 3, 4, 5, 6, 7
+STRUCTURED, LIST_META, SET_META, EXTENDED = 8, 9, 10, 11
+
+
+def opt(o, data=b""):
+    return OPT_MAGIC + struct.pack(">II", o, len(data)) + data
+
+
+def info(name, reqs=()):
+    name = name.encode()
+    return struct.pack(">I", len(name)) + name + struct.pack(">H", len(reqs)) + b"".join(
+        struct.pack(">H", r) for r in reqs)
+
+
+def meta(name, queries=()):
+    name = name.encode()
+    d = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    for q in queries:
+        q = q.encode()
+        d += struct.pack(">I", len(q)) + q
+    return d
+
+
+def flags(f):
+    return struct.pack(">I", f)
+
+
+def hs(seg, cfg, *parts):
+    return bytes([seg, cfg]) + b"".join(parts)
+
+
+HANDSHAKE = {
+    "go_plain": hs(0, 0, flags(1), opt(GO, info("disk"))),
+    "go_structured_meta": hs(1, 0, flags(3), opt(STRUCTURED), opt(LIST_META, meta("disk")),
+                             opt(LIST_META, meta("disk", ["qemu:"])),
+                             opt(SET_META, meta("disk", ["base:allocation"])),
+                             opt(INFO, info("disk", [1, 2, 3])), opt(GO, info("disk", [3]))),
+    "export_name_no_zeroes": hs(5, 0, flags(3), opt(EXPORT_NAME, b"ro")),
+    "export_name_default": hs(0x83, 0, flags(1), opt(EXPORT_NAME)),
+    "list_tls_unknown_abort": hs(0x91, 0, flags(1), opt(LIST), opt(STARTTLS), opt(PEEK),
+                                 opt(99, b"some data"), opt(ABORT)),
+    "extended_then_go": hs(7, 0, flags(1), opt(EXTENDED), opt(STRUCTURED),
+                           opt(SET_META, meta("disk", ["qemu:dirty-bitmap:x", "base:allocation"])),
+                           opt(GO, info("disk", [1])),
+                           struct.pack(">IHHQQQ", 0x21e41c71, 0, 0, 1, 0, 512)),
+    "too_big_tiny_limits": hs(3, 2, flags(1), opt(INFO, b"\0" * 100), opt(LIST),
+                              OPT_MAGIC + struct.pack(">II", LIST, 300)),
+    "shutting_down": hs(2, 1, flags(1), opt(LIST), opt(GO, info("disk")), opt(ABORT)),
+    "malformed_info_meta": hs(0x85, 0, flags(1),
+                              opt(INFO, struct.pack(">I", 50) + b"disk" + b"\0\0"),
+                              opt(INFO, info("disk") + b"\0"),
+                              opt(GO, info("di\0sk")),
+                              opt(LIST_META, meta("disk") + b"x"),
+                              opt(SET_META, meta("disk", ["base:allocation"])),
+                              opt(STRUCTURED, b"x"), opt(STRUCTURED), opt(STRUCTURED),
+                              opt(GO, info("nope")), opt(GO, info("ro"))),
+    "bad_flags": hs(0, 0, flags(0x80)),
+    "bad_option_magic": hs(0, 0, flags(1), b"IHAVEOPX" + struct.pack(">II", LIST, 0)),
+}
+
+# ---- Transmission ----
+REQ_MAGIC, EXT_REQ_MAGIC = 0x25609513, 0x21e41c71
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, WZ, BS = range(8)
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO, PAYLOAD_LEN = 1, 2, 4, 8, 16, 32
+
+
+def req(typ, off, length, fl=0, cookie=1, payload=b""):
+    return struct.pack(">IHHQQI", REQ_MAGIC, fl, typ, cookie, off, length) + payload
+
+
+def ereq(typ, off, length, fl=0, cookie=1, payload=b""):
+    return struct.pack(">IHHQQQ", EXT_REQ_MAGIC, fl, typ, cookie, off, length) + payload
+
+
+SIMPLE, STRUCT, EXT = 0, 1, 2
+RO, NO_CTX, HUGE, MINIMAL = 4, 8, 16, 32
+MiB = 1 << 20
+WRAP = (1 << 64) - 512
+
+TRANSMISSION = {
+    "simple_rw": bytes([SIMPLE]) + req(READ, 0, 4096) + req(WRITE, 512, 8, cookie=2, payload=b"A" * 8)
+    + req(FLUSH, 0, 0, cookie=3) + req(TRIM, 0, 4096, FUA) + req(WZ, 4096, 4096, NO_HOLE | FAST_ZERO)
+    + req(CACHE, 0, MiB) + req(DISC, 0, 0),
+    "structured_df_bs": bytes([STRUCT]) + req(READ, 0, 65536, DF) + req(BS, 0, MiB, REQ_ONE)
+    + req(BS, 0, 0) + req(READ, MiB - 512, 1024) + req(WRITE, MiB, 4, payload=b"zzzz") + req(9, 0, 0),
+    "extended_payload_len": bytes([EXT]) + ereq(WRITE, 0, 16, PAYLOAD_LEN, payload=b"B" * 16)
+    + ereq(BS, 0, 1 << 33) + ereq(BS, 0, 4, PAYLOAD_LEN, payload=b"\0\0\0\1") + ereq(READ, 0, 1 << 17)
+    + ereq(FLUSH, 1, 0),
+    "read_only": bytes([STRUCT | RO]) + req(WRITE, 0, 4, payload=b"1234") + req(TRIM, 0, 1)
+    + req(WZ, 0, 1) + req(READ, 0, 1),
+    "huge_wraparound": bytes([EXT | HUGE]) + ereq(READ, WRAP, 1024) + ereq(WZ, WRAP, 1024)
+    + ereq(TRIM, WRAP, 511) + ereq(CACHE, 1, (1 << 64) - 1),
+    "minimal_no_ctx": bytes([STRUCT | NO_CTX | MINIMAL]) + req(FLUSH, 0, 0) + req(TRIM, 0, 1)
+    + req(BS, 0, 512) + req(READ, 0, 512, FUA),
+    "bad_magic_tail": bytes([SIMPLE]) + req(READ, 0, 512) + b"\x13\x95\x60\x25" + b"\0" * 24,
+}
+
+
+def write(target, seeds):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in sorted(seeds.items()):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+
+
+if __name__ == "__main__":
+    write("fuzz_handshake", HANDSHAKE)
+    write("fuzz_transmission", TRANSMISSION)
