@@ -248,13 +248,13 @@ void Loop::begin_shutdown() {
 // ---------------------------------------------------------------- connections
 
 void Loop::start_connection(int fd) {
-  if (shared_.connections.load() >= shared_.opts.max_connections) {
+  if (shared_.connections.fetch_add(1) >= shared_.opts.max_connections) {
+    shared_.connections--;
     spdlog::warn("refusing a connection from {}: --max-connections {} reached", peer_name(fd),
                  shared_.opts.max_connections);
     ::close(fd);
     return;
   }
-  shared_.connections++;
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on Unix
 
@@ -456,40 +456,44 @@ void Loop::handle_request(Connection& c, const nbd::Request& req) {
   if (!v.ok()) {
     spdlog::info("conn {}: {} offset {} length {}: {}: {}", c.id, nbd::cmd_name(req.type),
                  req.offset, req.length, nbd::error_name(v.error), v.why);
-    if (payload > nbd::kMaxDrain) {
-      close_connection(c, "declared payload of " + std::to_string(payload) +
-                              " bytes is too large to skip", true);
-    } else if (payload) {
-      c.drain_left = payload;
-      c.drain_req = req;
-      c.drain_verdict = v;
-    } else {
-      reject(c, req, v);
-    }
-    return;
+    return refuse(c, req, payload, v);
   }
   if (req.type == nbd::kCmdDisc) {
     spdlog::debug("conn {}: NBD_CMD_DISC", c.id);
     c.disconnect = true;
     return;
   }
-  uint32_t op = new_op(c, req);
-  Op& o = ops_[op];
+  io::Buffer buf;
   if ((req.type == nbd::kCmdRead || req.type == nbd::kCmdWrite) && req.length > 0) {
-    o.buf = pool_.get(req.length);
-    if (!o.buf) {
-      finish(op, nbd::kENOMEM, "out of memory for the request buffer");
-      if (req.type == nbd::kCmdWrite) c.drain_left = req.length, c.drain_req = req,
-                                       c.drain_verdict = {nbd::kENOMEM, "out of memory"};
-      return;
+    buf = pool_.get(req.length);
+    if (!buf) {
+      spdlog::error("conn {}: out of memory for a {} byte buffer", c.id, req.length);
+      return refuse(c, req, payload, {nbd::kENOMEM, "out of memory for the request buffer"});
     }
   }
+  uint32_t op = new_op(c, req);
+  ops_[op].buf = std::move(buf);
   if (req.type == nbd::kCmdWrite && req.length > 0) {
     c.payload_op = op;
     c.payload_got = 0;
     return;
   }
   execute(op);
+}
+
+// Answers a request that will not execute, after skipping its payload.
+void Loop::refuse(Connection& c, const nbd::Request& req, uint64_t payload,
+                  const nbd::Verdict& v) {
+  if (payload > nbd::kMaxDrain) {
+    close_connection(c, "declared payload of " + std::to_string(payload) +
+                            " bytes is too large to skip", true);
+  } else if (payload) {
+    c.drain_left = payload;
+    c.drain_req = req;
+    c.drain_verdict = v;
+  } else {
+    reject(c, req, v);
+  }
 }
 
 void Loop::reject(Connection& c, const nbd::Request& req, const nbd::Verdict& v) {

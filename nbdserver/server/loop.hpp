@@ -67,6 +67,7 @@ class Loop {
   void process_requests(Connection& c);
   bool read_payload(Connection& c);
   void handle_request(Connection& c, const nbd::Request& req);
+  void refuse(Connection& c, const nbd::Request& req, uint64_t payload, const nbd::Verdict& v);
   void reject(Connection& c, const nbd::Request& req, const nbd::Verdict& v);
   void queue(Connection& c, OutMsg&& m);
   void post_send(Connection& c);
