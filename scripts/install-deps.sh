@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what nbdroot needs to build, test and benchmark on Debian 12.
+# Runs apt only when something is missing, so a second run costs nothing.
+set -euo pipefail
+
+packages=(
+  # build
+  build-essential cmake ninja-build pkg-config
+  liburing-dev libboost-program-options-dev libspdlog-dev libroaring-dev
+  libgtest-dev libsystemd-dev libnbd-dev
+  # fuzzing and sanitizers
+  clang libclang-rt-14-dev
+  # real NBD clients and peer servers for tests and benchmarks
+  nbdkit libnbd-bin python3-libnbd qemu-utils nbd-server
+  python3-pytest python3-matplotlib e2fsprogs
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs, builds and runs every test of nbdroot:
+#   1. unit and integration tests (ctest) on a -Werror build,
+#   2. the unit and integration tests again with ASan and UBSan,
+#   3. each libFuzzer target for FUZZ_SECONDS (default 60).
+# Ends with one line "N passed, N failed" over everything that ran.
+set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+fuzz_seconds="${FUZZ_SECONDS:-60}"
+jobs="${JOBS:-2}"
+
+"$root/scripts/install-deps.sh" || { echo "dependency installation failed"; exit 1; }
+
+passed=0
+failed=0
+count_ctest() {  # adds one ctest log's counts to the totals
+  local line total bad
+  line=$(grep -E "tests passed, [0-9]+ tests? failed out of [0-9]+" "$1" | tail -1)
+  if [ -z "$line" ]; then failed=$((failed + 1)); return; fi
+  bad=$(sed -E 's/.* ([0-9]+) tests? failed.*/\1/' <<<"$line")
+  total=$(sed -E 's/.*out of ([0-9]+).*/\1/' <<<"$line")
+  passed=$((passed + total - bad))
+  failed=$((failed + bad))
+}
+run_ctest() {  # BUILD_DIR LOG
+  ctest --test-dir "$1" --output-on-failure -j "$jobs" --timeout 600 2>&1 | tee "$2"
+  count_ctest "$2"
+}
+
+logs="$(mktemp -d)"
+echo "== build (-Werror)"
+if BUILD_DIR="$root/build" scripts/build.sh -DNBDROOT_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo; then
+  echo "== unit and integration tests"
+  run_ctest "$root/build" "$logs/ctest.log"
+else
+  echo "build failed"; failed=$((failed + 1))
+fi
+
+echo "== build with AddressSanitizer and UndefinedBehaviorSanitizer"
+if BUILD_DIR="$root/build-asan" scripts/build.sh -DNBDROOT_SANITIZE=ON -DNBDROOT_WERROR=ON \
+     -DCMAKE_BUILD_TYPE=Debug; then
+  echo "== unit and integration tests under ASan and UBSan"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    run_ctest "$root/build-asan" "$logs/ctest-asan.log"
+else
+  echo "sanitizer build failed"; failed=$((failed + 1))
+fi
+
+echo "== fuzzing, ${fuzz_seconds}s per target"
+if tests/fuzz/run.sh "$fuzz_seconds" 2>&1 | tee "$logs/fuzz.log"; then
+  n=$(grep -c "^   ok:" "$logs/fuzz.log" || true)
+  passed=$((passed + ${n:-0}))
+else
+  failed=$((failed + 1))
+fi
+
+echo
+echo "${passed} passed, ${failed} failed"
+[ "$failed" -eq 0 ]
