@@ -21,7 +21,7 @@ void SendQueue::prepare(msghdr* msg) {
     if (n + 3 > kMaxIov) break;
     if (m.hlen) add(m.head, m.hlen);
     if (!m.extra.empty()) add(m.extra.data(), m.extra.size());
-    if (m.dlen) add(m.data.data(), m.dlen);
+    if (m.dlen) add(m.payload(), m.dlen);
   }
   *msg = {};
   msg->msg_iov = iov_;

@@ -38,8 +38,10 @@ struct OutMsg {
   uint8_t head[nbd::kMaxReplyHeader];
   uint16_t hlen = 0;
   std::string extra;  // bytes after head: handshake output, errors, extents
-  io::Buffer data;    // read payload, sent after extra
+  io::Buffer data;    // read payload, sent after extra ...
+  const uint8_t* mapped = nullptr;  // ... or this, in the export's file mapping
   size_t dlen = 0;
+  const uint8_t* payload() const { return mapped ? mapped : data.data(); }
   size_t size() const { return hlen + extra.size() + dlen; }
 };
 
@@ -118,6 +120,7 @@ struct Op {
   uint32_t conn = kNone;
   nbd::Request req;
   io::Buffer buf;
+  const uint8_t* mapped = nullptr;  // READ served from the file mapping
   uint64_t done = 0;  // bytes completed so far (short reads and writes)
   int stage = 0;      // for operations done in several steps
 };

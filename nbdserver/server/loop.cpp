@@ -463,6 +463,12 @@ void Loop::handle_request(Connection& c, const nbd::Request& req) {
     c.disconnect = true;
     return;
   }
+  const storage::ImageFile& file = *c.exp->file;
+  if (req.type == nbd::kCmdRead && file.resident(req.offset, req.length, &residency_)) {
+    uint32_t op = new_op(c, req);
+    ops_[op].mapped = file.mapping() + req.offset;
+    return finish(op, nbd::kOk, {});
+  }
   io::Buffer buf;
   if ((req.type == nbd::kCmdRead || req.type == nbd::kCmdWrite) && req.length > 0) {
     buf = pool_.get(req.length);
@@ -619,6 +625,7 @@ uint32_t Loop::new_op(Connection& c, const nbd::Request& req) {
   o.used = true;
   o.conn = c.slot;
   o.req = req;
+  o.mapped = nullptr;
   o.done = 0;
   o.stage = 0;
   ++c.inflight;
@@ -822,6 +829,7 @@ void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
       if (o.req.type == nbd::kCmdRead) {
         m.hlen = uint16_t(nbd::encode_read_header(m.head, c.session, o.req, o.req.length));
         m.data = std::move(o.buf);
+        m.mapped = o.mapped;
         m.dlen = o.req.length;
       } else {
         m.hlen = uint16_t(nbd::encode_ok(m.head, c.session, o.req));

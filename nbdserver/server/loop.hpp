@@ -104,6 +104,7 @@ class Loop {
   std::vector<Op> ops_;
   std::vector<uint32_t> free_ops_;
   std::vector<uint32_t> to_send_;  // connections with replies to flush
+  std::vector<unsigned char> residency_;  // scratch for ImageFile::resident
 };
 
 }  // namespace server

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -40,11 +41,32 @@ std::unique_ptr<ImageFile> ImageFile::open(const std::string& path, bool read_on
     return nullptr;
   }
   if (!f->scan_allocation(err)) return nullptr;
+  f->map_file();
   return f;
 }
 
 ImageFile::~ImageFile() {
+  if (mapping_) munmap(mapping_, size_);
   if (fd_ >= 0) ::close(fd_);
+}
+
+void ImageFile::map_file() {
+  if (size_ == 0) return;
+  void* p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd_, 0);
+  if (p == MAP_FAILED) return;  // reads then always go through io_uring
+  mapping_ = static_cast<uint8_t*>(p);
+}
+
+bool ImageFile::resident(uint64_t off, uint64_t len, std::vector<unsigned char>* scratch) const {
+  static const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+  if (!mapping_ || len == 0) return false;
+  const uint64_t start = off & ~(page - 1);
+  const uint64_t pages = (off + len - start + page - 1) / page;
+  scratch->resize(pages);
+  if (mincore(mapping_ + start, off + len - start, scratch->data()) != 0) return false;
+  for (unsigned char v : *scratch)
+    if (!(v & 1)) return false;
+  return true;
 }
 
 bool ImageFile::scan_allocation(std::string* err) {

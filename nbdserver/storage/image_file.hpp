@@ -8,6 +8,12 @@
 // writes the file while it is exported. The map is guarded by a mutex held
 // only for in-memory updates and queries, never across I/O.
 //
+// Reads of pages already in the page cache are served from a shared
+// read-only mapping of the file: the reply is sent straight from the page
+// cache, with no read operation and no copy into a buffer. resident() says
+// whether a range can take that path without the loop blocking on a page
+// fault; pages not resident go through an io_uring read instead.
+//
 // Durability: writes go to the page cache; FLUSH is fdatasync() and FUA is
 // RWF_DSYNC on the write. A failed fdatasync is sticky (sticky_error()):
 // after it the export refuses writes and flushes with EIO, because the kernel
@@ -50,6 +56,12 @@ class ImageFile {
   // prefix of the range (all of it unless capped by max_extents).
   std::vector<nbd::Extent> allocation(uint64_t off, uint64_t len, size_t max_extents) const;
 
+  // The whole file mapped read-only, or nullptr when it could not be mapped.
+  const uint8_t* mapping() const { return mapping_; }
+  // True when every page of [off, off + len) is in the page cache now.
+  // `scratch` is caller-owned space for the residency vector.
+  bool resident(uint64_t off, uint64_t len, std::vector<unsigned char>* scratch) const;
+
   // 0, or the errno of the first failed fdatasync.
   int sticky_error() const { return sticky_.load(std::memory_order_relaxed); }
   void set_sticky_error(int err);
@@ -57,12 +69,14 @@ class ImageFile {
  private:
   ImageFile() = default;
   bool scan_allocation(std::string* err);
+  void map_file();
 
   std::string path_;
   int fd_ = -1;
   uint64_t size_ = 0;
   bool read_only_ = false;
   bool block_device_ = false;
+  uint8_t* mapping_ = nullptr;
   static constexpr uint64_t kGrain = 4096;
   mutable std::mutex mu_;
   ExtentMap map_;  // guarded by mu_
