@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <spdlog/spdlog.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -93,8 +94,8 @@ void Loop::wake() {
 
 void Loop::run() {
   if (int ret = ring_.enable(); ret < 0) {
-    spdlog::critical("loop {}: cannot enable the io_uring: {}", index_, errno_text(-ret));
-    std::abort();
+    fail("cannot enable the io_uring: " + errno_text(-ret));
+    return;
   }
   for (uint32_t l = 0; l < shared_.listeners.size(); ++l) post_accept(l);
   io_uring_sqe* s = ring_.sqe();
@@ -112,8 +113,8 @@ void Loop::run() {
     if (shutdown_started_ && live_conns_ == 0 && !accepts) break;
     int ret = ring_.submit_and_wait(1);
     if (ret < 0 && ret != -EBUSY && ret != -ETIME) {
-      spdlog::critical("loop {}: io_uring_submit_and_wait: {}", index_, errno_text(-ret));
-      break;
+      fail("io_uring_submit_and_wait: " + errno_text(-ret));
+      return;
     }
     unsigned head, n = 0;
     io_uring_cqe* cqe;
@@ -124,6 +125,14 @@ void Loop::run() {
     io_uring_cq_advance(ring_.raw(), n);
   }
   spdlog::debug("loop {}: stopped", index_);
+}
+
+// A loop that cannot go on takes the whole server down rather than leave
+// its connections hanging behind a server that looks healthy.
+void Loop::fail(const std::string& why) {
+  spdlog::critical("loop {}: {}; shutting the server down", index_, why);
+  shared_.failed = true;
+  kill(getpid(), SIGTERM);
 }
 
 void Loop::dispatch(const io_uring_cqe* cqe) {
@@ -332,10 +341,11 @@ void Loop::on_recv(Connection& c, int res) {
   }
   if (res <= 0) {
     bool mid = c.partial || c.payload_op != kNone;
+    const bool reset = res == -ECONNRESET || res == -EPIPE;
     close_connection(c, res == 0 ? (mid ? "client hung up in the middle of a request"
                                         : "client closed the connection")
                                  : "receive failed: " + errno_text(-res),
-                     res < 0 || mid);
+                     (res < 0 && !reset) || mid);
     return;
   }
   if (direct) {

@@ -34,6 +34,7 @@ struct Shared {
   std::atomic<unsigned> connections{0};
   std::atomic<uint64_t> next_conn_id{1};
   std::atomic<bool> stopping{false};
+  std::atomic<bool> failed{false};  // a loop died; the server exits non-zero
 };
 
 class Loop {
@@ -51,6 +52,7 @@ class Loop {
   void wake();
 
  private:
+  void fail(const std::string& why);
   void dispatch(const io_uring_cqe* cqe);
   // Accepting.
   void post_accept(uint32_t listener);

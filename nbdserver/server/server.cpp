@@ -103,7 +103,8 @@ int run_server(const ServerOptions& opts) {
       spdlog::info("SIGHUP: nothing to reload yet; exports are fixed at start");
       continue;
     }
-    spdlog::info("{}: finishing in-flight requests, then exiting", strsignal(sig));
+    if (!shared.failed)
+      spdlog::info("{}: finishing in-flight requests, then exiting", strsignal(sig));
     break;
   }
   sd_notify(0, "STOPPING=1");
@@ -112,6 +113,10 @@ int run_server(const ServerOptions& opts) {
   for (auto& t : threads) t.join();
   close_listeners(&listeners);
   if (!opts.ready_file.empty()) unlink(opts.ready_file.c_str());
+  if (shared.failed) {
+    spdlog::error("stopped after an event loop failed");
+    return 1;
+  }
   spdlog::info("stopped");
   return 0;
 }
