@@ -44,14 +44,15 @@ bool parse_export_spec(const std::string& text, ExportSpec* out, std::string* er
   return true;
 }
 
-bool Registry::add(const ExportSpec& spec, uint32_t max_block, std::string* err) {
+bool Registry::add(const ExportSpec& spec, uint32_t max_block, unsigned loops,
+                   std::string* err) {
   if (by_name_.count(spec.name)) {
     *err = "export '" + spec.name + "' is defined twice";
     return false;
   }
   std::string why;
   auto file = storage::ImageFile::open(spec.path, spec.read_only, &why);
-  if (!file) {
+  if (!file || !file->open_per_loop(loops, &why)) {
     *err = "export '" + spec.name + "': " + why;
     return false;
   }
@@ -69,6 +70,7 @@ bool Registry::add(const ExportSpec& spec, uint32_t max_block, std::string* err)
   }
   e->contexts = {std::string(nbd::kContextBaseAllocation)};
   e->file = std::move(file);
+  e->index = unsigned(order_.size());
   by_name_.emplace(e->name, e);
   order_.push_back(std::move(e));
   return true;

@@ -17,6 +17,7 @@ namespace exports {
 // One served export: what the handshake advertises plus the file behind it.
 struct ServedExport : nbd::ExportInfo {
   std::shared_ptr<storage::ImageFile> file;
+  unsigned index = 0;  // position in the registry, for per-loop tables
 };
 
 // A parsed --export NAME=FILE[,ro][,desc=TEXT] argument.
@@ -34,7 +35,8 @@ class Registry : public nbd::ExportCatalog {
  public:
   // Opens the file behind `spec` and adds it. Returns false and sets *err
   // when the name is taken or the file cannot be served.
-  bool add(const ExportSpec& spec, uint32_t max_block, std::string* err);
+  // `loops` is the number of event loops that will serve it.
+  bool add(const ExportSpec& spec, uint32_t max_block, unsigned loops, std::string* err);
   // Which export an empty name selects; must name an added export.
   bool set_default(const std::string& name, std::string* err);
 

@@ -1,6 +1,8 @@
 #include "io/ring.hpp"
 
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <sys/syscall.h>
@@ -27,11 +29,13 @@ int Ring::init(unsigned entries, std::string* log) {
     io_uring_params p{};
     // Created disabled: enable() runs on the loop thread, which then becomes
     // the single issuer the kernel expects.
-    p.flags = a.flags | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED;
+    p.flags = a.flags | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED | IORING_SETUP_CQSIZE;
+    p.cq_entries = kCqEntries;
     ret = io_uring_queue_init_params(entries, &ring_, &p);
     if (ret == -EINVAL) {  // SUBMIT_ALL needs 5.18; try without it
       p = {};
-      p.flags = a.flags | IORING_SETUP_R_DISABLED;
+      p.flags = a.flags | IORING_SETUP_R_DISABLED | IORING_SETUP_CQSIZE;
+      p.cq_entries = kCqEntries;
       ret = io_uring_queue_init_params(entries, &ring_, &p);
     }
     if (ret == 0) {
@@ -62,7 +66,12 @@ int Ring::enable() {
 io_uring_sqe* Ring::sqe() {
   for (;;) {
     if (io_uring_sqe* s = io_uring_get_sqe(&ring_)) return s;
-    io_uring_submit(&ring_);  // SQ full: flush it and retry
+    int ret = io_uring_submit(&ring_);  // SQ full: flush it and retry
+    if (ret < 0 && ret != -EINTR && ret != -EAGAIN) {
+      // Nothing can make room any more; spinning here would hang the loop.
+      fprintf(stderr, "io_uring_submit failed with a full queue: %s\n", strerror(-ret));
+      abort();
+    }
   }
 }
 

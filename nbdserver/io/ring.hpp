@@ -21,6 +21,7 @@ enum class Kind : uint8_t {
   kTimer,
   kWake,
   kCancel,  // completions of cancel requests: ignored
+  kFlush,   // an fdatasync shared by several requests; slot = export index
 };
 
 inline uint64_t make_tag(Kind k, uint32_t slot, uint32_t gen) {
@@ -64,6 +65,9 @@ class Ring {
   const Features& features() const { return features_; }
 
  private:
+  // Completions can outnumber submissions in flight (one recv and one send
+  // per connection plus every request), so the CQ is sized well above the SQ.
+  static constexpr unsigned kCqEntries = 65536;
   io_uring ring_{};
   bool live_ = false;
   Features features_;

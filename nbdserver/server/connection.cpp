@@ -33,6 +33,7 @@ void SendQueue::consume(size_t n) {
   n += front_sent_;
   while (!q_.empty() && n >= q_.front().size()) {
     n -= q_.front().size();
+    if (q_.front().mapped) mapped_bytes_ -= q_.front().dlen;
     q_.pop_front();
   }
   front_sent_ = n;

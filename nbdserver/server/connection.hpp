@@ -51,10 +51,13 @@ class SendQueue {
  public:
   void push(OutMsg&& m) {
     bytes_ += m.size();
+    if (m.mapped) mapped_bytes_ += m.dlen;
     q_.push_back(std::move(m));
   }
   bool empty() const { return q_.empty(); }
   size_t bytes() const { return bytes_; }
+  // Bytes of queued replies that point into an export's file mapping.
+  size_t mapped_bytes() const { return mapped_bytes_; }
   // Fills `msg` with iovecs for up to kMaxIov pieces from the front.
   void prepare(msghdr* msg);
   // Drops `n` sent bytes from the front, freeing finished messages.
@@ -65,6 +68,7 @@ class SendQueue {
   std::deque<OutMsg> q_;
   size_t front_sent_ = 0;  // bytes of q_.front() already sent
   size_t bytes_ = 0;       // unsent bytes in all of q_
+  size_t mapped_bytes_ = 0;
   iovec iov_[kMaxIov];
 };
 
@@ -107,8 +111,15 @@ struct Connection {
   bool send_queued = false;  // on the loop's list of connections to flush
 
   Clock::time_point handshake_deadline;
-  Clock::time_point partial_since;  // when a half-received request began
-  bool partial = false;
+  // Stall detection. A request header is tiny, so one must arrive whole
+  // within the request timeout of its first byte; a payload only has to
+  // keep making progress.
+  Clock::time_point last_recv;     // last time bytes arrived
+  Clock::time_point header_since;  // first byte of the half-received header
+  bool partial_header = false;
+  bool partial = false;  // a header or payload is half-received
+  Clock::time_point send_since;  // when the pending send, or its last progress, began
+  uint64_t read_bytes = 0;  // buffers held by READs in flight (not yet queued)
 
   size_t unparsed() const { return rlen - rpos; }
   const uint8_t* unparsed_data() const { return rbuf.data() + rpos; }

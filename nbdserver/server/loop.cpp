@@ -22,7 +22,8 @@ namespace {
 constexpr size_t kHandshakeBuffer = 4096;
 constexpr size_t kTransmissionBuffer = 128 * 1024;
 constexpr size_t kDirectRecvMin = 16 * 1024;  // payloads this large skip rbuf
-constexpr size_t kMaxQueuedBytes = 64 << 20;  // pause reading past this output
+constexpr size_t kMaxQueuedBytes = 64 << 20;  // pause reading past this much output
+constexpr size_t kMaxMappedQueued = 8 << 20;  // mapped reply bytes waiting to be sent
 constexpr size_t kMaxExtents = 16384;
 constexpr size_t kZeroChunk = 1 << 20;
 constexpr unsigned kRingEntries = 1024;
@@ -79,6 +80,7 @@ bool Loop::init(std::string* err) {
     return false;
   }
   accept_pending_.assign(shared_.listeners.size(), false);
+  flushers_.resize(shared_.registry.size());
   tick_.tv_sec = 0;
   tick_.tv_nsec = 500 * 1000 * 1000;
   return true;
@@ -160,6 +162,9 @@ void Loop::dispatch(const io_uring_cqe* cqe) {
     case io::Kind::kWake:
       on_wake();
       break;
+    case io::Kind::kFlush:
+      on_flush(slot, cqe->res);
+      break;
     case io::Kind::kCancel:
       break;
   }
@@ -186,7 +191,9 @@ void Loop::post_accept(uint32_t l) {
 
 void Loop::on_accept(uint32_t l, int res) {
   accept_pending_[l] = false;
-  if (res >= 0) {
+  if (res >= 0 && (!accepting_ || shared_.stopping)) {
+    ::close(res);  // accepted just as shutdown began
+  } else if (res >= 0) {
     start_connection(res);
   } else if (res == -EMFILE || res == -ENFILE || res == -ENOMEM || res == -ENOBUFS) {
     spdlog::error("loop {}: accept on {}: {}; pausing accepts for a moment", index_,
@@ -212,8 +219,11 @@ void Loop::on_timer() {
     Connection& c = *cp;
     if (c.phase == Connection::Phase::kHandshake && now > c.handshake_deadline) {
       close_connection(c, "handshake not finished in time", true);
-    } else if (c.partial && now - c.partial_since > request_limit) {
+    } else if ((c.partial_header && now - c.header_since > request_limit) ||
+               (c.partial && !c.partial_header && now - c.last_recv > request_limit)) {
       close_connection(c, "a request stalled half-received", true);
+    } else if (c.send_pending && now - c.send_since > request_limit) {
+      close_connection(c, "the client stopped reading replies", true);
     } else if (shutdown_started_ && now > shutdown_deadline_) {
       close_connection(c, "shutdown timeout reached with requests still in flight", true);
     }
@@ -264,8 +274,14 @@ void Loop::start_connection(int fd) {
     ::close(fd);
     return;
   }
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on Unix
+  // TCP only; these fail harmlessly on Unix sockets. Keepalive finds nodes
+  // that lost power while idle, so their slots and buffers are freed.
+  int one = 1, idle = 30, interval = 10, probes = 6;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
 
   uint32_t slot;
   if (!free_conns_.empty()) {
@@ -348,6 +364,7 @@ void Loop::on_recv(Connection& c, int res) {
                      (res < 0 && !reset) || mid);
     return;
   }
+  c.last_recv = Clock::now();
   if (direct) {
     c.payload_got += uint64_t(res);
     Op& o = ops_[c.payload_op];
@@ -416,6 +433,7 @@ bool Loop::read_payload(Connection& c) {
 void Loop::process_requests(Connection& c) {
   const size_t header = c.session.extended ? nbd::kExtendedRequestSize : nbd::kRequestSize;
   bool paused = false;
+  bool parsed = false;  // a header was consumed in this call
   while (c.phase == Connection::Phase::kTransmission) {
     if (c.drain_left) {
       size_t n = std::min<uint64_t>(c.unparsed(), c.drain_left);
@@ -433,7 +451,7 @@ void Loop::process_requests(Connection& c) {
       c.rpos = c.rlen;  // nothing after NBD_CMD_DISC is read
       break;
     }
-    if (c.inflight >= shared_.opts.max_inflight || c.out.bytes() > kMaxQueuedBytes) {
+    if (backpressured(c)) {
       paused = true;
       break;
     }
@@ -447,12 +465,21 @@ void Loop::process_requests(Connection& c) {
       return;
     }
     c.rpos += used;
+    parsed = true;
     handle_request(c, req);
   }
-  bool partial = c.drain_left || c.payload_op != kNone ||
-                 (!paused && c.unparsed() > 0 && c.unparsed() < header);
-  if (partial && !c.partial) c.partial_since = Clock::now();
-  c.partial = partial;
+  const bool half_header = c.drain_left == 0 && c.payload_op == kNone && !paused &&
+                           c.unparsed() > 0 && c.unparsed() < header;
+  if (half_header && (parsed || !c.partial_header)) c.header_since = Clock::now();
+  c.partial_header = half_header;
+  c.partial = half_header || c.drain_left || c.payload_op != kNone;
+}
+
+// Reading pauses while too many requests, or too many bytes of buffers and
+// replies, are outstanding on the connection; it resumes as they drain.
+bool Loop::backpressured(const Connection& c) const {
+  return c.inflight >= shared_.opts.max_inflight ||
+         c.out.bytes() + c.read_bytes > kMaxQueuedBytes;
 }
 
 void Loop::handle_request(Connection& c, const nbd::Request& req) {
@@ -473,8 +500,11 @@ void Loop::handle_request(Connection& c, const nbd::Request& req) {
     c.disconnect = true;
     return;
   }
+  // Serve page-cached reads from the mapping, but only a bounded amount per
+  // connection: the pages must still be resident when the send happens.
   const storage::ImageFile& file = *c.exp->file;
-  if (req.type == nbd::kCmdRead && file.resident(req.offset, req.length, &residency_)) {
+  if (req.type == nbd::kCmdRead && c.out.mapped_bytes() + req.length <= kMaxMappedQueued &&
+      file.resident(req.offset, req.length, &residency_)) {
     uint32_t op = new_op(c, req);
     ops_[op].mapped = file.mapping() + req.offset;
     return finish(op, nbd::kOk, {});
@@ -489,6 +519,7 @@ void Loop::handle_request(Connection& c, const nbd::Request& req) {
   }
   uint32_t op = new_op(c, req);
   ops_[op].buf = std::move(buf);
+  if (req.type == nbd::kCmdRead) c.read_bytes += req.length;
   if (req.type == nbd::kCmdWrite && req.length > 0) {
     c.payload_op = op;
     c.payload_got = 0;
@@ -553,9 +584,7 @@ void Loop::flush_sends() {
       } else if (shared_.stopping && c.phase == Connection::Phase::kTransmission && idle) {
         close_connection(c, "server shutting down", false);
       } else if (!c.recv_pending && !c.disconnect && !c.close_after_send) {
-        bool paused = c.payload_op == kNone && c.drain_left == 0 &&
-                      (c.inflight >= shared_.opts.max_inflight ||
-                       c.out.bytes() > kMaxQueuedBytes);
+        bool paused = c.payload_op == kNone && c.drain_left == 0 && backpressured(c);
         if (!paused) post_recv(c);
       }
       if (c.phase == Connection::Phase::kClosing) maybe_free(c);
@@ -565,6 +594,7 @@ void Loop::flush_sends() {
 
 void Loop::post_send(Connection& c) {
   c.out.prepare(&c.msg);
+  c.send_since = Clock::now();
   io_uring_sqe* s = ring_.sqe();
   io_uring_prep_sendmsg(s, c.fd, &c.msg, MSG_NOSIGNAL);
   s->user_data = io::make_tag(io::Kind::kSend, c.slot, c.gen);
@@ -664,17 +694,15 @@ void Loop::execute(uint32_t op) {
     case nbd::kCmdWrite:
       if (r.length == 0) return finish(op, nbd::kOk, {});
       return submit_file_io(op);
-    case nbd::kCmdFlush: {
-      io_uring_sqe* s = file_sqe();
-      io_uring_prep_fsync(s, f.fd(), IORING_FSYNC_DATASYNC);
-      s->user_data = tag();
-      return;
-    }
+    case nbd::kCmdFlush:
+      return request_flush(op);
     case nbd::kCmdTrim:
     case nbd::kCmdWriteZeroes: {
       if (r.length == 0) return finish(op, nbd::kOk, {});
       if (!ring_.features().fallocate) {
         if (r.type == nbd::kCmdTrim) return finish(op, nbd::kOk, {});
+        if (r.flags & nbd::kCmdFlagFastZero)
+          return finish(op, nbd::kENOTSUP, "zeroing would be slow on this kernel");
         o.stage = 1;  // go straight to writing zeroes
         return on_file(op, -EOPNOTSUPP);
       }
@@ -683,14 +711,14 @@ void Loop::execute(uint32_t op) {
                   ? FALLOC_FL_ZERO_RANGE
                   : FALLOC_FL_PUNCH_HOLE;
       io_uring_sqe* s = file_sqe();
-      io_uring_prep_fallocate(s, f.fd(), mode, r.offset, r.length);
+      io_uring_prep_fallocate(s, f.fd_for(index_), mode, r.offset, r.length);
       s->user_data = tag();
       return;
     }
     case nbd::kCmdCache: {
       if (r.length == 0 || !ring_.features().fadvise) return finish(op, nbd::kOk, {});
       io_uring_sqe* s = file_sqe();
-      io_uring_prep_fadvise(s, f.fd(), r.offset, off_t(r.length), POSIX_FADV_WILLNEED);
+      io_uring_prep_fadvise(s, f.fd_for(index_), r.offset, off_t(r.length), POSIX_FADV_WILLNEED);
       s->user_data = tag();
       return;
     }
@@ -706,7 +734,7 @@ void Loop::execute(uint32_t op) {
 void Loop::submit_file_io(uint32_t op) {
   Op& o = ops_[op];
   Connection& c = *conns_[o.conn];
-  const int fd = c.exp->file->fd();
+  const int fd = c.exp->file->fd_for(index_);
   const uint64_t left = o.req.length - o.done;
   io_uring_sqe* s = ring_.sqe();
   if (o.req.type == nbd::kCmdRead) {
@@ -731,38 +759,46 @@ void Loop::on_file(uint32_t op, int res) {
   if (retryable(res)) {
     if (r.type == nbd::kCmdRead || r.type == nbd::kCmdWrite || o.stage == 1)
       return submit_file_io(op);
-    return execute(op);
+    return execute(op);  // fallocate or fadvise again
   }
+  // A mutation that failed may have changed part of its range: from now on
+  // the allocation map calls the whole range data, never "reads as zero".
+  auto failed = [&](const std::string& what, int err) {
+    if (r.type != nbd::kCmdRead) f.note_write(r.offset, r.length);
+    // A failed RWF_DSYNC write may have consumed a writeback error; running
+    // out of space happens before any sync, so that one stays per-request.
+    if (fua && r.type != nbd::kCmdRead && err != ENOSPC && err != EDQUOT && err != EFBIG)
+      f.set_sticky_error(err);
+    finish(op, nbd::error_from_errno(err, r.flags & nbd::kCmdFlagFastZero),
+           what + " failed: " + errno_text(err));
+  };
+  // After a FUA write, an error seen by another request's fdatasync means
+  // this data may not be durable either.
+  auto durable = [&] {
+    if (fua && f.sticky_error())
+      return finish(op, nbd::kEIO, "an fdatasync failed: " + errno_text(f.sticky_error()));
+    finish(op, nbd::kOk, {});
+  };
   switch (r.type) {
     case nbd::kCmdRead:
     case nbd::kCmdWrite:
-      if (res < 0) {
-        if (r.type == nbd::kCmdWrite && fua && res == -EIO) f.set_sticky_error(EIO);
-        return finish(op, nbd::error_from_errno(-res),
-                      std::string(r.type == nbd::kCmdRead ? "read" : "write") + " failed: " +
-                          errno_text(-res));
-      }
-      if (res == 0) return finish(op, nbd::kEIO, "unexpected end of file");
+      if (res < 0) return failed(r.type == nbd::kCmdRead ? "read" : "write", -res);
+      if (res == 0) return failed("I/O at end of file", EIO);
       o.done += uint64_t(res);
       if (o.done < r.length) return submit_file_io(op);
       if (r.type == nbd::kCmdWrite) f.note_write(r.offset, r.length);
-      return finish(op, nbd::kOk, {});
-    case nbd::kCmdFlush:
-      if (res < 0) {
-        f.set_sticky_error(-res);
-        return finish(op, nbd::kEIO, "fdatasync failed: " + errno_text(-res));
-      }
-      return finish(op, nbd::kOk, {});
+      return durable();
     case nbd::kCmdCache:
-      return finish(op, res < 0 ? nbd::error_from_errno(-res) : nbd::kOk,
-                    res < 0 ? "fadvise failed: " + errno_text(-res) : std::string());
+      if (res < 0) return failed("fadvise", -res);
+      return finish(op, nbd::kOk, {});
     case nbd::kCmdTrim:
     case nbd::kCmdWriteZeroes:
       break;
     default:
       return finish(op, nbd::kEIO, "unexpected completion");
   }
-  // TRIM and WRITE_ZEROES: stage 0 fallocate, 1 writing zeroes, 2 fdatasync.
+  // TRIM and WRITE_ZEROES: stage 0 fallocate, 1 writing zeroes, then for
+  // FUA an fdatasync through request_flush().
   if (o.stage == 0) {
     if (res == -EOPNOTSUPP || res == -EINVAL) {
       if (r.type == nbd::kCmdTrim) return finish(op, nbd::kOk, {});  // TRIM is advisory
@@ -771,7 +807,7 @@ void Loop::on_file(uint32_t op, int res) {
       o.stage = 1;
       res = -EOPNOTSUPP;
     } else if (res < 0) {
-      return finish(op, nbd::error_from_errno(-res), "fallocate failed: " + errno_text(-res));
+      return failed("fallocate", -res);
     } else {
       if (r.type == nbd::kCmdTrim || !(r.flags & nbd::kCmdFlagNoHole)) {
         f.note_punch(r.offset, r.length);
@@ -780,32 +816,59 @@ void Loop::on_file(uint32_t op, int res) {
       }
       if (!fua) return finish(op, nbd::kOk, {});
       o.stage = 2;
-      io_uring_sqe* s = ring_.sqe();
-      io_uring_prep_fsync(s, f.fd(), IORING_FSYNC_DATASYNC);
-      s->user_data = io::make_tag(io::Kind::kFile, op, o.gen);
-      return;
+      return request_flush(op);
     }
   }
-  if (o.stage == 1) {
-    if (res == -EOPNOTSUPP) {  // first entry: set up the zero buffer
-      o.buf = pool_.get(std::min<uint64_t>(r.length, kZeroChunk));
-      if (!o.buf) return finish(op, nbd::kENOMEM, "out of memory for zeroes");
-      memset(o.buf.data(), 0, o.buf.capacity());
-      return submit_file_io(op);
-    }
-    if (res <= 0)
-      return finish(op, res == 0 ? nbd::kEIO : nbd::error_from_errno(-res),
-                    "writing zeroes failed: " + errno_text(res == 0 ? EIO : -res));
-    o.done += uint64_t(res);
-    if (o.done < r.length) return submit_file_io(op);
-    f.note_write(r.offset, r.length);
-    return finish(op, nbd::kOk, {});
+  assert(o.stage == 1);
+  if (res == -EOPNOTSUPP) {  // first entry: set up the zero buffer
+    o.buf = pool_.get(std::min<uint64_t>(r.length, kZeroChunk));
+    if (!o.buf) return finish(op, nbd::kENOMEM, "out of memory for zeroes");
+    memset(o.buf.data(), 0, o.buf.capacity());
+    return submit_file_io(op);
   }
-  if (res < 0) {
-    f.set_sticky_error(-res);
-    return finish(op, nbd::kEIO, "fdatasync failed: " + errno_text(-res));
+  if (res <= 0) return failed("writing zeroes", res == 0 ? EIO : -res);
+  o.done += uint64_t(res);
+  if (o.done < r.length) return submit_file_io(op);
+  f.note_write(r.offset, r.length);
+  durable();
+}
+
+void Loop::request_flush(uint32_t op) {
+  const exports::ServedExport& e = *conns_[ops_[op].conn]->exp;
+  Flusher& fl = flushers_[e.index];
+  if (fl.in_flight) {
+    fl.waiting.push_back(op);
+    return;
   }
-  finish(op, nbd::kOk, {});
+  fl.running.push_back(op);
+  fl.file = e.file.get();
+  submit_flush(e.index);
+}
+
+void Loop::submit_flush(unsigned exp) {
+  Flusher& fl = flushers_[exp];
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_fsync(s, fl.file->fd_for(index_), IORING_FSYNC_DATASYNC);
+  s->user_data = io::make_tag(io::Kind::kFlush, exp, 0);
+  fl.in_flight = true;
+}
+
+void Loop::on_flush(unsigned exp, int res) {
+  Flusher& fl = flushers_[exp];
+  if (retryable(res)) return submit_flush(exp);
+  fl.in_flight = false;
+  // Every error is sticky: the kernel reports a writeback error only once,
+  // and the pages it could not write may already be gone.
+  if (res < 0) fl.file->set_sticky_error(-res);
+  const int err = fl.file->sticky_error();
+  std::vector<uint32_t> done;
+  done.swap(fl.running);
+  for (uint32_t op : done)
+    finish(op, err ? nbd::kEIO : nbd::kOk, err ? "fdatasync failed: " + errno_text(err) : "");
+  if (!fl.waiting.empty()) {
+    fl.running.swap(fl.waiting);
+    submit_flush(exp);
+  }
 }
 
 void Loop::reply_block_status(uint32_t op) {
@@ -828,6 +891,7 @@ void Loop::reply_block_status(uint32_t op) {
 void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
   Op& o = ops_[op];
   Connection& c = *conns_[o.conn];
+  if (o.req.type == nbd::kCmdRead && !o.mapped) c.read_bytes -= o.req.length;
   if (err != nbd::kOk)
     spdlog::warn("conn {}: {} offset {} length {}: {}: {}", c.id, nbd::cmd_name(o.req.type),
                  o.req.offset, o.req.length, nbd::error_name(err), why);

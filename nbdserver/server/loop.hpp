@@ -86,10 +86,23 @@ class Loop {
   void on_file(uint32_t op, int res);
   void finish(uint32_t op, nbd::Error err, const std::string& why);
   void reply_block_status(uint32_t op);
+  bool backpressured(const Connection& c) const;
+  // FLUSH and the fdatasync after FUA trims and zeroes: at most one
+  // fdatasync per export is in flight on a loop; requests that arrive while
+  // it runs share the next one.
+  void request_flush(uint32_t op);
+  void submit_flush(unsigned exp);
+  void on_flush(unsigned exp, int res);
+
+  struct Flusher {
+    storage::ImageFile* file = nullptr;
+    bool in_flight = false;
+    std::vector<uint32_t> running;  // answered by the fdatasync in flight
+    std::vector<uint32_t> waiting;  // arrived after it was submitted
+  };
 
   Shared& shared_;
   unsigned index_;
-  io::Ring ring_;
   io::BufferPool pool_;
   int wake_fd_ = -1;
   uint64_t wake_buf_ = 0;
@@ -107,6 +120,10 @@ class Loop {
   std::vector<uint32_t> free_ops_;
   std::vector<uint32_t> to_send_;  // connections with replies to flush
   std::vector<unsigned char> residency_;  // scratch for ImageFile::resident
+  std::vector<Flusher> flushers_;         // by export index
+  // Declared last so that it is destroyed first: the kernel must be done
+  // with every buffer above before they are freed.
+  io::Ring ring_;
 };
 
 }  // namespace server

@@ -44,7 +44,7 @@ int run_server(const ServerOptions& opts) {
   exports::Registry registry;
   for (const exports::ExportSpec& spec : opts.exports) {
     std::string err;
-    if (!registry.add(spec, opts.max_block, &err)) {
+    if (!registry.add(spec, opts.max_block, opts.threads, &err)) {
       spdlog::error("{}", err);
       return 1;
     }

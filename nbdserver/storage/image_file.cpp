@@ -45,7 +45,21 @@ std::unique_ptr<ImageFile> ImageFile::open(const std::string& path, bool read_on
   return f;
 }
 
+bool ImageFile::open_per_loop(unsigned loops, std::string* err) {
+  const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+  for (unsigned i = 0; i < loops; ++i) {
+    int fd = ::open(self.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0) {
+      *err = "cannot reopen " + path_ + ": " + strerror(errno);
+      return false;
+    }
+    loop_fds_.push_back(fd);
+  }
+  return true;
+}
+
 ImageFile::~ImageFile() {
+  for (int fd : loop_fds_) ::close(fd);
   if (mapping_) munmap(mapping_, size_);
   if (fd_ >= 0) ::close(fd_);
 }

@@ -42,6 +42,12 @@ class ImageFile {
   ImageFile& operator=(const ImageFile&) = delete;
 
   int fd() const { return fd_; }
+  // The descriptor loop `loop` uses. Each loop has its own open file, so
+  // that a writeback error reaches every loop's next fdatasync: the kernel
+  // reports such an error once per open file.
+  int fd_for(unsigned loop) const { return loop < loop_fds_.size() ? loop_fds_[loop] : fd_; }
+  // Opens one descriptor per loop. Call once, before the loops start.
+  bool open_per_loop(unsigned loops, std::string* err);
   uint64_t size() const { return size_; }
   bool read_only() const { return read_only_; }
   bool is_block_device() const { return block_device_; }
@@ -73,6 +79,7 @@ class ImageFile {
 
   std::string path_;
   int fd_ = -1;
+  std::vector<int> loop_fds_;
   uint64_t size_ = 0;
   bool read_only_ = false;
   bool block_device_ = false;
