@@ -133,7 +133,7 @@ struct Op {
   io::Buffer buf;
   const uint8_t* mapped = nullptr;  // READ served from the file mapping
   uint64_t done = 0;  // bytes completed so far (short reads and writes)
-  int stage = 0;      // for operations done in several steps
+  int stage = 0;      // steps of TRIM/WRITE_ZEROES; 2 = waiting for an fdatasync
 };
 
 }  // namespace server

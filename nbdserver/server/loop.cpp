@@ -741,11 +741,9 @@ void Loop::submit_file_io(uint32_t op) {
     io_uring_prep_read(s, fd, o.buf.data() + o.done, unsigned(left), o.req.offset + o.done);
   } else if (o.req.type == nbd::kCmdWrite) {
     io_uring_prep_write(s, fd, o.buf.data() + o.done, unsigned(left), o.req.offset + o.done);
-    if (o.req.flags & nbd::kCmdFlagFua) s->rw_flags = RWF_DSYNC;
   } else {  // zero-filling: o.buf holds zeroes
     unsigned n = unsigned(std::min<uint64_t>(left, o.buf.capacity()));
     io_uring_prep_write(s, fd, o.buf.data(), n, o.req.offset + o.done);
-    if (o.req.flags & nbd::kCmdFlagFua) s->rw_flags = RWF_DSYNC;
   }
   s->user_data = io::make_tag(io::Kind::kFile, op, o.gen);
 }
@@ -765,19 +763,15 @@ void Loop::on_file(uint32_t op, int res) {
   // the allocation map calls the whole range data, never "reads as zero".
   auto failed = [&](const std::string& what, int err) {
     if (r.type != nbd::kCmdRead) f.note_write(r.offset, r.length);
-    // A failed RWF_DSYNC write may have consumed a writeback error; running
-    // out of space happens before any sync, so that one stays per-request.
-    if (fua && r.type != nbd::kCmdRead && err != ENOSPC && err != EDQUOT && err != EFBIG)
-      f.set_sticky_error(err);
     finish(op, nbd::error_from_errno(err, r.flags & nbd::kCmdFlagFastZero),
            what + " failed: " + errno_text(err));
   };
-  // After a FUA write, an error seen by another request's fdatasync means
-  // this data may not be durable either.
-  auto durable = [&] {
-    if (fua && f.sticky_error())
-      return finish(op, nbd::kEIO, "an fdatasync failed: " + errno_text(f.sticky_error()));
-    finish(op, nbd::kOk, {});
+  // A mutation is done once written, or for FUA once an fdatasync that
+  // started after it completes. FUA requests share those fdatasyncs.
+  auto done = [&] {
+    if (!fua) return finish(op, nbd::kOk, {});
+    o.stage = 2;
+    request_flush(op);
   };
   switch (r.type) {
     case nbd::kCmdRead:
@@ -786,8 +780,9 @@ void Loop::on_file(uint32_t op, int res) {
       if (res == 0) return failed("I/O at end of file", EIO);
       o.done += uint64_t(res);
       if (o.done < r.length) return submit_file_io(op);
-      if (r.type == nbd::kCmdWrite) f.note_write(r.offset, r.length);
-      return durable();
+      if (r.type == nbd::kCmdRead) return finish(op, nbd::kOk, {});
+      f.note_write(r.offset, r.length);
+      return done();
     case nbd::kCmdCache:
       if (res < 0) return failed("fadvise", -res);
       return finish(op, nbd::kOk, {});
@@ -797,8 +792,7 @@ void Loop::on_file(uint32_t op, int res) {
     default:
       return finish(op, nbd::kEIO, "unexpected completion");
   }
-  // TRIM and WRITE_ZEROES: stage 0 fallocate, 1 writing zeroes, then for
-  // FUA an fdatasync through request_flush().
+  // TRIM and WRITE_ZEROES: stage 0 fallocate, 1 writing zeroes.
   if (o.stage == 0) {
     if (res == -EOPNOTSUPP || res == -EINVAL) {
       if (r.type == nbd::kCmdTrim) return finish(op, nbd::kOk, {});  // TRIM is advisory
@@ -814,9 +808,7 @@ void Loop::on_file(uint32_t op, int res) {
       } else {
         f.note_zero(r.offset, r.length);
       }
-      if (!fua) return finish(op, nbd::kOk, {});
-      o.stage = 2;
-      return request_flush(op);
+      return done();
     }
   }
   assert(o.stage == 1);
@@ -830,7 +822,7 @@ void Loop::on_file(uint32_t op, int res) {
   o.done += uint64_t(res);
   if (o.done < r.length) return submit_file_io(op);
   f.note_write(r.offset, r.length);
-  durable();
+  done();
 }
 
 void Loop::request_flush(uint32_t op) {

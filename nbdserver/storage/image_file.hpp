@@ -14,8 +14,9 @@
 // whether a range can take that path without the loop blocking on a page
 // fault; pages not resident go through an io_uring read instead.
 //
-// Durability: writes go to the page cache; FLUSH is fdatasync() and FUA is
-// RWF_DSYNC on the write. A failed fdatasync is sticky (sticky_error()):
+// Durability: writes go to the page cache; FLUSH is fdatasync(), and a FUA
+// request is answered after an fdatasync that began after it was written
+// (the loops batch concurrent ones). A failed fdatasync is sticky (sticky_error()):
 // after it the export refuses writes and flushes with EIO, because the kernel
 // may already have dropped the dirty pages it failed to write.
 #pragma once
