@@ -27,16 +27,10 @@
 #include <vector>
 
 #include "protocol/handshake.hpp"
+#include "check.hpp"
 
 namespace {
 
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                          \
-    }                                                                        \
-  } while (0)
 
 using nbd::Handshake;
 

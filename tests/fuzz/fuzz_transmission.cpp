@@ -21,16 +21,10 @@
 #include <vector>
 
 #include "protocol/transmission.hpp"
+#include "check.hpp"
 
 namespace {
 
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                          \
-    }                                                                        \
-  } while (0)
 
 constexpr uint32_t kMaxBlock = 1 << 16;
 

@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include "test_bytes.hpp"
+
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -18,21 +20,10 @@
 namespace nbd {
 namespace {
 
-// ---- Independent big-endian helpers (deliberately not wire.hpp) ----
-
-std::string be(uint64_t v, int bytes) {
-  std::string s;
-  for (int i = bytes - 1; i >= 0; --i) s.push_back(char((v >> (8 * i)) & 0xff));
-  return s;
-}
-std::string be16(uint16_t v) { return be(v, 2); }
-std::string be32(uint32_t v) { return be(v, 4); }
-
-uint64_t rd(std::string_view s, size_t off, int bytes) {
-  uint64_t v = 0;
-  for (int i = 0; i < bytes; ++i) v = v << 8 | uint8_t(s.at(off + i));
-  return v;
-}
+using testing::be;
+using testing::be16;
+using testing::be32;
+using testing::rd;
 
 // Literal constants from the spec, spelled out so a wrong constant in wire.hpp
 // would make these tests fail.

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "test_bytes.hpp"
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -12,18 +14,9 @@
 namespace nbd {
 namespace {
 
-// ---- Independent big-endian helpers ----
+using testing::be;
+using testing::rd;
 
-std::string be(uint64_t v, int bytes) {
-  std::string s;
-  for (int i = bytes - 1; i >= 0; --i) s.push_back(char((v >> (8 * i)) & 0xff));
-  return s;
-}
-uint64_t rd(std::string_view s, size_t off, int bytes) {
-  uint64_t v = 0;
-  for (int i = 0; i < bytes; ++i) v = v << 8 | uint8_t(s.at(off + i));
-  return v;
-}
 const uint8_t* u8(const std::string& s) { return reinterpret_cast<const uint8_t*>(s.data()); }
 std::string bytes(const uint8_t* p, size_t n) { return std::string(reinterpret_cast<const char*>(p), n); }
 
