@@ -39,6 +39,8 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "largest READ or WRITE in bytes (advertised as the maximum block size)")
       ("max-inflight", po::value(&o->max_inflight)->default_value(256),
        "requests in flight per connection before reading pauses")
+      ("poll-us", po::value(&o->poll_us)->default_value(50),
+       "after activity, poll for this many microseconds before sleeping (0: never)")
       ("handshake-timeout", po::value(&o->handshake_timeout)->default_value(10),
        "seconds a client may take to finish the handshake")
       ("request-timeout", po::value(&o->request_timeout)->default_value(60),
@@ -62,6 +64,7 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports) {
   if (o->max_inflight == 0 || o->max_inflight > 65536)
     return fail("--max-inflight must be between 1 and 65536");
   if (o->threads > 256) return fail("--threads must be at most 256");
+  if (o->poll_us > 10000) return fail("--poll-us must be at most 10000");
   if (!(o->handshake_timeout > 0) || !(o->request_timeout > 0) || !(o->shutdown_timeout >= 0))
     return fail("timeouts must be positive numbers of seconds");
   for (const std::string& e : exports) {

@@ -19,6 +19,7 @@ struct ServerOptions {
   unsigned max_connections = 4096;
   uint32_t max_block = 32 * 1024 * 1024;
   unsigned max_inflight = 256;  // requests in flight per connection
+  unsigned poll_us = 50;  // busy-poll after activity before sleeping
   double handshake_timeout = 10;
   double request_timeout = 60;
   double shutdown_timeout = 30;

@@ -53,6 +53,7 @@ class Loop {
 
  private:
   void fail(const std::string& why);
+  bool poll_for_completions();
   void dispatch(const io_uring_cqe* cqe);
   // Accepting.
   void post_accept(uint32_t listener);

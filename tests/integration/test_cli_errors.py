@@ -123,3 +123,20 @@ def test_help_and_version():
     p = subprocess.run([NBDSERVER, "--version"], capture_output=True, text=True, timeout=10)
     assert p.returncode == 0
     assert "nbdserver" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--max-block", "100"], "max-block"),
+    (["--max-inflight", "0"], "max-inflight"),
+    (["--max-connections", "0"], "max-connections"),
+    (["--threads", "1000"], "threads"),
+    (["--poll-us", "20000"], "poll-us"),
+    (["--handshake-timeout", "0"], "timeout"),
+    (["--threads", "two"], "threads"),
+])
+def test_bad_limits(tmp_path, make_image, args, word):
+    img = make_image("x.img", size=1 * MiB)
+    rc, err = run_server(listen_args(tmp_path) + ["--export", f"disk={img.path}"] + args)
+    assert rc != 0
+    assert word in err.lower(), err
+    assert not (tmp_path / "ready").exists()
