@@ -137,8 +137,12 @@ void Loop::run() {
 // within a few microseconds; catching it here avoids a sleep and a wakeup,
 // which on a VM costs tens of microseconds when it crosses CPUs. Returns
 // true when completions arrived.
+//
+// Only while the loop waits on sockets alone: file operations may run in
+// io_uring's worker threads, and on a small machine polling would take the
+// CPU they need.
 bool Loop::poll_for_completions() {
-  if (shared_.opts.poll_us == 0) return false;
+  if (shared_.opts.poll_us == 0 || file_ops_ > 0) return false;
   const auto until = Clock::now() + std::chrono::microseconds(shared_.opts.poll_us);
   do {
     io_uring_submit_and_get_events(ring_.raw());
@@ -169,6 +173,7 @@ void Loop::dispatch(const io_uring_cqe* cqe) {
       if (Connection* c = conn_at(slot, gen)) on_send(*c, cqe->res);
       break;
     case io::Kind::kFile:
+      --file_ops_;
       if (slot < ops_.size() && ops_[slot].used && (ops_[slot].gen & 0xffffff) == gen)
         on_file(slot, cqe->res);
       else
@@ -181,6 +186,7 @@ void Loop::dispatch(const io_uring_cqe* cqe) {
       on_wake();
       break;
     case io::Kind::kFlush:
+      --file_ops_;
       on_flush(slot, cqe->res);
       break;
     case io::Kind::kCancel:
@@ -702,10 +708,6 @@ void Loop::execute(uint32_t op) {
                               "); the export refuses writes until restarted");
     return;
   }
-  auto file_sqe = [&] {
-    io_uring_sqe* s = ring_.sqe();
-    return s;
-  };
   auto tag = [&] { return io::make_tag(io::Kind::kFile, op, o.gen); };
   switch (r.type) {
     case nbd::kCmdRead:
@@ -749,12 +751,17 @@ void Loop::execute(uint32_t op) {
 }
 
 // Submits the rest of a read or write (or of the zero-filling fallback).
+io_uring_sqe* Loop::file_sqe() {
+  ++file_ops_;
+  return ring_.sqe();
+}
+
 void Loop::submit_file_io(uint32_t op) {
   Op& o = ops_[op];
   Connection& c = *conns_[o.conn];
   const int fd = c.exp->file->fd_for(index_);
   const uint64_t left = o.req.length - o.done;
-  io_uring_sqe* s = ring_.sqe();
+  io_uring_sqe* s = file_sqe();
   if (o.req.type == nbd::kCmdRead) {
     io_uring_prep_read(s, fd, o.buf.data() + o.done, unsigned(left), o.req.offset + o.done);
   } else if (o.req.type == nbd::kCmdWrite) {
@@ -857,7 +864,7 @@ void Loop::request_flush(uint32_t op) {
 
 void Loop::submit_flush(unsigned exp) {
   Flusher& fl = flushers_[exp];
-  io_uring_sqe* s = ring_.sqe();
+  io_uring_sqe* s = file_sqe();
   io_uring_prep_fsync(s, fl.file->fd_for(index_), IORING_FSYNC_DATASYNC);
   s->user_data = io::make_tag(io::Kind::kFlush, exp, 0);
   fl.in_flight = true;

@@ -54,6 +54,7 @@ class Loop {
  private:
   void fail(const std::string& why);
   bool poll_for_completions();
+  io_uring_sqe* file_sqe();  // an SQE for a file operation, counted in file_ops_
   void dispatch(const io_uring_cqe* cqe);
   // Accepting.
   void post_accept(uint32_t listener);
@@ -122,6 +123,7 @@ class Loop {
   std::vector<uint32_t> to_send_;  // connections with replies to flush
   std::vector<unsigned char> residency_;  // scratch for ImageFile::resident
   std::vector<Flusher> flushers_;         // by export index
+  unsigned file_ops_ = 0;                 // file operations in flight
   // Declared last so that it is destroyed first: the kernel must be done
   // with every buffer above before they are freed.
   io::Ring ring_;
