@@ -50,6 +50,10 @@ std::string errno_text(int err) { return strerror(err); }
 
 bool retryable(int res) { return res == -EAGAIN || res == -EINTR; }
 
+Clock::duration seconds(double s) {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+}
+
 }  // namespace
 
 Loop::Loop(Shared& shared, unsigned index) : shared_(shared), index_(index) {}
@@ -100,12 +104,8 @@ void Loop::run() {
     return;
   }
   for (uint32_t l = 0; l < shared_.listeners.size(); ++l) post_accept(l);
-  io_uring_sqe* s = ring_.sqe();
-  io_uring_prep_timeout(s, &tick_, 0, 0);
-  s->user_data = io::make_tag(io::Kind::kTimer, 0, 0);
-  s = ring_.sqe();
-  io_uring_prep_read(s, wake_fd_, &wake_buf_, sizeof wake_buf_, 0);
-  s->user_data = io::make_tag(io::Kind::kWake, 0, 0);
+  post_timer();
+  post_wake_read();
   if (shared_.stopping) begin_shutdown();
 
   bool busy = false;  // the last pass handled completions
@@ -231,13 +231,25 @@ void Loop::on_accept(uint32_t l, int res) {
   post_accept(l);
 }
 
+void Loop::post_timer() {
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_timeout(s, &tick_, 0, 0);
+  s->user_data = io::make_tag(io::Kind::kTimer, 0, 0);
+}
+
+void Loop::post_wake_read() {
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_read(s, wake_fd_, &wake_buf_, sizeof wake_buf_, 0);
+  s->user_data = io::make_tag(io::Kind::kWake, 0, 0);
+}
+
 void Loop::on_timer() {
   const auto now = Clock::now();
   if (accept_backoff_) {
     accept_backoff_ = false;
     for (uint32_t l = 0; l < accept_pending_.size(); ++l) post_accept(l);
   }
-  const auto request_limit = std::chrono::duration<double>(shared_.opts.request_timeout);
+  const auto request_limit = seconds(shared_.opts.request_timeout);
   for (auto& cp : conns_) {
     if (!cp || cp->fd < 0 || cp->phase == Connection::Phase::kClosing) continue;
     Connection& c = *cp;
@@ -252,16 +264,12 @@ void Loop::on_timer() {
       close_connection(c, "shutdown timeout reached with requests still in flight", true);
     }
   }
-  io_uring_sqe* s = ring_.sqe();
-  io_uring_prep_timeout(s, &tick_, 0, 0);
-  s->user_data = io::make_tag(io::Kind::kTimer, 0, 0);
+  post_timer();
 }
 
 void Loop::on_wake() {
   if (shared_.stopping) begin_shutdown();
-  io_uring_sqe* s = ring_.sqe();
-  io_uring_prep_read(s, wake_fd_, &wake_buf_, sizeof wake_buf_, 0);
-  s->user_data = io::make_tag(io::Kind::kWake, 0, 0);
+  post_wake_read();
 }
 
 void Loop::begin_shutdown() {
@@ -269,8 +277,7 @@ void Loop::begin_shutdown() {
   shutdown_started_ = true;
   accepting_ = false;
   shutdown_deadline_ =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(shared_.opts.shutdown_timeout));
+      Clock::now() + seconds(shared_.opts.shutdown_timeout);
   for (uint32_t l = 0; l < accept_pending_.size(); ++l) {
     if (!accept_pending_[l]) continue;
     io_uring_sqe* s = ring_.sqe();
@@ -327,8 +334,7 @@ void Loop::start_connection(int fd) {
   nbd::HandshakeLimits limits;
   c.hs = std::make_unique<nbd::Handshake>(shared_.registry, limits);
   c.handshake_deadline =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(shared_.opts.handshake_timeout));
+      Clock::now() + seconds(shared_.opts.handshake_timeout);
   ++live_conns_;
   spdlog::debug("conn {}: accepted from {} on loop {}", c.id, c.peer, index_);
   OutMsg m;
@@ -658,12 +664,8 @@ void Loop::close_connection(Connection& c, const std::string& why, bool error) {
 void Loop::maybe_free(Connection& c) {
   if (c.recv_pending || c.send_pending) return;
   if (c.payload_op != kNone) {
-    uint32_t op = c.payload_op;
+    release_op(c.payload_op);
     c.payload_op = kNone;
-    ops_[op].used = false;
-    ops_[op].buf.release();
-    free_ops_.push_back(op);
-    --c.inflight;
   }
   if (c.inflight) return;
   ::close(c.fd);
@@ -696,6 +698,14 @@ uint32_t Loop::new_op(Connection& c, const nbd::Request& req) {
   return op;
 }
 
+void Loop::release_op(uint32_t op) {
+  Op& o = ops_[op];
+  o.used = false;
+  o.buf.release();
+  free_ops_.push_back(op);
+  --conns_[o.conn]->inflight;
+}
+
 void Loop::execute(uint32_t op) {
   Op& o = ops_[op];
   Connection& c = *conns_[o.conn];
@@ -708,7 +718,6 @@ void Loop::execute(uint32_t op) {
                               "); the export refuses writes until restarted");
     return;
   }
-  auto tag = [&] { return io::make_tag(io::Kind::kFile, op, o.gen); };
   switch (r.type) {
     case nbd::kCmdRead:
     case nbd::kCmdWrite:
@@ -730,16 +739,13 @@ void Loop::execute(uint32_t op) {
       mode |= (r.type == nbd::kCmdWriteZeroes && (r.flags & nbd::kCmdFlagNoHole))
                   ? FALLOC_FL_ZERO_RANGE
                   : FALLOC_FL_PUNCH_HOLE;
-      io_uring_sqe* s = file_sqe();
-      io_uring_prep_fallocate(s, f.fd_for(index_), mode, r.offset, r.length);
-      s->user_data = tag();
+      io_uring_prep_fallocate(op_sqe(op), f.fd_for(index_), mode, r.offset, r.length);
       return;
     }
     case nbd::kCmdCache: {
       if (r.length == 0 || !ring_.features().fadvise) return finish(op, nbd::kOk, {});
-      io_uring_sqe* s = file_sqe();
-      io_uring_prep_fadvise(s, f.fd_for(index_), r.offset, off_t(r.length), POSIX_FADV_WILLNEED);
-      s->user_data = tag();
+      io_uring_prep_fadvise(op_sqe(op), f.fd_for(index_), r.offset, off_t(r.length),
+                            POSIX_FADV_WILLNEED);
       return;
     }
     case nbd::kCmdBlockStatus:
@@ -751,9 +757,15 @@ void Loop::execute(uint32_t op) {
 }
 
 // Submits the rest of a read or write (or of the zero-filling fallback).
-io_uring_sqe* Loop::file_sqe() {
+io_uring_sqe* Loop::file_sqe(uint64_t tag) {
   ++file_ops_;
-  return ring_.sqe();
+  io_uring_sqe* s = ring_.sqe();
+  s->user_data = tag;
+  return s;
+}
+
+io_uring_sqe* Loop::op_sqe(uint32_t op) {
+  return file_sqe(io::make_tag(io::Kind::kFile, op, ops_[op].gen));
 }
 
 void Loop::submit_file_io(uint32_t op) {
@@ -761,7 +773,7 @@ void Loop::submit_file_io(uint32_t op) {
   Connection& c = *conns_[o.conn];
   const int fd = c.exp->file->fd_for(index_);
   const uint64_t left = o.req.length - o.done;
-  io_uring_sqe* s = file_sqe();
+  io_uring_sqe* s = op_sqe(op);
   if (o.req.type == nbd::kCmdRead) {
     io_uring_prep_read(s, fd, o.buf.data() + o.done, unsigned(left), o.req.offset + o.done);
   } else if (o.req.type == nbd::kCmdWrite) {
@@ -770,7 +782,6 @@ void Loop::submit_file_io(uint32_t op) {
     unsigned n = unsigned(std::min<uint64_t>(left, o.buf.capacity()));
     io_uring_prep_write(s, fd, o.buf.data(), n, o.req.offset + o.done);
   }
-  s->user_data = io::make_tag(io::Kind::kFile, op, o.gen);
 }
 
 void Loop::on_file(uint32_t op, int res) {
@@ -864,9 +875,8 @@ void Loop::request_flush(uint32_t op) {
 
 void Loop::submit_flush(unsigned exp) {
   Flusher& fl = flushers_[exp];
-  io_uring_sqe* s = file_sqe();
-  io_uring_prep_fsync(s, fl.file->fd_for(index_), IORING_FSYNC_DATASYNC);
-  s->user_data = io::make_tag(io::Kind::kFlush, exp, 0);
+  io_uring_prep_fsync(file_sqe(io::make_tag(io::Kind::kFlush, exp, 0)),
+                      fl.file->fd_for(index_), IORING_FSYNC_DATASYNC);
   fl.in_flight = true;
 }
 
@@ -934,10 +944,7 @@ void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
   } else {
     queue(c, OutMsg());
   }
-  o.used = false;
-  o.buf.release();
-  free_ops_.push_back(op);
-  --c.inflight;
+  release_op(op);
 }
 
 }  // namespace server

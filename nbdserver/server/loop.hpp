@@ -54,11 +54,16 @@ class Loop {
  private:
   void fail(const std::string& why);
   bool poll_for_completions();
-  io_uring_sqe* file_sqe();  // an SQE for a file operation, counted in file_ops_
+  // An SQE for a file operation, tagged and counted in file_ops_.
+  io_uring_sqe* file_sqe(uint64_t tag);
+  io_uring_sqe* op_sqe(uint32_t op);  // the same for request `op`
+  void release_op(uint32_t op);       // frees a request's slot and buffer
   void dispatch(const io_uring_cqe* cqe);
   // Accepting.
   void post_accept(uint32_t listener);
   void on_accept(uint32_t listener, int res);
+  void post_timer();
+  void post_wake_read();
   void on_timer();
   void on_wake();
   void begin_shutdown();
