@@ -13,6 +13,7 @@ packages=(
   # real NBD clients and peer servers for tests and benchmarks
   nbdkit libnbd-bin python3-libnbd qemu-utils nbd-server
   python3-pytest python3-matplotlib e2fsprogs
+  libext2fs-dev nlohmann-json3-dev squashfs-tools
 )
 
 missing=()
