@@ -103,7 +103,7 @@ MutationPlan Overlay::plan_zero(uint64_t off, uint64_t len, bool trim) const {
   if (ze > zf) {
     p.zero_first = zf;
     p.zero_end = ze;
-    p.punch = own_.dirty.rangeCardinality(zf, ze) > 0;
+    p.punch = roaring_bitmap_range_cardinality(&own_.dirty.roaring, zf, ze) > 0;
   }
   if (trim) return p;  // partial blocks of a trim are left alone
   // Partial edges: zeros written like a write, unless the block is zero already.
@@ -135,14 +135,14 @@ void Overlay::commit(const MutationPlan& p) {
     uint64_t be = e == id_.size ? (e + bs - 1) / bs : e / bs;
     if (be > bf) {
       own_.dirty.addRange(bf, be);
-      own_.zero.removeRange(bf, be);
+      roaring_bitmap_remove_range(&own_.zero.roaring, bf, be);
     }
   };
   mark_written(p.start, p.end);
   mark_written(p.start2, p.end2);
   if (p.zero_end > p.zero_first) {
     own_.zero.addRange(p.zero_first, p.zero_end);
-    own_.dirty.removeRange(p.zero_first, p.zero_end);
+    roaring_bitmap_remove_range(&own_.dirty.roaring, p.zero_first, p.zero_end);
   }
   ++version_;
 }
