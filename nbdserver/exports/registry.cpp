@@ -1,5 +1,8 @@
 #include "exports/registry.hpp"
 
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
 namespace exports {
 
 bool parse_export_spec(const std::string& text, ExportSpec* out, std::string* err) {
@@ -86,10 +89,58 @@ bool Registry::set_default(const std::string& name, std::string* err) {
 }
 
 std::shared_ptr<const nbd::ExportInfo> Registry::find(std::string_view name) const {
+  std::string why;
+  return lookup(name, &why);
+}
+
+std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
+                                                        std::string* why) const {
   if (name.empty() && !default_.empty()) name = default_;
   auto it = by_name_.find(name);
-  if (it == by_name_.end()) return nullptr;
-  return it->second;
+  if (it != by_name_.end()) return it->second;
+  StoreName sn;
+  if (!store_ || !parse_store_name(std::string(name), &sn)) return nullptr;
+  if (access((store_->root() + "/images/" + sn.image).c_str(), F_OK) != 0) return nullptr;
+  auto e = std::make_shared<ServedExport>();
+  e->name = std::string(name);
+  e->max_block = max_block_;
+  e->contexts = {std::string(nbd::kContextBaseAllocation)};
+  e->flags = nbd::kFlagSendFlush | nbd::kFlagSendFua | nbd::kFlagSendCache |
+             nbd::kFlagCanMultiConn;
+  std::string err;
+  if (!sn.node.empty()) {
+    // A node's view: every connection of the node is served by one loop
+    // from one in-memory map, and a flush covers the whole diff, so a flush
+    // on any connection covers writes acknowledged on all of them.
+    e->view = store_->view(sn.image, sn.node, &err);
+    if (!e->view) {
+      spdlog::error("export '{}': {}", name, err);
+      *why = "export '" + e->name + "' cannot be served: " + err;
+      return nullptr;
+    }
+    e->store = store_;
+    e->size = e->view->overlay().id().size;
+    e->description = "node " + sn.node + " on " + sn.image + "@" + e->view->generation().name() +
+                     " (" + storage::mode_name(e->view->mode()) + ")";
+    e->flags |= nbd::kFlagSendTrim | nbd::kFlagSendWriteZeroes | nbd::kFlagSendFastZero;
+    e->contexts.push_back(std::string(kContextDirty));
+    return e;
+  }
+  e->gen = store_->generation(sn.image, sn.generation, &err);
+  if (!e->gen) {
+    spdlog::error("export '{}': {}", name, err);
+    *why = "export '" + e->name + "' cannot be served: " + err;
+    return nullptr;
+  }
+  e->size = e->gen->size();
+  e->description = sn.image + "@" + e->gen->name();
+  e->flags |= nbd::kFlagReadOnly;
+  if (e->gen->deltas() == 0) {
+    e->file = e->gen->full();
+  } else {
+    e->view = storage::NodeView::generation_only(e->gen);
+  }
+  return e;
 }
 
 std::vector<std::shared_ptr<const nbd::ExportInfo>> Registry::list() const {

@@ -1,7 +1,10 @@
 // The export registry: export names -> what serves them.
 //
-// Built once at start-up from the command line and config file, before any
-// loop thread runs, and read-only afterwards, so loops read it without locks.
+// The --export entries are added once at start-up, before any loop thread
+// runs, and are read-only afterwards, so loops read them without locks.
+// Names that are not --export entries are looked up in the store (if
+// --store was given), which opens generations and node views on demand and
+// is safe to call from any loop.
 #pragma once
 
 #include <map>
@@ -10,14 +13,23 @@
 #include <vector>
 
 #include "protocol/handshake.hpp"
+#include "exports/store.hpp"
 #include "storage/image_file.hpp"
 
 namespace exports {
 
-// One served export: what the handshake advertises plus the file behind it.
+// Our metadata context: a node view's changed blocks.
+inline constexpr std::string_view kContextDirty = "nbdroot:dirty";
+
+// One served export: what the handshake advertises plus what serves it:
+// a file (an --export, or a full generation), or a view (a node's
+// copy-on-write view, or a read-only delta generation).
 struct ServedExport : nbd::ExportInfo {
   std::shared_ptr<storage::ImageFile> file;
-  unsigned index = 0;  // position in the registry, for per-loop tables
+  std::shared_ptr<storage::NodeView> view;
+  std::shared_ptr<storage::Generation> gen;  // keeps a generation's files open
+  std::shared_ptr<Store> store;              // for a node view's attach counts
+  unsigned index = 0;  // --export: position in the registry, for per-loop tables
 };
 
 // A parsed --export NAME=FILE[,ro][,desc=TEXT] argument.
@@ -37,10 +49,15 @@ class Registry : public nbd::ExportCatalog {
   // when the name is taken or the file cannot be served.
   // `loops` is the number of event loops that will serve it.
   bool add(const ExportSpec& spec, uint32_t max_block, unsigned loops, std::string* err);
+  void set_max_block(uint32_t max_block) { max_block_ = max_block; }
+  // Serves the store's images and node views too.
+  void set_store(std::shared_ptr<Store> store) { store_ = std::move(store); }
   // Which export an empty name selects; must name an added export.
   bool set_default(const std::string& name, std::string* err);
 
   std::shared_ptr<const nbd::ExportInfo> find(std::string_view name) const override;
+  std::shared_ptr<const nbd::ExportInfo> lookup(std::string_view name,
+                                                std::string* why) const override;
   std::vector<std::shared_ptr<const nbd::ExportInfo>> list() const override;
   size_t size() const { return order_.size(); }
 
@@ -53,6 +70,8 @@ class Registry : public nbd::ExportCatalog {
   std::map<std::string, std::shared_ptr<ServedExport>, std::less<>> by_name_;
   std::vector<std::shared_ptr<ServedExport>> order_;
   std::string default_;
+  std::shared_ptr<Store> store_;
+  uint32_t max_block_ = 32 << 20;
 };
 
 }  // namespace exports

@@ -22,6 +22,8 @@ enum class Kind : uint8_t {
   kWake,
   kCancel,  // completions of cancel requests: ignored
   kFlush,   // an fdatasync shared by several requests; slot = export index
+  kSub,     // one piece of a node-view request; slot = Sub index
+  kViewFlush,  // a node view's flush; slot = view slot, gen = step
 };
 
 inline uint64_t make_tag(Kind k, uint32_t slot, uint32_t gen) {

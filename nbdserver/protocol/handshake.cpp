@@ -173,10 +173,12 @@ void Handshake::on_option(uint32_t opt, std::string_view data) {
 }
 
 void Handshake::opt_export_name(std::string_view data) {
-  auto e = valid_string(data) ? catalog_.find(data) : nullptr;
+  std::string why;
+  auto e = valid_string(data) ? catalog_.lookup(data, &why) : nullptr;
   if (!e) {
     // NBD_OPT_EXPORT_NAME cannot be answered with an error: hard disconnect.
-    close("NBD_OPT_EXPORT_NAME: unknown export '" + std::string(data.substr(0, 256)) + "'");
+    close("NBD_OPT_EXPORT_NAME: " +
+          (why.empty() ? "unknown export '" + std::string(data.substr(0, 256)) + "'" : why));
     return;
   }
   if (meta_export_ != e->name) session_.contexts.clear();
@@ -221,9 +223,11 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
     reply_error(opt, kRepErrInvalid, "export name is not a valid string");
     return;
   }
-  auto e = catalog_.find(name);
+  std::string why;
+  auto e = catalog_.lookup(name, &why);
   if (!e) {
-    reply_error(opt, kRepErrUnknown, "unknown export '" + std::string(name.substr(0, 256)) + "'");
+    reply_error(opt, kRepErrUnknown,
+                why.empty() ? "unknown export '" + std::string(name.substr(0, 256)) + "'" : why);
     return;
   }
   bool want_name = false, want_desc = false;
@@ -316,9 +320,11 @@ void Handshake::opt_meta_context(uint32_t opt, std::string_view data) {
     reply_error(opt, kRepErrInvalid, "malformed option data");
     return;
   }
-  auto e = catalog_.find(name);
+  std::string why;
+  auto e = catalog_.lookup(name, &why);
   if (!e) {
-    reply_error(opt, kRepErrUnknown, "unknown export '" + std::string(name.substr(0, 256)) + "'");
+    reply_error(opt, kRepErrUnknown,
+                why.empty() ? "unknown export '" + std::string(name.substr(0, 256)) + "'" : why);
     return;
   }
   std::vector<MetaContext> chosen;

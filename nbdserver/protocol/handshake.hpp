@@ -45,6 +45,11 @@ class ExportCatalog {
   // nullptr when no export answers to `name`. The returned info, and the
   // shared_ptr keeping it alive, stay valid for the connection's lifetime.
   virtual std::shared_ptr<const ExportInfo> find(std::string_view name) const = 0;
+  // find(), and when it finds nothing, *why may say why (for the client).
+  virtual std::shared_ptr<const ExportInfo> lookup(std::string_view name, std::string* why) const {
+    (void)why;
+    return find(name);
+  }
   // Every export, in listing order.
   virtual std::vector<std::shared_ptr<const ExportInfo>> list() const = 0;
 };

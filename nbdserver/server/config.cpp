@@ -15,8 +15,13 @@ constexpr const char* kUsage =
     "Serves files and block devices over NBD, on io_uring.\n\n"
     "Example: nbdserver --listen 127.0.0.1:10809 --export disk=/srv/disk.img,ro\n";
 
+struct StoreFlags {
+  std::string nodes = "auto", mode = "persistent";
+  uint32_t block_size = 4096;
+};
+
 po::options_description describe(ServerOptions* o, std::vector<std::string>* exports,
-                                 std::string* config) {
+                                 std::string* config, StoreFlags* sf) {
   po::options_description d("Options");
   d.add_options()
       ("help,h", "show this help")
@@ -48,13 +53,24 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
       ("shutdown-timeout", po::value(&o->shutdown_timeout)->default_value(30),
        "seconds to let in-flight requests finish after SIGTERM")
       ("ready-file", po::value(&o->ready_file),
-       "once listening, write the bound addresses to PATH, one per line");
+       "once listening, write the bound addresses to PATH, one per line")
+      ("store", po::value(&o->store),
+       "serve the store at DIR: exports IMAGE, IMAGE@GEN (read-only) and IMAGE/NODE (the "
+       "node's copy-on-write view)")
+      ("nodes", po::value(&sf->nodes)->default_value("auto"),
+       "auto: a node is created at its first attach; registered: only nodes an admin created")
+      ("node-mode", po::value(&sf->mode)->default_value("persistent"),
+       "mode of nodes created at attach: persistent (changes kept) or ephemeral (dropped at "
+       "each new attach)")
+      ("block-size", po::value(&sf->block_size)->default_value(4096),
+       "copy-on-write block size of nodes created at attach (512 to 1048576, a power of two)");
   return d;
 }
 
 ParseResult fail(std::string msg) { return {false, 2, "nbdserver: " + msg}; }
 
-ParseResult check(ServerOptions* o, const std::vector<std::string>& exports) {
+ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
+                  const StoreFlags& sf) {
   static const char* levels[] = {"trace", "debug", "info", "warn", "error"};
   if (std::find(std::begin(levels), std::end(levels), o->log_level) == std::end(levels))
     return fail("--log-level '" + o->log_level + "': expected trace, debug, info, warn or error");
@@ -73,7 +89,20 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports) {
     if (!exports::parse_export_spec(e, &spec, &err)) return fail(err);
     o->exports.push_back(std::move(spec));
   }
-  if (o->exports.empty()) return fail("nothing to serve: give at least one --export NAME=FILE");
+  if (sf.nodes == "auto") {
+    o->store_opts.nodes = exports::NodePolicy::kAuto;
+  } else if (sf.nodes == "registered") {
+    o->store_opts.nodes = exports::NodePolicy::kRegistered;
+  } else {
+    return fail("--nodes '" + sf.nodes + "': expected auto or registered");
+  }
+  if (!storage::parse_mode(sf.mode, &o->store_opts.mode))
+    return fail("--node-mode '" + sf.mode + "': expected persistent or ephemeral");
+  if (sf.block_size < 512 || sf.block_size > (1u << 20) || (sf.block_size & (sf.block_size - 1)))
+    return fail("--block-size must be a power of two from 512 to 1048576");
+  o->store_opts.block_size = sf.block_size;
+  if (o->exports.empty() && o->store.empty())
+    return fail("nothing to serve: give --store DIR or at least one --export NAME=FILE");
   if (o->threads == 0) o->threads = std::max(1u, std::thread::hardware_concurrency());
   if (o->listen.empty() && o->socket.empty()) o->listen.push_back("0.0.0.0:10809");
   return {true, 0, {}};
@@ -85,7 +114,8 @@ ParseResult parse_options(int argc, const char* const* argv, ServerOptions* out)
   ServerOptions o;
   std::vector<std::string> exports;
   std::string config;
-  po::options_description d = describe(&o, &exports, &config);
+  StoreFlags sf;
+  po::options_description d = describe(&o, &exports, &config, &sf);
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, d), vm);
@@ -104,7 +134,7 @@ ParseResult parse_options(int argc, const char* const* argv, ServerOptions* out)
   } catch (const po::error& e) {
     return fail(std::string(e.what()) + " (see --help)");
   }
-  ParseResult r = check(&o, exports);
+  ParseResult r = check(&o, exports, sf);
   if (r.run) *out = std::move(o);
   return r;
 }

@@ -24,6 +24,8 @@ struct ServerOptions {
   double request_timeout = 60;
   double shutdown_timeout = 30;
   std::string ready_file;
+  std::string store;  // --store DIR: serve images and node views from it
+  exports::StoreOptions store_opts;
 };
 
 struct ParseResult {

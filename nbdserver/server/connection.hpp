@@ -85,6 +85,8 @@ struct Connection {
   std::unique_ptr<nbd::Handshake> hs;
   nbd::Session session;
   const exports::ServedExport* exp = nullptr;
+  int handoff_to = -1;   // after the handshake: the loop that owns exp's view
+  bool view_attached = false;  // counted in the owner loop's ViewState
 
   // Receive buffer: bytes [rpos, rlen) are received and not yet parsed.
   std::vector<uint8_t> rbuf;
@@ -134,6 +136,22 @@ struct Op {
   const uint8_t* mapped = nullptr;  // READ served from the file mapping
   uint64_t done = 0;  // bytes completed so far (short reads and writes)
   int stage = 0;      // steps of TRIM/WRITE_ZEROES; 2 = waiting for an fdatasync
+  // Node-view requests: sub-operations in flight, the first error, the
+  // mutation's plan and the buffers it writes from.
+  unsigned pending = 0;
+  int err = 0;
+  std::unique_ptr<storage::MutationPlan> plan;
+  io::Buffer wbuf, wbuf2;
+};
+
+// A connection moving to the loop that owns its node view, after the
+// handshake: the socket, the session and any request bytes already read.
+struct Handoff {
+  int fd = -1;
+  uint64_t id = 0;
+  std::string peer;
+  nbd::Session session;
+  std::string leftover;
 };
 
 }  // namespace server

@@ -23,8 +23,6 @@ constexpr size_t kHandshakeBuffer = 4096;
 constexpr size_t kTransmissionBuffer = 128 * 1024;
 constexpr size_t kDirectRecvMin = 16 * 1024;  // payloads this large skip rbuf
 constexpr size_t kMaxQueuedBytes = 64 << 20;  // pause reading past this much output
-constexpr size_t kMaxMappedQueued = 8 << 20;  // mapped reply bytes waiting to be sent
-constexpr size_t kMaxExtents = 16384;
 constexpr size_t kZeroChunk = 1 << 20;
 constexpr unsigned kRingEntries = 1024;
 
@@ -113,7 +111,7 @@ void Loop::run() {
     flush_sends();
     bool accepts = std::find(accept_pending_.begin(), accept_pending_.end(), true) !=
                    accept_pending_.end();
-    if (shutdown_started_ && live_conns_ == 0 && !accepts) break;
+    if (shutdown_started_ && live_conns_ == 0 && !accepts && mailbox_empty()) break;
     if (busy && poll_for_completions()) busy = false;
     int ret = ring_.submit_and_wait(1);
     if (ret < 0 && ret != -EBUSY && ret != -ETIME) {
@@ -188,6 +186,17 @@ void Loop::dispatch(const io_uring_cqe* cqe) {
     case io::Kind::kFlush:
       --file_ops_;
       on_flush(slot, cqe->res);
+      break;
+    case io::Kind::kSub:
+      --file_ops_;
+      if (slot < subs_.size() && subs_[slot].used && (subs_[slot].gen & 0xffffff) == gen)
+        on_sub(slot, cqe->res);
+      else
+        spdlog::error("loop {}: stale completion for sub-operation {}", index_, slot);
+      break;
+    case io::Kind::kViewFlush:
+      --file_ops_;
+      on_view_flush(slot, gen, cqe->res);
       break;
     case io::Kind::kCancel:
       break;
@@ -268,8 +277,27 @@ void Loop::on_timer() {
 }
 
 void Loop::on_wake() {
+  std::vector<Handoff> arrived;
+  {
+    std::lock_guard<std::mutex> g(mailbox_mu_);
+    arrived.swap(mailbox_);
+  }
+  for (Handoff& h : arrived) start_adopted(std::move(h));
   if (shared_.stopping) begin_shutdown();
   post_wake_read();
+}
+
+void Loop::adopt(Handoff&& h) {
+  {
+    std::lock_guard<std::mutex> g(mailbox_mu_);
+    mailbox_.push_back(std::move(h));
+  }
+  wake();
+}
+
+bool Loop::mailbox_empty() {
+  std::lock_guard<std::mutex> g(mailbox_mu_);
+  return mailbox_.empty();
 }
 
 void Loop::begin_shutdown() {
@@ -314,6 +342,22 @@ void Loop::start_connection(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
 
+  Connection& c = new_connection(fd);
+  c.id = shared_.next_conn_id++;
+  c.peer = peer_name(fd);
+  c.rbuf.resize(kHandshakeBuffer);
+  nbd::HandshakeLimits limits;
+  c.hs = std::make_unique<nbd::Handshake>(shared_.registry, limits);
+  c.handshake_deadline =
+      Clock::now() + seconds(shared_.opts.handshake_timeout);
+  spdlog::debug("conn {}: accepted from {} on loop {}", c.id, c.peer, index_);
+  OutMsg m;
+  m.extra = std::move(c.hs->out());
+  c.hs->out().clear();
+  queue(c, std::move(m));
+}
+
+Connection& Loop::new_connection(int fd) {
   uint32_t slot;
   if (!free_conns_.empty()) {
     slot = free_conns_.back();
@@ -325,24 +369,47 @@ void Loop::start_connection(int fd) {
   uint32_t gen = conns_[slot] ? conns_[slot]->gen + 1 : 1;
   conns_[slot] = std::make_unique<Connection>();
   Connection& c = *conns_[slot];
-  c.id = shared_.next_conn_id++;
   c.fd = fd;
   c.slot = slot;
   c.gen = gen;
-  c.peer = peer_name(fd);
-  c.rbuf.resize(kHandshakeBuffer);
-  nbd::HandshakeLimits limits;
-  c.hs = std::make_unique<nbd::Handshake>(shared_.registry, limits);
-  c.handshake_deadline =
-      Clock::now() + seconds(shared_.opts.handshake_timeout);
+  c.last_recv = Clock::now();
   ++live_conns_;
-  spdlog::debug("conn {}: accepted from {} on loop {}", c.id, c.peer, index_);
-  OutMsg m;
-  m.extra = std::move(c.hs->out());
-  c.hs->out().clear();
-  queue(c, std::move(m));
+  return c;
 }
 
+// Moves a connection whose handshake just ended to the loop that owns its
+// node view. Nothing of it is in flight here: no recv, send or request.
+void Loop::hand_off(Connection& c) {
+  if (shared_.stopping) return close_connection(c, "server shutting down", false);
+  Handoff h;
+  h.fd = c.fd;
+  h.id = c.id;
+  h.peer = c.peer;
+  h.session = std::move(c.session);
+  h.leftover.assign(reinterpret_cast<const char*>(c.unparsed_data()), c.unparsed());
+  Loop* to = shared_.loops[size_t(c.handoff_to)];
+  spdlog::debug("conn {}: handing off to loop {}", c.id, c.handoff_to);
+  c.fd = -1;
+  c.exp = nullptr;
+  c.phase = Connection::Phase::kClosing;
+  free_conns_.push_back(c.slot);
+  --live_conns_;
+  to->adopt(std::move(h));
+}
+
+void Loop::start_adopted(Handoff&& h) {
+  Connection& c = new_connection(h.fd);
+  c.id = h.id;
+  c.peer = std::move(h.peer);
+  c.session = std::move(h.session);
+  c.exp = &exports::Registry::served(*c.session.exp);
+  c.phase = Connection::Phase::kTransmission;
+  c.rbuf.resize(std::max(kTransmissionBuffer, h.leftover.size()));
+  memcpy(c.rbuf.data(), h.leftover.data(), h.leftover.size());
+  c.rlen = h.leftover.size();
+  attach_view(c);
+  queue(c, OutMsg());
+}
 bool Loop::quiescent(const Connection& c) const {
   return c.inflight == 0 && c.out.empty() && !c.send_pending;
 }
@@ -432,6 +499,16 @@ void Loop::on_handshake_input(Connection& c) {
       spdlog::info("conn {}: {} attached export '{}'{}{}", c.id, c.peer, c.exp->name,
                    c.session.structured ? " with structured replies" : "",
                    c.session.extended ? " and extended headers" : "");
+      if (c.exp->view && c.exp->view->overlay().writable()) {
+        int owner = -1;
+        c.exp->view->owner.compare_exchange_strong(owner, int(index_));
+        owner = c.exp->view->owner;
+        if (owner == int(index_)) {
+          attach_view(c);
+        } else {
+          c.handoff_to = owner;
+        }
+      }
       break;
     case nbd::Handshake::Status::kClosed:
       if (c.hs->aborted()) {
@@ -530,15 +607,7 @@ void Loop::handle_request(Connection& c, const nbd::Request& req) {
     c.disconnect = true;
     return;
   }
-  // Serve page-cached reads from the mapping, but only a bounded amount per
-  // connection: the pages must still be resident when the send happens.
-  const storage::ImageFile& file = *c.exp->file;
-  if (req.type == nbd::kCmdRead && c.out.mapped_bytes() + req.length <= kMaxMappedQueued &&
-      file.resident(req.offset, req.length, &residency_)) {
-    uint32_t op = new_op(c, req);
-    ops_[op].mapped = file.mapping() + req.offset;
-    return finish(op, nbd::kOk, {});
-  }
+  if (req.type == nbd::kCmdRead && try_mapped_read(c, req)) return;
   io::Buffer buf;
   if ((req.type == nbd::kCmdRead || req.type == nbd::kCmdWrite) && req.length > 0) {
     buf = pool_.get(req.length);
@@ -556,6 +625,27 @@ void Loop::handle_request(Connection& c, const nbd::Request& req) {
     return;
   }
   execute(op);
+}
+
+// Serves a page-cached read from a file mapping, but only a bounded amount
+// per connection: the pages must still be resident when the send happens.
+bool Loop::try_mapped_read(Connection& c, const nbd::Request& req) {
+  if (c.out.mapped_bytes() + req.length > kMaxMappedQueued || req.length == 0) return false;
+  const uint8_t* map = nullptr;
+  if (c.exp->file) {
+    map = c.exp->file->mapping();
+  } else {
+    const storage::NodeView& v = *c.exp->view;
+    v.overlay().plan_read(req.offset, req.length, &pieces_);
+    if (pieces_.size() != 1) return false;
+    if (pieces_[0].from == storage::kFromDiff) map = v.diff_mapping();
+    if (pieces_[0].from == int(v.generation().deltas())) map = v.generation().full()->mapping();
+  }
+  if (!storage::pages_resident(map, req.offset, req.length, &residency_)) return false;
+  uint32_t op = new_op(c, req);
+  ops_[op].mapped = map + req.offset;
+  finish(op, nbd::kOk, {});
+  return true;
 }
 
 // Answers a request that will not execute, after skipping its payload.
@@ -600,6 +690,12 @@ void Loop::flush_sends() {
       c.send_queued = false;
       if (c.phase == Connection::Phase::kClosing) {
         maybe_free(c);
+        continue;
+      }
+      if (c.handoff_to >= 0) {
+        if (!c.out.empty() && !c.send_pending) post_send(c);
+        if (!c.send_pending && !c.recv_pending && c.out.empty()) hand_off(c);
+        if (c.phase == Connection::Phase::kClosing && c.fd >= 0) maybe_free(c);
         continue;
       }
       if (c.phase == Connection::Phase::kTransmission) process_requests(c);
@@ -668,6 +764,9 @@ void Loop::maybe_free(Connection& c) {
     c.payload_op = kNone;
   }
   if (c.inflight) return;
+  if (c.view_attached) detach_view(c);
+  c.session = nbd::Session();
+  c.exp = nullptr;
   ::close(c.fd);
   c.fd = -1;
   free_conns_.push_back(c.slot);
@@ -694,6 +793,8 @@ uint32_t Loop::new_op(Connection& c, const nbd::Request& req) {
   o.mapped = nullptr;
   o.done = 0;
   o.stage = 0;
+  o.pending = 0;
+  o.err = 0;
   ++c.inflight;
   return op;
 }
@@ -702,6 +803,9 @@ void Loop::release_op(uint32_t op) {
   Op& o = ops_[op];
   o.used = false;
   o.buf.release();
+  o.wbuf.release();
+  o.wbuf2.release();
+  o.plan.reset();
   free_ops_.push_back(op);
   --conns_[o.conn]->inflight;
 }
@@ -709,6 +813,7 @@ void Loop::release_op(uint32_t op) {
 void Loop::execute(uint32_t op) {
   Op& o = ops_[op];
   Connection& c = *conns_[o.conn];
+  if (c.exp->view) return execute_view(op);
   storage::ImageFile& f = *c.exp->file;
   const nbd::Request& r = o.req;
   const bool mutates = r.type == nbd::kCmdWrite || r.type == nbd::kCmdTrim ||
@@ -905,8 +1010,11 @@ void Loop::reply_block_status(uint32_t op) {
   const auto& contexts = c.session.contexts;
   for (size_t i = 0; i < contexts.size(); ++i) {
     std::vector<nbd::Extent> ext;
-    if (contexts[i].name == nbd::kContextBaseAllocation)
+    if (c.exp->view) {
+      ext = view_extents(*c.exp->view, contexts[i].name, o.req.offset, o.req.length, max);
+    } else if (contexts[i].name == nbd::kContextBaseAllocation) {
       ext = c.exp->file->allocation(o.req.offset, o.req.length, max);
+    }
     OutMsg m;
     m.extra = nbd::encode_block_status(c.session, o.req, contexts[i].id, ext,
                                        i + 1 == contexts.size());

@@ -14,7 +14,9 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "exports/registry.hpp"
@@ -26,6 +28,10 @@
 
 namespace server {
 
+class Loop;
+inline constexpr size_t kMaxMappedQueued = 8 << 20;  // mapped reply bytes waiting to be sent
+inline constexpr size_t kMaxExtents = 16384;
+
 // State shared by every loop. Immutable while loops run, except the atomics.
 struct Shared {
   const ServerOptions& opts;
@@ -35,6 +41,7 @@ struct Shared {
   std::atomic<uint64_t> next_conn_id{1};
   std::atomic<bool> stopping{false};
   std::atomic<bool> failed{false};  // a loop died; the server exits non-zero
+  std::vector<Loop*> loops;         // set before any loop runs
 };
 
 class Loop {
@@ -50,6 +57,8 @@ class Loop {
   void run();
   // Asks the loop to notice Shared::stopping. Any thread.
   void wake();
+  // Takes over a connection handed off by another loop. Any thread.
+  void adopt(Handoff&& h);
 
  private:
   void fail(const std::string& why);
@@ -70,6 +79,10 @@ class Loop {
   // Connections.
   Connection* conn_at(uint32_t slot, uint32_t gen);
   void start_connection(int fd);
+  Connection& new_connection(int fd);  // a slot for a new socket
+  void hand_off(Connection& c);
+  void start_adopted(Handoff&& h);
+  bool mailbox_empty();
   void post_recv(Connection& c);
   void on_recv(Connection& c, int res);
   void on_handshake_input(Connection& c);
@@ -93,6 +106,49 @@ class Loop {
   void on_file(uint32_t op, int res);
   void finish(uint32_t op, nbd::Error err, const std::string& why);
   void reply_block_status(uint32_t op);
+  bool try_mapped_read(Connection& c, const nbd::Request& req);
+
+  // Node views (view_ops.cpp). A writable view is served by one loop, its
+  // owner: every connection of the node is handed off to it after the
+  // handshake, so the view's map, locks and flushes need no locking.
+  struct Sub {  // one file operation of a view request
+    uint32_t op = 0, gen = 0;
+    bool used = false;
+    uint8_t kind = 0;
+    int fd = -1;
+    uint8_t* buf = nullptr;
+    uint64_t off = 0, len = 0, done = 0;
+  };
+  struct ViewState {  // a writable view attached on this loop
+    std::shared_ptr<storage::NodeView> view;
+    unsigned conns = 0;
+    bool in_flight = false;  // a flush is running
+    unsigned step = 0;
+    std::vector<uint32_t> running, waiting;  // FLUSH/FUA requests, as in Flusher
+    bool has_snap = false;
+    storage::NodeView::Snapshot snap;
+  };
+  void attach_view(Connection& c);
+  void detach_view(Connection& c);
+  uint32_t view_slot(storage::NodeView* v);
+  void execute_view(uint32_t op);
+  void view_read(uint32_t op);
+  void view_mutate(uint32_t op);
+  void view_locked(uint32_t op);
+  void view_write(uint32_t op);
+  void view_committed(uint32_t op);
+  void view_step(uint32_t op);
+  bool fill(uint32_t op, const std::vector<storage::Piece>& pieces, uint64_t start, uint8_t* buf);
+  void add_sub(uint32_t op, uint8_t kind, int fd, uint8_t* buf, uint64_t off, uint64_t len);
+  void submit_sub(uint32_t s);
+  void on_sub(uint32_t s, int res);
+  void view_flush(uint32_t slot, uint32_t op);
+  void start_view_flush(uint32_t slot);
+  void submit_view_flush(uint32_t slot);
+  void on_view_flush(uint32_t slot, unsigned step, int res);
+  void view_flush_done(uint32_t slot, int err);
+  std::vector<nbd::Extent> view_extents(const storage::NodeView& v, std::string_view context,
+                                        uint64_t off, uint64_t len, size_t max);
   bool backpressured(const Connection& c) const;
   // FLUSH and the fdatasync after FUA trims and zeroes: at most one
   // fdatasync per export is in flight on a loop; requests that arrive while
@@ -129,6 +185,14 @@ class Loop {
   std::vector<unsigned char> residency_;  // scratch for ImageFile::resident
   std::vector<Flusher> flushers_;         // by export index
   unsigned file_ops_ = 0;                 // file operations in flight
+  std::vector<storage::Piece> pieces_;    // scratch for read plans
+  std::vector<Sub> subs_;
+  std::vector<uint32_t> free_subs_;
+  std::vector<ViewState> views_;
+  std::vector<uint32_t> free_views_;
+  std::unordered_map<storage::NodeView*, uint32_t> view_slots_;
+  std::mutex mailbox_mu_;
+  std::vector<Handoff> mailbox_;  // guarded by mailbox_mu_
   // Declared last so that it is destroyed first: the kernel must be done
   // with every buffer above before they are freed.
   io::Ring ring_;

@@ -52,6 +52,19 @@ int run_server(const ServerOptions& opts) {
     spdlog::info("export '{}': {} ({} bytes, {})", spec.name, spec.path, info->size,
                  spec.read_only ? "read-only" : "writable");
   }
+  registry.set_max_block(opts.max_block);
+  if (!opts.store.empty()) {
+    auto store = std::make_shared<exports::Store>(opts.store, opts.store_opts);
+    std::string err;
+    if (!store->check(&err)) {
+      spdlog::error("{}", err);
+      return 1;
+    }
+    registry.set_store(store);
+    spdlog::info("store {}: exports IMAGE, IMAGE@GEN and IMAGE/NODE (nodes: {}, new nodes {})",
+                 opts.store, opts.store_opts.nodes == exports::NodePolicy::kAuto ? "auto" : "registered",
+                 storage::mode_name(opts.store_opts.mode));
+  }
   if (!opts.default_export.empty()) {
     std::string err;
     if (!registry.set_default(opts.default_export, &err)) {
@@ -88,6 +101,7 @@ int run_server(const ServerOptions& opts) {
       return 1;
     }
   }
+  for (auto& l : loops) shared.loops.push_back(l.get());
   std::vector<std::thread> threads;
   for (auto& l : loops) threads.emplace_back([&l] { l->run(); });
 
@@ -100,7 +114,8 @@ int run_server(const ServerOptions& opts) {
     int sig = 0;
     sigwait(&sigs, &sig);
     if (sig == SIGHUP) {
-      spdlog::info("SIGHUP: nothing to reload yet; exports are fixed at start");
+      spdlog::info("SIGHUP: nothing to reload: --export entries are fixed at start, and the "
+                   "store's current generations are read at each attach");
       continue;
     }
     if (!shared.failed)

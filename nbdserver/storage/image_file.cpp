@@ -72,12 +72,18 @@ void ImageFile::map_file() {
 }
 
 bool ImageFile::resident(uint64_t off, uint64_t len, std::vector<unsigned char>* scratch) const {
+  return pages_resident(mapping_, off, len, scratch);
+}
+
+bool pages_resident(const uint8_t* map, uint64_t off, uint64_t len,
+                    std::vector<unsigned char>* scratch) {
   static const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
-  if (!mapping_ || len == 0) return false;
+  if (!map || len == 0) return false;
   const uint64_t start = off & ~(page - 1);
   const uint64_t pages = (off + len - start + page - 1) / page;
   scratch->resize(pages);
-  if (mincore(mapping_ + start, off + len - start, scratch->data()) != 0) return false;
+  if (mincore(const_cast<uint8_t*>(map) + start, off + len - start, scratch->data()) != 0)
+    return false;
   for (unsigned char v : *scratch)
     if (!(v & 1)) return false;
   return true;

@@ -32,6 +32,11 @@
 
 namespace storage {
 
+// True when every page of [off, off + len) of the mapping at `map` is in
+// the page cache now. `scratch` is caller-owned space for mincore().
+bool pages_resident(const uint8_t* map, uint64_t off, uint64_t len,
+                    std::vector<unsigned char>* scratch);
+
 class ImageFile {
  public:
   // Opens `path` read-only or read-write. On failure returns nullptr and sets

@@ -1,0 +1,303 @@
+#include "exports/store.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+namespace exports {
+namespace {
+
+using storage::valid_store_name;
+
+bool write_file_atomic(const std::string& path, const std::string& text, std::string* err) {
+  const std::string tmp = path + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == ssize_t(text.size()) &&
+            fsync(fd) == 0;
+  int e = errno;
+  if (fd >= 0) ::close(fd);
+  if (ok && rename(tmp.c_str(), path.c_str()) != 0) {
+    ok = false;
+    e = errno;
+  }
+  if (!ok) {
+    unlink(tmp.c_str());
+    *err = path + ": cannot write: " + strerror(e);
+  }
+  return ok;
+}
+
+bool make_dir(const std::string& path, std::string* err) {
+  if (mkdir(path.c_str(), 0750) == 0 || errno == EEXIST) return true;
+  *err = path + ": cannot create: " + strerror(errno);
+  return false;
+}
+
+}  // namespace
+
+std::string now_iso8601() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+bool parse_store_name(const std::string& name, StoreName* out) {
+  StoreName n;
+  std::string rest = name;
+  if (size_t slash = rest.find('/'); slash != std::string::npos) {
+    n.node = rest.substr(slash + 1);
+    rest.resize(slash);
+    if (!valid_store_name(n.node)) return false;
+  }
+  if (size_t at = rest.find('@'); at != std::string::npos) {
+    n.generation = rest.substr(at + 1);
+    rest.resize(at);
+    if (!valid_store_name(n.generation) || !n.node.empty()) return false;
+  }
+  n.image = rest;
+  if (!valid_store_name(n.image)) return false;
+  *out = n;
+  return true;
+}
+
+bool Store::check(std::string* err) const {
+  struct stat st;
+  if (stat(root_.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    *err = "store " + root_ + ": " + (errno ? strerror(errno) : "not a directory");
+    return false;
+  }
+  return make_dir(root_ + "/images", err) && make_dir(root_ + "/nodes", err);
+}
+
+std::shared_ptr<storage::Generation> Store::generation(const std::string& image,
+                                                       const std::string& gen_name,
+                                                       std::string* err) {
+  std::string gen = gen_name;
+  if (gen.empty()) {
+    gen = storage::current_generation(root_, image, err);
+    if (gen.empty()) return nullptr;
+  }
+  const std::string key = image + "@" + gen;
+  std::lock_guard<std::mutex> g(mu_);
+  if (auto p = gens_[key].lock()) return p;
+  auto p = storage::Generation::open(root_, image, gen, err);
+  if (p) gens_[key] = p;
+  return p;
+}
+
+int Store::lock_node(const std::string& node, bool wait, std::string* err) const {
+  const std::string path = node_dir(node) + "/lock";
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+  if (fd < 0) {
+    *err = path + ": " + strerror(errno);
+    return -1;
+  }
+  // Our own views release the lock in their destructor, which may be
+  // running on another thread right now: wait for it briefly.
+  for (int i = 0; flock(fd, LOCK_EX | LOCK_NB) != 0; ++i) {
+    if (errno != EWOULDBLOCK || !wait || i == 2000) {
+      *err = errno == EWOULDBLOCK ? "node '" + node + "' is in use (attached to a server)"
+                                  : path + ": " + strerror(errno);
+      ::close(fd);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return fd;
+}
+
+std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const std::string& node,
+                                               std::string* err) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (auto v = views_[node].lock()) {
+    if (v->generation().image() != image) {
+      *err = "node '" + node + "' belongs to image '" + v->generation().image() + "'";
+      return nullptr;
+    }
+    return v;
+  }
+  NodeRecord rec;
+  if (access((node_dir(node) + "/node.json").c_str(), F_OK) != 0) {
+    if (opts_.nodes == NodePolicy::kRegistered) {
+      *err = "node '" + node + "' is not registered (the server runs with --nodes registered)";
+      return nullptr;
+    }
+    mu_.unlock();
+    bool ok = create_node(node, image, "", opts_.mode, opts_.block_size, err);
+    mu_.lock();
+    if (!ok && access((node_dir(node) + "/node.json").c_str(), F_OK) != 0) return nullptr;
+  }
+  if (!read_node(node, &rec, err)) return nullptr;
+  if (rec.image != image) {
+    *err = "node '" + node + "' belongs to image '" + rec.image + "', not '" + image + "'";
+    return nullptr;
+  }
+  int lock = lock_node(node, true, err);
+  if (lock < 0) return nullptr;
+  mu_.unlock();
+  auto gen = generation(image, rec.generation, err);
+  mu_.lock();
+  if (!gen) {
+    ::close(lock);
+    *err = "node '" + node + "': " + *err;
+    return nullptr;
+  }
+  std::shared_ptr<storage::NodeView> v = storage::NodeView::open(
+      node, layer_prefix(rec), gen, rec.block_size, rec.mode, lock, err);
+  if (!v) return nullptr;
+  views_[node] = v;
+  rec.last_seen = now_iso8601();
+  std::string ignored;
+  write_node(rec, &ignored);
+  return v;
+}
+
+void Store::attached(const std::string& node, int delta) {
+  NodeRecord rec;
+  std::string err;
+  std::lock_guard<std::mutex> g(mu_);
+  if (!read_node(node, &rec, &err)) return;
+  rec.connections = unsigned(std::max(0, int(rec.connections) + delta));
+  rec.last_seen = now_iso8601();
+  if (!write_node(rec, &err)) spdlog::warn("{}", err);
+}
+
+bool Store::read_node(const std::string& node, NodeRecord* r, std::string* err) const {
+  const std::string path = node_dir(node) + "/node.json";
+  std::ifstream in(path);
+  if (!in) {
+    *err = errno == ENOENT ? "node '" + node + "' does not exist" : path + ": " + strerror(errno);
+    return false;
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, false);
+  auto str = [&](const char* k) {
+    return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : std::string();
+  };
+  if (j.is_discarded() || !j.is_object()) {
+    *err = path + ": not valid JSON";
+    return false;
+  }
+  r->node = node;
+  r->image = str("image");
+  r->generation = str("generation");
+  r->created = str("created");
+  r->last_seen = str("last_seen");
+  r->block_size = j.value("block_size", 4096u);
+  r->connections = j.value("connections", 0u);
+  if (!valid_store_name(r->image) || !valid_store_name(r->generation) ||
+      !storage::parse_mode(str("mode"), &r->mode) || r->block_size < 512 ||
+      (r->block_size & (r->block_size - 1))) {
+    *err = path + ": missing or bad image, generation, mode or block_size";
+    return false;
+  }
+  return true;
+}
+
+bool Store::write_node(const NodeRecord& r, std::string* err) const {
+  nlohmann::json j = {{"image", r.image},         {"generation", r.generation},
+                      {"mode", storage::mode_name(r.mode)}, {"block_size", r.block_size},
+                      {"created", r.created},     {"last_seen", r.last_seen},
+                      {"connections", r.connections}};
+  return write_file_atomic(node_dir(r.node) + "/node.json", j.dump(2) + "\n", err);
+}
+
+std::vector<std::string> Store::nodes() const {
+  std::vector<std::string> out;
+  DIR* d = opendir((root_ + "/nodes").c_str());
+  if (!d) return out;
+  while (dirent* e = readdir(d))
+    if (valid_store_name(e->d_name)) out.push_back(e->d_name);
+  closedir(d);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+bool Store::create_node(const std::string& node, const std::string& image,
+                        const std::string& gen_name, storage::NodeMode mode, uint32_t block_size,
+                        std::string* err) {
+  if (!valid_store_name(node) || !valid_store_name(image)) {
+    *err = "bad node or image name (use letters, digits, '.', '_' and '-')";
+    return false;
+  }
+  std::string gen = gen_name;
+  if (gen.empty() || gen == "current") {
+    gen = storage::current_generation(root_, image, err);
+    if (gen.empty()) return false;
+  }
+  if (!storage::Generation::open(root_, image, gen, err)) return false;
+  if (!make_dir(root_ + "/nodes", err)) return false;
+  if (mkdir(node_dir(node).c_str(), 0750) != 0) {
+    *err = errno == EEXIST ? "node '" + node + "' already exists"
+                           : node_dir(node) + ": " + strerror(errno);
+    return false;
+  }
+  NodeRecord r{node, image, gen, mode, block_size, now_iso8601(), "", 0};
+  return write_node(r, err);
+}
+
+bool Store::reset_node(const std::string& node, const std::string& gen, std::string* err) {
+  NodeRecord r;
+  if (!read_node(node, &r, err)) return false;
+  int lock = lock_node(node, false, err);
+  if (lock < 0) return false;
+  const std::string old = layer_prefix(r);
+  if (!gen.empty()) {
+    std::string g = gen == "current" ? storage::current_generation(root_, r.image, err) : gen;
+    if (g.empty() || !storage::Generation::open(root_, r.image, g, err)) {
+      ::close(lock);
+      return false;
+    }
+    r.generation = g;
+  }
+  // The node starts afresh at its next attach: the layer files go first,
+  // then the record names the (possibly new) generation.
+  bool ok = true;
+  for (const char* ext : {".bitmap", ".diff"}) {
+    if (unlink((old + ext).c_str()) != 0 && errno != ENOENT) {
+      *err = old + ext + ": " + strerror(errno);
+      ok = false;
+    }
+  }
+  ok = ok && write_node(r, err);
+  ::close(lock);
+  return ok;
+}
+
+bool Store::delete_node(const std::string& node, std::string* err) {
+  NodeRecord r;
+  if (!read_node(node, &r, err)) return false;
+  int lock = lock_node(node, false, err);
+  if (lock < 0) return false;
+  const std::string dir = node_dir(node);
+  DIR* d = opendir(dir.c_str());
+  bool ok = d != nullptr;
+  while (d && ok) {
+    dirent* e = readdir(d);
+    if (!e) break;
+    std::string n = e->d_name;
+    if (n == "." || n == "..") continue;
+    if (unlink((dir + "/" + n).c_str()) != 0) ok = false;
+  }
+  if (d) closedir(d);
+  ok = ok && rmdir(dir.c_str()) == 0;
+  if (!ok) *err = dir + ": cannot remove: " + strerror(errno);
+  ::close(lock);
+  return ok;
+}
+
+}  // namespace exports

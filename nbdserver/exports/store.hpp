@@ -1,0 +1,104 @@
+// The store (--store DIR): images, their generations and the nodes' views.
+//
+//   images/<image>/generations/<gen>/...    written by imagebuilder
+//   images/<image>/current -> generations/<gen>
+//   nodes/<node>/node.json                  image, pinned generation, mode, block size,
+//                                           created, last seen, connections
+//   nodes/<node>/<image>.<gen>.diff/.bitmap the node's layer (layer_file.hpp)
+//   nodes/<node>/lock                       flock()ed while a server has the view open,
+//                                           and by admin commands that change the node
+//
+// Export names: "<image>" is the current generation, read-only;
+// "<image>@<gen>" a given generation, read-only; "<image>/<node>" the
+// node's view. `current` is read at each lookup, so a newly published
+// generation is picked up without a restart; nodes keep the generation they
+// were created on (node.json) until an admin resets them onto another.
+//
+// Threads: any loop may call the lookups; a mutex guards the caches. Node
+// records are changed by this process under the node's flock, so admin
+// commands (another process) and the server never change a node at once.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "storage/generation.hpp"
+#include "storage/node_view.hpp"
+
+namespace exports {
+
+enum class NodePolicy { kAuto, kRegistered };
+
+struct StoreOptions {
+  NodePolicy nodes = NodePolicy::kAuto;
+  storage::NodeMode mode = storage::NodeMode::kPersistent;  // for nodes created on attach
+  uint32_t block_size = 4096;                                // for nodes created on attach
+};
+
+// A node's record, node.json.
+struct NodeRecord {
+  std::string node, image, generation;
+  storage::NodeMode mode = storage::NodeMode::kPersistent;
+  uint32_t block_size = 4096;
+  std::string created, last_seen;
+  unsigned connections = 0;
+};
+
+// What an export name asks for.
+struct StoreName {
+  std::string image, generation, node;  // generation "" = current; node "" = no view
+};
+// Parses an export name; false when it is not a store name.
+bool parse_store_name(const std::string& name, StoreName* out);
+
+class Store {
+ public:
+  Store(std::string root, StoreOptions opts) : root_(std::move(root)), opts_(opts) {}
+  const std::string& root() const { return root_; }
+  const StoreOptions& options() const { return opts_; }
+  // Checks that the store directory exists and is usable.
+  bool check(std::string* err) const;
+
+  // A generation, opened once and shared while anyone uses it.
+  std::shared_ptr<storage::Generation> generation(const std::string& image, const std::string& gen,
+                                                  std::string* err);
+  // The node's view, opened on first use (creating the node under
+  // --nodes auto) and shared by all its connections until the last one goes.
+  std::shared_ptr<storage::NodeView> view(const std::string& image, const std::string& node,
+                                          std::string* err);
+  // Connection counts, recorded in node.json for admins.
+  void attached(const std::string& node, int delta);
+
+  // Node records and admin operations (also used by `nbdserver admin`).
+  std::string node_dir(const std::string& node) const { return root_ + "/nodes/" + node; }
+  std::string layer_prefix(const NodeRecord& r) const {
+    return node_dir(r.node) + "/" + r.image + "." + r.generation;
+  }
+  bool read_node(const std::string& node, NodeRecord* r, std::string* err) const;
+  bool write_node(const NodeRecord& r, std::string* err) const;
+  std::vector<std::string> nodes() const;
+  // Creates a node pinned to `gen` ("" = current). Fails if it exists.
+  bool create_node(const std::string& node, const std::string& image, const std::string& gen,
+                   storage::NodeMode mode, uint32_t block_size, std::string* err);
+  // Drops a node's changes, optionally moving it to generation `gen`
+  // ("" = keep; "current" = the current one). Refused while attached.
+  bool reset_node(const std::string& node, const std::string& gen, std::string* err);
+  bool delete_node(const std::string& node, std::string* err);
+  // Takes the node's lock without waiting; -1 and *err when a server holds it.
+  int lock_node(const std::string& node, bool wait, std::string* err) const;
+
+ private:
+  std::string root_;
+  StoreOptions opts_;
+  std::mutex mu_;
+  std::map<std::string, std::weak_ptr<storage::Generation>> gens_;  // "image@gen"
+  std::map<std::string, std::weak_ptr<storage::NodeView>> views_;   // node
+};
+
+std::string now_iso8601();
+
+}  // namespace exports

@@ -1,0 +1,406 @@
+// Requests on node views: reads split by source, mutations under block
+// locks with copy-up, and flushes that make diff and map durable.
+//
+// A view request runs as one Op with sub-operations (Sub), each one file
+// operation tagged Kind::kSub. Op::pending counts the subs in flight, and
+// view_step() moves the request on when it reaches zero.
+//
+// Mutation stages (Op::stage): 0 new, 1 waiting for its block lock, 2
+// filling partial blocks from below (copy-up), 3 writing the diff and
+// punching zeroed blocks, 4 waiting for the flush a FUA asked for.
+//
+// View flush steps (ViewState::step): 1 fdatasync of the diff, 2 writing the
+// map snapshot taken before step 1, 3 fdatasync of the bitmap file.
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <spdlog/spdlog.h>
+
+#include <cassert>
+#include <cstring>
+
+#include "server/loop.hpp"
+
+namespace server {
+namespace {
+
+enum SubKind : uint8_t { kSubRead, kSubWrite, kSubPunch };
+
+uint64_t lock_owner(uint32_t op, uint32_t gen) { return uint64_t(gen) << 32 | op; }
+
+std::string errno_text(int err) { return strerror(err); }
+
+}  // namespace
+
+// ---------------------------------------------------------------- attach
+
+uint32_t Loop::view_slot(storage::NodeView* v) {
+  auto it = view_slots_.find(v);
+  if (it != view_slots_.end()) return it->second;
+  uint32_t slot;
+  if (!free_views_.empty()) {
+    slot = free_views_.back();
+    free_views_.pop_back();
+  } else {
+    slot = uint32_t(views_.size());
+    views_.emplace_back();
+  }
+  view_slots_[v] = slot;
+  return slot;
+}
+
+void Loop::attach_view(Connection& c) {
+  storage::NodeView* v = c.exp->view.get();
+  ViewState& vs = views_[view_slot(v)];
+  if (!vs.view) vs.view = c.exp->view;
+  ++vs.conns;
+  c.view_attached = true;
+  c.exp->store->attached(v->node(), +1);
+}
+
+// The node's last connection on this loop going away: flush, then let go
+// of the view (see on_view_flush).
+void Loop::detach_view(Connection& c) {
+  storage::NodeView* v = c.exp->view.get();
+  const uint32_t slot = view_slot(v);
+  c.view_attached = false;
+  c.exp->store->attached(v->node(), -1);
+  if (--views_[slot].conns == 0) view_flush(slot, kNone);
+}
+
+// ---------------------------------------------------------------- requests
+
+void Loop::execute_view(uint32_t op) {
+  Op& o = ops_[op];
+  Connection& c = *conns_[o.conn];
+  storage::NodeView& v = *c.exp->view;
+  const nbd::Request& r = o.req;
+  const bool mutates = r.type == nbd::kCmdWrite || r.type == nbd::kCmdTrim ||
+                       r.type == nbd::kCmdWriteZeroes || r.type == nbd::kCmdFlush;
+  if (mutates && v.sticky_error())
+    return finish(op, nbd::kEIO, "node '" + v.node() + "' had an I/O error (" +
+                                     errno_text(v.sticky_error()) +
+                                     "); it refuses writes until an admin resets it");
+  switch (r.type) {
+    case nbd::kCmdRead:
+      if (r.length == 0) return finish(op, nbd::kOk, {});
+      return view_read(op);
+    case nbd::kCmdWrite:
+    case nbd::kCmdTrim:
+    case nbd::kCmdWriteZeroes:
+      if (r.length == 0) return finish(op, nbd::kOk, {});
+      return view_mutate(op);
+    case nbd::kCmdFlush:
+      if (!v.overlay().writable()) return finish(op, nbd::kOk, {});
+      o.stage = 4;
+      return view_flush(view_slot(&v), op);
+    case nbd::kCmdCache:
+    case nbd::kCmdBlockStatus:
+      return finish(op, nbd::kOk, {});
+    default:
+      assert(false && "validate() let through an unknown command");
+      return finish(op, nbd::kEINVAL, "unknown command");
+  }
+}
+
+void Loop::view_read(uint32_t op) {
+  Op& o = ops_[op];
+  const storage::NodeView& v = *conns_[o.conn]->exp->view;
+  v.overlay().plan_read(o.req.offset, o.req.length, &pieces_);
+  if (!fill(op, pieces_, o.req.offset, o.buf.data())) return finish(op, nbd::kOk, {});
+}
+
+// Fills `buf` (view bytes from `start`) with `pieces`: zeros in place,
+// page-cached bytes copied from a mapping, the rest as read subs. Returns
+// true when subs were submitted (view_step continues), false when done.
+bool Loop::fill(uint32_t op, const std::vector<storage::Piece>& pieces, uint64_t start,
+                uint8_t* buf) {
+  const storage::NodeView& v = *conns_[ops_[op].conn]->exp->view;
+  const int full = int(v.generation().deltas());
+  for (const storage::Piece& p : pieces) {
+    uint8_t* dst = buf + (p.off - start);
+    if (p.from == storage::kFromZero) {
+      memset(dst, 0, p.len);
+      continue;
+    }
+    const uint8_t* map = p.from == storage::kFromDiff ? v.diff_mapping()
+                         : p.from == full             ? v.generation().full()->mapping()
+                                                      : nullptr;
+    if (storage::pages_resident(map, p.off, p.len, &residency_)) {
+      memcpy(dst, map + p.off, p.len);
+      continue;
+    }
+    add_sub(op, kSubRead, v.fd_for(p.from), dst, p.off, p.len);
+  }
+  return ops_[op].pending > 0;
+}
+
+void Loop::view_mutate(uint32_t op) {
+  Op& o = ops_[op];
+  storage::NodeView& v = *conns_[o.conn]->exp->view;
+  const uint64_t bs = v.overlay().block_size();
+  o.stage = 1;
+  if (v.locks().lock(o.req.offset / bs, (o.req.offset + o.req.length - 1) / bs,
+                     lock_owner(op, o.gen)))
+    view_locked(op);
+}
+
+// Holding the lock: plan, then copy up what partial blocks need.
+void Loop::view_locked(uint32_t op) {
+  Op& o = ops_[op];
+  storage::NodeView& v = *conns_[o.conn]->exp->view;
+  const nbd::Request& r = o.req;
+  auto p = std::make_unique<storage::MutationPlan>(
+      r.type == nbd::kCmdWrite ? v.overlay().plan_write(r.offset, r.length)
+                               : v.overlay().plan_zero(r.offset, r.length,
+                                                       r.type == nbd::kCmdTrim));
+  o.stage = 2;
+  const bool widened = r.type == nbd::kCmdWrite && (p->start != r.offset || p->end != r.offset + r.length);
+  if (r.type != nbd::kCmdWrite || widened) {
+    // Writes that only cover part of a block, and zeroed partial edges,
+    // are assembled in a buffer of their own.
+    for (auto [s, e, b] : {std::tuple{p->start, p->end, &o.wbuf}, {p->start2, p->end2, &o.wbuf2}}) {
+      if (s == e) continue;
+      *b = pool_.get(e - s);
+      if (!*b) {
+        o.err = ENOMEM;
+        o.plan = std::move(p);
+        return view_committed(op);
+      }
+      if (r.type == nbd::kCmdWrite) {
+        memcpy(b->data() + (r.offset - s), o.buf.data(), r.length);
+      } else {
+        memset(b->data(), 0, e - s);
+      }
+    }
+    fill(op, p->fill, p->start, o.wbuf.data());
+    if (p->end2 > p->start2) fill(op, p->fill2, p->start2, o.wbuf2.data());
+  }
+  o.plan = std::move(p);
+  if (o.pending == 0) view_write(op);
+}
+
+void Loop::view_write(uint32_t op) {
+  Op& o = ops_[op];
+  storage::NodeView& v = *conns_[o.conn]->exp->view;
+  const storage::MutationPlan& p = *o.plan;
+  if (o.err) return view_committed(op);
+  o.stage = 3;
+  if (p.end > p.start)
+    add_sub(op, kSubWrite, v.diff_fd(), o.wbuf ? o.wbuf.data() : o.buf.data(), p.start,
+            p.end - p.start);
+  if (p.end2 > p.start2) add_sub(op, kSubWrite, v.diff_fd(), o.wbuf2.data(), p.start2, p.end2 - p.start2);
+  if (p.punch && ring_.features().fallocate) {
+    const uint64_t bs = v.overlay().block_size();
+    add_sub(op, kSubPunch, v.diff_fd(), nullptr, p.zero_first * bs,
+            (p.zero_end - p.zero_first) * bs);
+  }
+  if (o.pending == 0) view_committed(op);
+}
+
+// The diff holds the data (or the mutation failed): update the map, let
+// waiting requests take the lock, and answer.
+void Loop::view_committed(uint32_t op) {
+  Op& o = ops_[op];
+  storage::NodeView& v = *conns_[o.conn]->exp->view;
+  const int err = o.err;
+  if (!err) v.overlay().commit(*o.plan);
+  if (err == EIO) v.set_sticky_error(EIO);
+  for (uint64_t owner : v.locks().unlock(lock_owner(op, o.gen))) {
+    const uint32_t w = uint32_t(owner);
+    assert(ops_[w].used && ops_[w].gen == uint32_t(owner >> 32));
+    view_locked(w);
+  }
+  if (err) {
+    // Blocks not yet marked dirty still read from below; a dirty block may
+    // hold part of the failed write, as with any failed write to a disk.
+    return finish(op, nbd::error_from_errno(err, o.req.flags & nbd::kCmdFlagFastZero),
+                  std::string(nbd::cmd_name(o.req.type)) + " to node '" + v.node() +
+                      "' failed: " + errno_text(err));
+  }
+  if (!(o.req.flags & nbd::kCmdFlagFua)) return finish(op, nbd::kOk, {});
+  o.stage = 4;
+  view_flush(view_slot(&v), op);
+}
+
+void Loop::view_step(uint32_t op) {
+  Op& o = ops_[op];
+  if (o.req.type == nbd::kCmdRead) {
+    if (o.err == EIO) conns_[o.conn]->exp->view->set_sticky_error(EIO);
+    return finish(op, o.err ? nbd::error_from_errno(o.err, false) : nbd::kOk,
+                  o.err ? "read failed: " + errno_text(o.err) : "");
+  }
+  if (o.stage == 2) return view_write(op);
+  assert(o.stage == 3);
+  view_committed(op);
+}
+
+// ---------------------------------------------------------------- subs
+
+void Loop::add_sub(uint32_t op, uint8_t kind, int fd, uint8_t* buf, uint64_t off, uint64_t len) {
+  uint32_t s;
+  if (!free_subs_.empty()) {
+    s = free_subs_.back();
+    free_subs_.pop_back();
+  } else {
+    s = uint32_t(subs_.size());
+    subs_.emplace_back();
+  }
+  Sub& u = subs_[s];
+  u.gen++;
+  u.used = true;
+  u.op = op;
+  u.kind = kind;
+  u.fd = fd;
+  u.buf = buf;
+  u.off = off;
+  u.len = len;
+  u.done = 0;
+  ++ops_[op].pending;
+  submit_sub(s);
+}
+
+void Loop::submit_sub(uint32_t s) {
+  Sub& u = subs_[s];
+  io_uring_sqe* q = file_sqe(io::make_tag(io::Kind::kSub, s, u.gen));
+  const unsigned left = unsigned(u.len - u.done);
+  switch (u.kind) {
+    case kSubRead: io_uring_prep_read(q, u.fd, u.buf + u.done, left, u.off + u.done); break;
+    case kSubWrite: io_uring_prep_write(q, u.fd, u.buf + u.done, left, u.off + u.done); break;
+    default:
+      io_uring_prep_fallocate(q, u.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, u.off, u.len);
+  }
+}
+
+void Loop::on_sub(uint32_t s, int res) {
+  Sub& u = subs_[s];
+  if (res == -EAGAIN || res == -EINTR) return submit_sub(s);
+  Op& o = ops_[u.op];
+  if (u.kind == kSubPunch) {
+    // A diff that cannot punch holes keeps the bytes; the map says zero.
+    if (res < 0 && res != -EOPNOTSUPP && !o.err) o.err = -res;
+  } else if (res > 0) {
+    u.done += uint64_t(res);
+    if (u.done < u.len) return submit_sub(s);
+  } else if (!o.err) {
+    o.err = res == 0 ? EIO : -res;  // the files are never shorter than the view
+  }
+  const uint32_t op = u.op;
+  u.used = false;
+  free_subs_.push_back(s);
+  if (--o.pending == 0) view_step(op);
+}
+
+// ---------------------------------------------------------------- flush
+
+// Queues request `op` (or kNone: a flush at detach) for the view's next
+// flush; starts one if none is running.
+void Loop::view_flush(uint32_t slot, uint32_t op) {
+  ViewState& vs = views_[slot];
+  if (op != kNone) vs.waiting.push_back(op);
+  if (!vs.in_flight) start_view_flush(slot);
+}
+
+void Loop::start_view_flush(uint32_t slot) {
+  ViewState& vs = views_[slot];
+  vs.running.swap(vs.waiting);
+  // Snapshot the map now: every write it names has completed, so the
+  // fdatasync below covers its data.
+  vs.has_snap = vs.view->map_changed();
+  if (vs.has_snap) vs.snap = vs.view->snapshot();
+  vs.in_flight = true;
+  vs.step = 1;
+  submit_view_flush(slot);
+}
+
+void Loop::submit_view_flush(uint32_t slot) {
+  ViewState& vs = views_[slot];
+  io_uring_sqe* q = file_sqe(io::make_tag(io::Kind::kViewFlush, slot, vs.step));
+  switch (vs.step) {
+    case 1: io_uring_prep_fsync(q, vs.view->diff_fd(), IORING_FSYNC_DATASYNC); break;
+    case 2:
+      io_uring_prep_write(q, vs.view->map_fd(), vs.snap.slot.data(), unsigned(vs.snap.slot.size()),
+                          vs.snap.offset);
+      break;
+    default: io_uring_prep_fsync(q, vs.view->map_fd(), IORING_FSYNC_DATASYNC);
+  }
+}
+
+void Loop::on_view_flush(uint32_t slot, unsigned step, int res) {
+  ViewState& vs = views_[slot];
+  assert(vs.in_flight && step == vs.step);
+  if (res == -EAGAIN || res == -EINTR) return submit_view_flush(slot);
+  if (step == 2 && res >= 0 && size_t(res) != vs.snap.slot.size()) res = -EIO;
+  if (res < 0) return view_flush_done(slot, -res);
+  if (step == 1 && !vs.has_snap) return view_flush_done(slot, 0);
+  if (step == 3) {
+    vs.view->persisted(vs.snap);
+    return view_flush_done(slot, 0);
+  }
+  vs.step = step + 1;
+  submit_view_flush(slot);
+}
+
+void Loop::view_flush_done(uint32_t slot, int err) {
+  ViewState& vs = views_[slot];
+  vs.in_flight = false;
+  vs.snap = {};
+  // Errors are sticky, as for files: the kernel reports a writeback error
+  // once, and the pages it could not write may be gone.
+  if (err) {
+    spdlog::error("node '{}': flush failed: {}; the view refuses writes until reset",
+                  vs.view->node(), errno_text(err));
+    vs.view->set_sticky_error(err);
+  }
+  err = vs.view->sticky_error();
+  std::vector<uint32_t> done;
+  done.swap(vs.running);
+  for (uint32_t op : done)
+    finish(op, err ? nbd::kEIO : nbd::kOk, err ? "flush failed: " + errno_text(err) : "");
+  if (!vs.waiting.empty()) return start_view_flush(slot);
+  if (vs.conns == 0) {
+    // Nobody on this loop uses the view any more: let it go. The
+    // destructor has nothing left to write unless a write raced in.
+    view_slots_.erase(vs.view.get());
+    vs.view.reset();
+    free_views_.push_back(slot);
+  }
+}
+
+// ---------------------------------------------------------------- block status
+
+std::vector<nbd::Extent> Loop::view_extents(const storage::NodeView& v, std::string_view context,
+                                            uint64_t off, uint64_t len, size_t max) {
+  std::vector<nbd::Extent> out;
+  auto add = [&](uint64_t n, uint32_t flags) {
+    if (!out.empty() && out.back().flags == flags && out.back().length + n <= UINT32_MAX) {
+      out.back().length += n;
+    } else {
+      out.push_back({n, flags});
+    }
+  };
+  if (context == exports::kContextDirty) {
+    for (auto [n, changed] : v.overlay().changed_runs(off, len, max)) add(n, changed ? 1 : 0);
+    return out;
+  }
+  if (context != nbd::kContextBaseAllocation) return out;
+  // Runs of blocks by source; runs on the full image ask its allocation map.
+  const uint64_t bs = v.overlay().block_size();
+  const int full = int(v.generation().deltas());
+  const uint64_t end = off + len;
+  for (uint64_t pos = off; pos < end && out.size() < max;) {
+    const int from = v.overlay().source(pos / bs);
+    uint64_t next = std::min(end, (pos / bs + 1) * bs);
+    while (next < end && v.overlay().source(next / bs) == from) next = std::min(end, next + bs);
+    if (from == full) {
+      for (const nbd::Extent& e : v.generation().full()->allocation(pos, next - pos, max - out.size()))
+        add(e.length, e.flags);
+    } else {
+      add(next - pos, from == storage::kFromZero ? nbd::kStateHole | nbd::kStateZero : 0);
+    }
+    pos = next;
+  }
+  if (out.size() > max) out.resize(max);
+  return out;
+}
+
+}  // namespace server

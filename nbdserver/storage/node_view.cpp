@@ -1,0 +1,124 @@
+#include "storage/node_view.hpp"
+
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace storage {
+
+const char* mode_name(NodeMode m) {
+  return m == NodeMode::kPersistent ? "persistent" : "ephemeral";
+}
+
+bool parse_mode(const std::string& s, NodeMode* m) {
+  if (s == "persistent") *m = NodeMode::kPersistent;
+  else if (s == "ephemeral") *m = NodeMode::kEphemeral;
+  else return false;
+  return true;
+}
+
+NodeView::NodeView(std::shared_ptr<Generation> gen, LayerId id, BlockMap map, bool writable)
+    : gen_(std::move(gen)),
+      overlay_(id, std::move(map), gen_->stack(), writable) {}
+
+std::unique_ptr<NodeView> NodeView::generation_only(std::shared_ptr<Generation> gen) {
+  LayerId id{gen->block_size(), gen->size(), gen->tag(), 0};
+  return std::unique_ptr<NodeView>(new NodeView(gen, id, BlockMap(), false));
+}
+
+std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::string& prefix,
+                                         std::shared_ptr<Generation> gen, uint32_t block_size,
+                                         NodeMode mode, int lock_fd, std::string* err) {
+  const std::string diff = prefix + ".diff", bitmap = prefix + ".bitmap";
+  if (gen->size() % block_size) {
+    *err = "the image size " + std::to_string(gen->size()) + " is not a multiple of the " +
+           std::to_string(block_size) + "-byte block size";
+    ::close(lock_fd);
+    return nullptr;
+  }
+  LayerId id{block_size, gen->size(), gen->tag(), 0};
+  const bool fresh = mode == NodeMode::kEphemeral || access(diff.c_str(), F_OK) != 0;
+  if (fresh) {
+    if (access(bitmap.c_str(), F_OK) == 0 && mode == NodeMode::kPersistent) {
+      *err = diff + " is missing but its bitmap exists; refusing to start the node afresh";
+      ::close(lock_fd);
+      return nullptr;
+    }
+    id.layer_tag = new_layer_tag();
+    if (!create_layer(diff, bitmap, id, err)) {
+      ::close(lock_fd);
+      return nullptr;
+    }
+  }
+  int dfd = ::open(diff.c_str(), O_RDWR | O_CLOEXEC);
+  int mfd = ::open(bitmap.c_str(), O_RDWR | O_CLOEXEC);
+  if (dfd < 0 || mfd < 0) {
+    *err = (dfd < 0 ? diff : bitmap) + ": cannot open: " + strerror(errno);
+    if (dfd >= 0) ::close(dfd);
+    if (mfd >= 0) ::close(mfd);
+    ::close(lock_fd);
+    return nullptr;
+  }
+  BlockMap map;
+  LayerId found;
+  bool ok = load_map(mfd, id, &map, &found, err);
+  if (ok) {
+    id.layer_tag = found.layer_tag;
+    ok = load_layer(dfd, mfd, id, &map, err);
+  }
+  if (!ok) {
+    *err = prefix + ": " + *err;
+    ::close(dfd);
+    ::close(mfd);
+    ::close(lock_fd);
+    return nullptr;
+  }
+  std::unique_ptr<NodeView> v(new NodeView(gen, id, std::move(map), true));
+  v->node_ = node;
+  v->mode_ = mode;
+  v->diff_fd_ = dfd;
+  v->map_fd_ = mfd;
+  v->lock_fd_ = lock_fd;
+  v->persisted_seq_ = v->overlay_.map().seq;
+  v->map_diff();
+  return v;
+}
+
+void NodeView::map_diff() {
+  void* p = mmap(nullptr, overlay_.id().size, PROT_READ, MAP_SHARED, diff_fd_, 0);
+  if (p != MAP_FAILED) diff_map_ = static_cast<uint8_t*>(p);
+}
+
+NodeView::~NodeView() {
+  if (diff_fd_ >= 0 && !sticky_ && map_changed()) {
+    Snapshot s = snapshot();
+    bool ok = fdatasync(diff_fd_) == 0 && pwrite(map_fd_, s.slot.data(), s.slot.size(),
+                                                 off_t(s.offset)) == ssize_t(s.slot.size()) &&
+              fdatasync(map_fd_) == 0;
+    if (!ok) spdlog::error("node '{}': cannot save its block map at detach: {}", node_, strerror(errno));
+  }
+  if (diff_map_) munmap(diff_map_, overlay_.id().size);
+  for (int fd : {diff_fd_, map_fd_, lock_fd_})
+    if (fd >= 0) ::close(fd);
+}
+
+NodeView::Snapshot NodeView::snapshot() const {
+  Snapshot s;
+  s.seq = persisted_seq_ + 1;
+  s.version = overlay_.version();
+  s.slot = encode_map_slot(overlay_.id(), s.seq, overlay_.map().dirty, overlay_.map().zero);
+  s.offset = (s.seq % 2) * slot_stride(overlay_.id().blocks());
+  return s;
+}
+
+void NodeView::persisted(const Snapshot& s) {
+  persisted_seq_ = s.seq;
+  if (s.version > persisted_version_) persisted_version_ = s.version;
+}
+
+}  // namespace storage
