@@ -13,7 +13,9 @@ namespace {
 constexpr const char* kUsage =
     "Usage: nbdserver [options]\n"
     "Serves files and block devices over NBD, on io_uring.\n\n"
-    "Example: nbdserver --listen 127.0.0.1:10809 --export disk=/srv/disk.img,ro\n";
+    "Example: nbdserver --listen 127.0.0.1:10809 --export disk=/srv/disk.img,ro\n"
+    "         nbdserver --store /srv/nbdroot        (images and node views)\n"
+    "         nbdserver admin --store DIR list      (node administration; admin --help)\n";
 
 struct StoreFlags {
   std::string nodes = "auto", mode = "persistent";

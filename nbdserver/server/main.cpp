@@ -4,10 +4,12 @@
 
 #include <iostream>
 
+#include "server/admin.hpp"
 #include "server/config.hpp"
 #include "server/server.hpp"
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string_view(argv[1]) == "admin") return server::run_admin(argc - 1, argv + 1);
   server::ServerOptions opts;
   server::ParseResult r = server::parse_options(argc, argv, &opts);
   if (!r.run) {

@@ -1,0 +1,234 @@
+// `nbdserver admin`: node records in a store, safe while a server runs.
+//
+// Commands that change a node take its flock, which a running server holds
+// while the node is attached, so they refuse instead of pulling a disk from
+// under a node. Read-only commands (list, extents) read the persisted map:
+// what was true at the node's last flush.
+#include "server/admin.hpp"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "exports/store.hpp"
+#include "storage/layer_file.hpp"
+
+namespace po = boost::program_options;
+
+namespace server {
+namespace {
+
+constexpr const char* kAdminUsage =
+    "Usage: nbdserver admin --store DIR COMMAND [ARGS]\n"
+    "Commands:\n"
+    "  list [--json]                       nodes: image, generation, mode, dirty bytes,\n"
+    "                                      connections, last seen\n"
+    "  create NODE --image IMAGE [--generation GEN] [--mode persistent|ephemeral]\n"
+    "         [--block-size N]             register a node (pinned to GEN, default: current)\n"
+    "  reset NODE [--generation GEN|current]   drop the node's changes; optionally move it\n"
+    "  delete NODE                         remove the node and its changes\n"
+    "  extents NODE [--json]               the node's changed blocks (at its last flush)\n";
+
+struct MapInfo {
+  bool ok = false;
+  std::string error;
+  storage::BlockMap map;
+};
+
+// The node's persisted map, read without the lock (it is never torn: A/B slots).
+MapInfo read_map(const exports::Store& st, const exports::NodeRecord& r) {
+  MapInfo mi;
+  std::string err;
+  auto gen = storage::Generation::open(st.root(), r.image, r.generation, &err);
+  if (!gen) {
+    mi.error = err;
+    return mi;
+  }
+  const std::string path = st.layer_prefix(r) + ".bitmap";
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    mi.error = "no changes yet";
+    mi.ok = true;
+    return mi;
+  }
+  storage::LayerId id{r.block_size, gen->size(), gen->tag(), 0};
+  storage::LayerId found;
+  mi.ok = storage::load_map(fd, id, &mi.map, &found, &err);
+  if (!mi.ok) mi.error = path + ": " + err;
+  ::close(fd);
+  return mi;
+}
+
+bool attached(const exports::Store& st, const std::string& node) {
+  std::string err;
+  int fd = st.lock_node(node, false, &err);
+  if (fd < 0) return true;
+  ::close(fd);
+  return false;
+}
+
+std::string human(uint64_t b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = double(b);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[32];
+  snprintf(buf, sizeof buf, u ? "%.1f %s" : "%.0f %s", v, units[u]);
+  return buf;
+}
+
+int cmd_list(exports::Store& st, bool json) {
+  nlohmann::json all = nlohmann::json::array();
+  if (!json)
+    printf("%-20s %-12s %-22s %-10s %10s %10s %5s %-8s %s\n", "NODE", "IMAGE", "GENERATION",
+           "MODE", "DIRTY", "ZEROED", "CONNS", "ATTACHED", "LAST SEEN");
+  for (const std::string& n : st.nodes()) {
+    exports::NodeRecord r;
+    std::string err;
+    if (!st.read_node(n, &r, &err)) {
+      fprintf(stderr, "nbdserver admin: %s\n", err.c_str());
+      continue;
+    }
+    MapInfo mi = read_map(st, r);
+    const bool att = attached(st, n);
+    const uint64_t dirty = mi.map.dirty.cardinality() * r.block_size;
+    const uint64_t zero = mi.map.zero.cardinality() * r.block_size;
+    if (json) {
+      all.push_back({{"node", n}, {"image", r.image}, {"generation", r.generation},
+                     {"mode", storage::mode_name(r.mode)}, {"block_size", r.block_size},
+                     {"dirty_bytes", dirty}, {"zeroed_bytes", zero},
+                     {"connections", att ? r.connections : 0}, {"attached", att},
+                     {"created", r.created}, {"last_seen", r.last_seen},
+                     {"error", mi.ok ? "" : mi.error}});
+    } else {
+      printf("%-20s %-12s %-22s %-10s %10s %10s %5u %-8s %s%s\n", n.c_str(), r.image.c_str(),
+             r.generation.c_str(), storage::mode_name(r.mode),
+             mi.ok ? human(dirty).c_str() : "?", mi.ok ? human(zero).c_str() : "?",
+             att ? r.connections : 0, att ? "yes" : "no", r.last_seen.c_str(),
+             mi.ok ? "" : ("  (" + mi.error + ")").c_str());
+    }
+  }
+  if (json) std::cout << all.dump(2) << "\n";
+  return 0;
+}
+
+int cmd_extents(exports::Store& st, const std::string& node, bool json) {
+  exports::NodeRecord r;
+  std::string err;
+  if (!st.read_node(node, &r, &err)) {
+    fprintf(stderr, "nbdserver admin: %s\n", err.c_str());
+    return 1;
+  }
+  MapInfo mi = read_map(st, r);
+  if (!mi.ok) {
+    fprintf(stderr, "nbdserver admin: %s\n", mi.error.c_str());
+    return 1;
+  }
+  // Runs of consecutive blocks, in block order, with their state.
+  nlohmann::json all = nlohmann::json::array();
+  auto emit = [&](uint64_t first, uint64_t n, const char* state) {
+    const uint64_t bs = r.block_size;
+    if (json) {
+      all.push_back({{"offset", first * bs}, {"length", n * bs}, {"state", state}});
+    } else {
+      printf("%14llu %14llu %s\n", (unsigned long long)(first * bs),
+             (unsigned long long)(n * bs), state);
+    }
+  };
+  Roaring changed = mi.map.dirty | mi.map.zero;
+  uint64_t run_first = 0, run_len = 0;
+  bool run_zero = false;
+  for (uint32_t b : changed) {
+    const bool z = mi.map.zero.contains(b);
+    if (run_len && b == run_first + run_len && z == run_zero) {
+      ++run_len;
+      continue;
+    }
+    if (run_len) emit(run_first, run_len, run_zero ? "zero" : "data");
+    run_first = b;
+    run_len = 1;
+    run_zero = z;
+  }
+  if (run_len) emit(run_first, run_len, run_zero ? "zero" : "data");
+  if (json) std::cout << all.dump(2) << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int run_admin(int argc, const char* const* argv) {
+  std::string store, command, node, image, gen, mode = "persistent";
+  uint32_t block_size = 4096;
+  bool json = false;
+  po::options_description d("Admin options");
+  d.add_options()("help,h", "show this help")("store", po::value(&store), "the store directory")(
+      "image", po::value(&image), "image of a new node")("generation", po::value(&gen),
+                                                        "generation to pin or move to")(
+      "mode", po::value(&mode), "persistent or ephemeral")(
+      "block-size", po::value(&block_size), "copy-on-write block size of a new node")(
+      "json", po::bool_switch(&json), "machine-readable output")(
+      "command", po::value(&command), "")("node", po::value(&node), "");
+  po::positional_options_description pos;
+  pos.add("command", 1).add("node", 1);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc, argv).options(d).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    fprintf(stderr, "nbdserver admin: %s\n%s", e.what(), kAdminUsage);
+    return 2;
+  }
+  if (vm.count("help")) {
+    printf("%s", kAdminUsage);
+    return 0;
+  }
+  auto usage_error = [](const std::string& msg) {
+    fprintf(stderr, "nbdserver admin: %s\n%s", msg.c_str(), kAdminUsage);
+    return 2;
+  };
+  if (store.empty()) return usage_error("--store DIR is required");
+  if (command.empty()) return usage_error("no command given");
+  exports::Store st(store, {});
+  std::string err;
+  if (!st.check(&err)) {
+    fprintf(stderr, "nbdserver admin: %s\n", err.c_str());
+    return 1;
+  }
+  const bool needs_node = command != "list";
+  if (needs_node && node.empty()) return usage_error(command + ": which node?");
+  bool ok = true;
+  if (command == "list") return cmd_list(st, json);
+  if (command == "extents") return cmd_extents(st, node, json);
+  if (command == "create") {
+    storage::NodeMode m;
+    if (image.empty()) return usage_error("create: --image IMAGE is required");
+    if (!storage::parse_mode(mode, &m)) return usage_error("--mode: persistent or ephemeral");
+    if (block_size < 512 || block_size > (1u << 20) || (block_size & (block_size - 1)))
+      return usage_error("--block-size must be a power of two from 512 to 1048576");
+    ok = st.create_node(node, image, gen, m, block_size, &err);
+  } else if (command == "reset") {
+    ok = st.reset_node(node, gen, &err);
+  } else if (command == "delete") {
+    ok = st.delete_node(node, &err);
+  } else {
+    return usage_error("unknown command '" + command + "'");
+  }
+  if (!ok) {
+    fprintf(stderr, "nbdserver admin %s: %s\n", command.c_str(), err.c_str());
+    return 1;
+  }
+  printf("%s %s\n", command == "create" ? "created" : command == "reset" ? "reset" : "deleted",
+         node.c_str());
+  return 0;
+}
+
+}  // namespace server
