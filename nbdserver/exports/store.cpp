@@ -21,11 +21,15 @@ namespace {
 
 using storage::valid_store_name;
 
-bool write_file_atomic(const std::string& path, const std::string& text, std::string* err) {
-  const std::string tmp = path + ".tmp";
+// Replaces `path` by rename, so readers see the old or the new text. With
+// `durable`, the new text is on disk before the rename.
+bool write_file_atomic(const std::string& path, const std::string& text, bool durable,
+                       std::string* err) {
+  const std::string tmp = path + ".tmp." + std::to_string(getpid()) + "." +
+                          std::to_string(std::hash<std::thread::id>()(std::this_thread::get_id()));
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
   bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == ssize_t(text.size()) &&
-            fsync(fd) == 0;
+            (!durable || fsync(fd) == 0);
   int e = errno;
   if (fd >= 0) ::close(fd);
   if (ok && rename(tmp.c_str(), path.c_str()) != 0) {
@@ -36,6 +40,14 @@ bool write_file_atomic(const std::string& path, const std::string& text, std::st
     unlink(tmp.c_str());
     *err = path + ": cannot write: " + strerror(e);
   }
+  return ok;
+}
+
+bool sync_dir(const std::string& path, std::string* err) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  bool ok = fd >= 0 && fsync(fd) == 0;
+  if (!ok) *err = path + ": cannot sync: " + strerror(errno);
+  if (fd >= 0) ::close(fd);
   return ok;
 }
 
@@ -83,15 +95,21 @@ bool Store::check(std::string* err) const {
 }
 
 std::shared_ptr<storage::Generation> Store::generation(const std::string& image,
-                                                       const std::string& gen_name,
+                                                       const std::string& gen,
                                                        std::string* err) {
+  std::lock_guard<std::mutex> g(mu_);
+  return generation_locked(image, gen, err);
+}
+
+std::shared_ptr<storage::Generation> Store::generation_locked(const std::string& image,
+                                                              const std::string& gen_name,
+                                                              std::string* err) {
   std::string gen = gen_name;
   if (gen.empty()) {
     gen = storage::current_generation(root_, image, err);
     if (gen.empty()) return nullptr;
   }
   const std::string key = image + "@" + gen;
-  std::lock_guard<std::mutex> g(mu_);
   if (auto p = gens_[key].lock()) return p;
   auto p = storage::Generation::open(root_, image, gen, err);
   if (p) gens_[key] = p;
@@ -135,10 +153,7 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
       *err = "node '" + node + "' is not registered (the server runs with --nodes registered)";
       return nullptr;
     }
-    mu_.unlock();
-    bool ok = create_node(node, image, "", opts_.mode, opts_.block_size, err);
-    mu_.lock();
-    if (!ok && access((node_dir(node) + "/node.json").c_str(), F_OK) != 0) return nullptr;
+    if (!create_node(node, image, "", opts_.mode, opts_.block_size, err)) return nullptr;
   }
   if (!read_node(node, &rec, err)) return nullptr;
   if (rec.image != image) {
@@ -147,9 +162,7 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   }
   int lock = lock_node(node, true, err);
   if (lock < 0) return nullptr;
-  mu_.unlock();
-  auto gen = generation(image, rec.generation, err);
-  mu_.lock();
+  auto gen = generation_locked(image, rec.generation, err);
   if (!gen) {
     ::close(lock);
     *err = "node '" + node + "': " + *err;
@@ -161,7 +174,7 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   views_[node] = v;
   rec.last_seen = now_iso8601();
   std::string ignored;
-  write_node(rec, &ignored);
+  write_node(rec, false, &ignored);
   return v;
 }
 
@@ -172,7 +185,7 @@ void Store::attached(const std::string& node, int delta) {
   if (!read_node(node, &rec, &err)) return;
   rec.connections = unsigned(std::max(0, int(rec.connections) + delta));
   rec.last_seen = now_iso8601();
-  if (!write_node(rec, &err)) spdlog::warn("{}", err);
+  if (!write_node(rec, false, &err)) spdlog::warn("{}", err);
 }
 
 bool Store::read_node(const std::string& node, NodeRecord* r, std::string* err) const {
@@ -208,12 +221,13 @@ bool Store::read_node(const std::string& node, NodeRecord* r, std::string* err) 
   return true;
 }
 
-bool Store::write_node(const NodeRecord& r, std::string* err) const {
+bool Store::write_node(const NodeRecord& r, bool durable, std::string* err) const {
   nlohmann::json j = {{"image", r.image},         {"generation", r.generation},
                       {"mode", storage::mode_name(r.mode)}, {"block_size", r.block_size},
                       {"created", r.created},     {"last_seen", r.last_seen},
                       {"connections", r.connections}};
-  return write_file_atomic(node_dir(r.node) + "/node.json", j.dump(2) + "\n", err);
+  return write_file_atomic(node_dir(r.node) + "/node.json", j.dump(2) + "\n", durable, err) &&
+         (!durable || sync_dir(node_dir(r.node), err));
 }
 
 std::vector<std::string> Store::nodes() const {
@@ -247,7 +261,7 @@ bool Store::create_node(const std::string& node, const std::string& image,
     return false;
   }
   NodeRecord r{node, image, gen, mode, block_size, now_iso8601(), "", 0};
-  return write_node(r, err);
+  return write_node(r, true, err);
 }
 
 bool Store::reset_node(const std::string& node, const std::string& gen, std::string* err) {
@@ -273,7 +287,7 @@ bool Store::reset_node(const std::string& node, const std::string& gen, std::str
       ok = false;
     }
   }
-  ok = ok && write_node(r, err);
+  ok = ok && write_node(r, true, err);
   ::close(lock);
   return ok;
 }

@@ -79,7 +79,9 @@ class Store {
     return node_dir(r.node) + "/" + r.image + "." + r.generation;
   }
   bool read_node(const std::string& node, NodeRecord* r, std::string* err) const;
-  bool write_node(const NodeRecord& r, std::string* err) const;
+  // `durable`: fsync before and after the rename (records that admins set);
+  // status updates (last seen, connections) skip it.
+  bool write_node(const NodeRecord& r, bool durable, std::string* err) const;
   std::vector<std::string> nodes() const;
   // Creates a node pinned to `gen` ("" = current). Fails if it exists.
   bool create_node(const std::string& node, const std::string& image, const std::string& gen,
@@ -92,6 +94,8 @@ class Store {
   int lock_node(const std::string& node, bool wait, std::string* err) const;
 
  private:
+  std::shared_ptr<storage::Generation> generation_locked(const std::string& image,
+                                                         const std::string& gen, std::string* err);
   std::string root_;
   StoreOptions opts_;
   std::mutex mu_;

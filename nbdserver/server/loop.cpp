@@ -111,7 +111,8 @@ void Loop::run() {
     flush_sends();
     bool accepts = std::find(accept_pending_.begin(), accept_pending_.end(), true) !=
                    accept_pending_.end();
-    if (shutdown_started_ && live_conns_ == 0 && !accepts && mailbox_empty()) break;
+    if (shutdown_started_ && live_conns_ == 0 && !accepts && file_ops_ == 0 && mailbox_empty())
+      break;
     if (busy && poll_for_completions()) busy = false;
     int ret = ring_.submit_and_wait(1);
     if (ret < 0 && ret != -EBUSY && ret != -ETIME) {

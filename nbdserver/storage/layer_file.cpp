@@ -152,11 +152,12 @@ uint64_t new_layer_tag() {
 }
 
 uint64_t slot_stride(uint64_t blocks) {
-  // A portable bitmap needs at most 8 bytes of cookie and count, then per
-  // 65536-value container 4 bytes of key and cardinality, 4 of offset and
-  // at most 8 KiB of bitset (runs are only chosen when smaller).
+  // A portable bitmap needs at most 8 bytes of cookie and count, a bit per
+  // container saying whether it holds runs, then per 65536-value container
+  // 4 bytes of key and cardinality, 4 of offset and at most 8 KiB of bitset
+  // (arrays and runs are only chosen when smaller).
   uint64_t containers = (blocks + 65535) / 65536;
-  uint64_t one = 8 + containers * (4 + 4 + 8192) + 1;
+  uint64_t one = 8 + (containers + 7) / 8 + containers * (4 + 4 + 8192);
   uint64_t need = kMapHeaderSize + 2 * one;
   return (need + 4095) / 4096 * 4096;
 }
