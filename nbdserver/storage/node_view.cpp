@@ -41,6 +41,12 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
     ::close(lock_fd);
     return nullptr;
   }
+  if (gen->size() / block_size > UINT32_MAX) {
+    *err = "the image has more than 2^32 blocks of " + std::to_string(block_size) +
+           " bytes; use a larger block size";
+    ::close(lock_fd);
+    return nullptr;
+  }
   LayerId id{block_size, gen->size(), gen->tag(), 0};
   const bool fresh = mode == NodeMode::kEphemeral || access(diff.c_str(), F_OK) != 0;
   if (fresh) {
