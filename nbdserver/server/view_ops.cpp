@@ -52,6 +52,13 @@ void Loop::attach_view(Connection& c) {
   storage::NodeView* v = c.exp->view.get();
   ViewState& vs = views_[view_slot(v)];
   if (!vs.view) vs.view = c.exp->view;
+  // An ephemeral node that attaches anew starts from the clean generation,
+  // even if its view is still open from the last attach.
+  if (vs.conns == 0 && v->attached_once && v->mode() == storage::NodeMode::kEphemeral) {
+    spdlog::info("node '{}': ephemeral, attached anew: dropping its changes", v->node());
+    v->drop_changes();
+  }
+  v->attached_once = true;
   ++vs.conns;
   c.view_attached = true;
   c.exp->store->attached(v->node(), +1);

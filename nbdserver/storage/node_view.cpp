@@ -1,6 +1,7 @@
 #include "storage/node_view.hpp"
 
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -111,6 +112,14 @@ NodeView::~NodeView() {
   if (diff_map_) munmap(diff_map_, overlay_.id().size);
   for (int fd : {diff_fd_, map_fd_, lock_fd_})
     if (fd >= 0) ::close(fd);
+}
+
+void NodeView::drop_changes() {
+  overlay_.clear();
+  if (fallocate(diff_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                off_t(overlay_.id().size)) != 0 &&
+      errno != EOPNOTSUPP)
+    spdlog::warn("node '{}': cannot punch its old diff: {}", node_, strerror(errno));
 }
 
 NodeView::Snapshot NodeView::snapshot() const {

@@ -84,8 +84,15 @@ class NodeView {
     if (!sticky_) sticky_ = err;
   }
 
+  // Drops every change (ephemeral views at a new attach): clears the map
+  // and punches the diff. Synchronous; only with no request in flight.
+  void drop_changes();
+
   // The loop that serves this view: -1 until the first attach claims it.
   std::atomic<int> owner{-1};
+  // Owner loop only: a connection has attached before (so a later first
+  // connection is a new attach, which starts an ephemeral node afresh).
+  bool attached_once = false;
 
  private:
   NodeView(std::shared_ptr<Generation> gen, LayerId id, BlockMap map, bool writable);
