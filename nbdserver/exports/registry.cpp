@@ -144,7 +144,17 @@ std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
 }
 
 std::vector<std::shared_ptr<const nbd::ExportInfo>> Registry::list() const {
-  return {order_.begin(), order_.end()};
+  std::vector<std::shared_ptr<const nbd::ExportInfo>> out(order_.begin(), order_.end());
+  if (store_) {
+    // Names and descriptions only: listing opens nothing and creates no node.
+    for (auto& [name, desc] : store_->list_exports()) {
+      auto e = std::make_shared<nbd::ExportInfo>();
+      e->name = name;
+      e->description = desc;
+      out.push_back(std::move(e));
+    }
+  }
+  return out;
 }
 
 }  // namespace exports

@@ -178,6 +178,38 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   return v;
 }
 
+namespace {
+std::vector<std::string> list_dir(const std::string& path) {
+  std::vector<std::string> out;
+  if (DIR* d = opendir(path.c_str())) {
+    while (dirent* e = readdir(d))
+      if (valid_store_name(e->d_name)) out.push_back(e->d_name);
+    closedir(d);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> Store::list_exports() const {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const std::string& image : list_dir(root_ + "/images")) {
+    std::string err;
+    const std::string cur = storage::current_generation(root_, image, &err);
+    if (!cur.empty()) out.push_back({image, image + "@" + cur + " (current)"});
+    for (const std::string& gen : list_dir(root_ + "/images/" + image + "/generations"))
+      out.push_back({image + "@" + gen, image + "@" + gen});
+  }
+  for (const std::string& node : nodes()) {
+    NodeRecord r;
+    std::string err;
+    if (read_node(node, &r, &err))
+      out.push_back({r.image + "/" + node, "node " + node + " on " + r.image + "@" + r.generation +
+                                               " (" + storage::mode_name(r.mode) + ")"});
+  }
+  return out;
+}
+
 void Store::attached(const std::string& node, int delta) {
   NodeRecord rec;
   std::string err;
@@ -230,16 +262,7 @@ bool Store::write_node(const NodeRecord& r, bool durable, std::string* err) cons
          (!durable || sync_dir(node_dir(r.node), err));
 }
 
-std::vector<std::string> Store::nodes() const {
-  std::vector<std::string> out;
-  DIR* d = opendir((root_ + "/nodes").c_str());
-  if (!d) return out;
-  while (dirent* e = readdir(d))
-    if (valid_store_name(e->d_name)) out.push_back(e->d_name);
-  closedir(d);
-  std::sort(out.begin(), out.end());
-  return out;
-}
+std::vector<std::string> Store::nodes() const { return list_dir(root_ + "/nodes"); }
 
 bool Store::create_node(const std::string& node, const std::string& image,
                         const std::string& gen_name, storage::NodeMode mode, uint32_t block_size,

@@ -70,6 +70,9 @@ class Store {
   // --nodes auto) and shared by all its connections until the last one goes.
   std::shared_ptr<storage::NodeView> view(const std::string& image, const std::string& node,
                                           std::string* err);
+  // Export names for NBD_OPT_LIST, each with a description: every image
+  // with a current generation, every generation, every node.
+  std::vector<std::pair<std::string, std::string>> list_exports() const;
   // Connection counts, recorded in node.json for admins.
   void attached(const std::string& node, int delta);
 

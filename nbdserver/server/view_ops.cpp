@@ -336,7 +336,10 @@ void Loop::on_view_flush(uint32_t slot, unsigned step, int res) {
   ViewState& vs = views_[slot];
   assert(vs.in_flight && step == vs.step);
   if (res == -EAGAIN || res == -EINTR) return submit_view_flush(slot);
-  if (step == 2 && res >= 0 && size_t(res) != vs.snap.slot.size()) res = -EIO;
+  if (step == 2 && res >= 0 && size_t(res) != vs.snap.slot.size()) res = -ENOSPC;
+  // A map write that did not happen (no space) leaves the durable map as it
+  // was, in the other slot: fail this flush, but not the view.
+  if (step == 2 && res == -ENOSPC) return view_flush_done(slot, ENOSPC);
   if (res < 0) return view_flush_done(slot, -res);
   if (step == 1 && !vs.has_snap) return view_flush_done(slot, 0);
   if (step == 3) {
@@ -353,16 +356,19 @@ void Loop::view_flush_done(uint32_t slot, int err) {
   vs.snap = {};
   // Errors are sticky, as for files: the kernel reports a writeback error
   // once, and the pages it could not write may be gone.
-  if (err) {
+  if (err == ENOSPC) {
+    spdlog::warn("node '{}': no space to save its block map; this flush fails", vs.view->node());
+  } else if (err) {
     spdlog::error("node '{}': flush failed: {}; the view refuses writes until reset",
                   vs.view->node(), errno_text(err));
     vs.view->set_sticky_error(err);
   }
-  err = vs.view->sticky_error();
+  if (vs.view->sticky_error()) err = vs.view->sticky_error();
   std::vector<uint32_t> done;
   done.swap(vs.running);
   for (uint32_t op : done)
-    finish(op, err ? nbd::kEIO : nbd::kOk, err ? "flush failed: " + errno_text(err) : "");
+    finish(op, !err ? nbd::kOk : err == ENOSPC ? nbd::kENOSPC : nbd::kEIO,
+           err ? "flush failed: " + errno_text(err) : "");
   if (!vs.waiting.empty()) return start_view_flush(slot);
   if (vs.conns == 0) {
     // Nobody on this loop uses the view any more: let it go. The

@@ -214,8 +214,9 @@ bool decode_map_slot(const uint8_t* p, size_t n, const LayerId& expect, BlockMap
     }
     out->dirty = std::move(d);
     out->zero = std::move(z);
-  } catch (const std::exception& e) {
-    *why = std::string("bitmap slot holds an invalid bitmap: ") + e.what();
+  } catch (const std::exception&) {
+    // CRoaring reports any malformed input as "failed alloc while reading".
+    *why = "bitmap slot does not hold valid roaring bitmaps";
     return false;
   }
   out->seq = get<uint64_t>(p, kOffSeq);
@@ -264,6 +265,14 @@ bool create_layer(const std::string& diff_path, const std::string& map_path, con
     *err = map_path + ": cannot create: " + errno_text(errno);
     return false;
   }
+  // Both slots get their blocks now, so that writing a map later never
+  // needs free space: a full disk cannot fail a flush's map write.
+  const off_t both = off_t(2 * slot_stride(id.blocks()));
+  if (ftruncate(mfd, both) != 0 || (fallocate(mfd, 0, 0, both) != 0 && errno != EOPNOTSUPP)) {
+    *err = map_path + ": cannot allocate: " + errno_text(errno);
+    ::close(mfd);
+    return false;
+  }
   BlockMap empty;
   ok = store_map(mfd, id, &empty, err);
   ::close(mfd);
@@ -273,6 +282,18 @@ bool create_layer(const std::string& diff_path, const std::string& map_path, con
 bool load_map(int map_fd, const LayerId& expect, BlockMap* out, LayerId* found,
               std::string* err) {
   const uint64_t stride = slot_stride(expect.blocks());
+  // The file is created with both slots allocated; a shorter one lost its
+  // tail, and with it maybe the newest map: refuse rather than fall back.
+  struct stat st;
+  if (fstat(map_fd, &st) != 0) {
+    *err = "cannot stat the bitmap: " + errno_text(errno);
+    return false;
+  }
+  if (uint64_t(st.st_size) < 2 * stride) {
+    *err = "bitmap file is truncated (" + std::to_string(st.st_size) + " bytes, expected " +
+           std::to_string(2 * stride) + ")";
+    return false;
+  }
   std::vector<uint8_t> buf(stride);
   std::string why[2];
   bool have = false;

@@ -13,7 +13,9 @@
 //   in `zero`   the block reads as zeros (trimmed or zeroed); never in both
 //   neither     the block comes from the base (clean)
 //
-// The bitmap file holds two slots at offsets 0 and slot_stride(). Each slot
+// The bitmap file holds two slots at offsets 0 (A) and slot_stride() (B),
+// both allocated when the layer is created (the first map, sequence 1, goes
+// to B; sequence n goes to slot n % 2). Each slot
 // is a 64-byte header (magic, version, geometry, base and layer ids,
 // sequence number, payload lengths, CRC-32 over header and payload) followed
 // by the two bitmaps in CRoaring's portable format. A new map is written to
@@ -73,8 +75,9 @@ bool decode_diff_trailer(const uint8_t* p, size_t n, const LayerId& expect, std:
 // Synchronous helpers for attach, admin commands and imagebuilder; never on
 // a loop's data path. All return false and set *err with the path and cause.
 //
-// Creates an empty layer: diff sized size + trailer, bitmap with one empty
-// map in slot A, both fsynced, and the directory too. Replaces existing files.
+// Creates an empty layer: diff sized size + trailer, bitmap with both slots
+// allocated and one empty map, both fsynced, and the directory too.
+// Replaces existing files.
 bool create_layer(const std::string& diff_path, const std::string& map_path, const LayerId& id,
                   std::string* err);
 // Reads the newest valid map from `map_fd` and checks the diff's size and
