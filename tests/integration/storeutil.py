@@ -28,7 +28,7 @@ def add_generation(store, image, gen, size=16 * MiB, seed=1, publish=True, data=
         data = bytearray(rnd.randbytes(size))
         # Holes every 1 MiB, so base:allocation has something to report.
         for off in range(0, size, MiB):
-            data[off:off + 64 * 1024] = bytes(64 * 1024)
+            data[off:off + 64 * 1024] = bytes(len(data[off:off + 64 * 1024]))
     path = os.path.join(d, "image.ext4")
     # Written sparsely: all-zero 64 KiB chunks are left as holes.
     with open(path, "wb") as f:
