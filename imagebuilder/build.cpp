@@ -28,6 +28,8 @@
 extern char** environ;
 
 namespace ib {
+
+void spawn_flatten(const Store& store, const std::string& image, const std::string& gen);
 namespace {
 
 constexpr uint32_t kBlock = 4096;
@@ -479,11 +481,37 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
   for (const char* f : {"/image.ext4", "/layer.diff", "/layer.bitmap"})
     ::chmod((final_dir + f).c_str(), 0444);
   if (m.depth > opt.max_depth) {
-    progress->note("chain of " + std::to_string(m.depth) + " deltas: flattening " + gen);
-    Status f = flatten_locked(store, opt.image, gen, progress);
-    if (!f) progress->note("warning: flattening failed, the delta stays: " + f.message());
+    progress->note("chain of " + std::to_string(m.depth) + " deltas: flattening " + gen +
+                   " in the background (log: " + store.image_dir(opt.image) + "/.flatten.log)");
+    spawn_flatten(store, opt.image, gen);
   }
   return gen;
+}
+
+// Runs `imagebuilder flatten --wait IMAGE GEN` detached from this process
+// (double fork, new session), so the build returns at once; the child
+// waits for the image lock this build still holds and flattens after it.
+// A failure there leaves the delta as it is, and the next build that finds
+// the chain too long tries again.
+void spawn_flatten(const Store& store, const std::string& image, const std::string& gen) {
+  const std::string log = store.image_dir(image) + "/.flatten.log";
+  pid_t pid = fork();
+  if (pid < 0) return;
+  if (pid == 0) {
+    setsid();
+    if (fork() != 0) _exit(0);
+    int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (null >= 0) dup2(null, 0);
+    if (out >= 0) {
+      dup2(out, 1);
+      dup2(out, 2);
+    }
+    execl("/proc/self/exe", "imagebuilder", "--store", store.root().c_str(), "--quiet", "flatten",
+          "--wait", image.c_str(), gen.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  waitpid(pid, nullptr, 0);
 }
 
 }  // namespace ib

@@ -174,12 +174,13 @@ Result<std::vector<std::string>> gc(const Store& store, const std::string& image
   return removed;
 }
 
-Status flatten(const Store& store, const std::string& image, const std::string& gen,
+Status flatten(const Store& store, const std::string& image, const std::string& gen, bool wait,
                Progress* progress) {
   Status s = check_image(store, image);
   if (s) s = check_generation(store, image, gen);
   if (!s) return s;
-  auto lock = build_lock(store, image);
+  auto lock = wait ? FileLock::acquire(store.image_dir(image) + "/.lock", true, "")
+                   : build_lock(store, image);
   if (!lock) return lock.status();
   return flatten_locked(store, image, gen, progress);
 }

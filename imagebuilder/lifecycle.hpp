@@ -33,7 +33,8 @@ Status rollback(const Store& store, const std::string& image, std::string* publi
 Result<std::vector<std::string>> list_generations(const Store& store, const std::string& image);
 // Removed generation ids.
 Result<std::vector<std::string>> gc(const Store& store, const std::string& image);
-Status flatten(const Store& store, const std::string& image, const std::string& gen,
+// `wait`: block on the image lock instead of failing when a build holds it.
+Status flatten(const Store& store, const std::string& image, const std::string& gen, bool wait,
                Progress* progress);
 // flatten() for a caller that already holds the image lock.
 Status flatten_locked(const Store& store, const std::string& image, const std::string& gen,

@@ -39,7 +39,8 @@ const char* kUsageText =
     "  list IMAGE                             generations, sizes, sharing, nodes\n"
     "  gc IMAGE                               remove generations nothing uses\n"
     "  diff [--index] IMAGE GEN1 GEN2         changed paths (+ added, - removed, M modified)\n"
-    "  flatten IMAGE GEN                      make a delta generation full\n"
+    "  flatten [--wait] IMAGE GEN             make a delta generation full (builds do it\n"
+    "                                         in the background past --max-depth)\n"
     "  boot IMAGE --out DIR --server HOST:PORT [--generation GEN] [--mkinitrd SCRIPT]\n"
     "global options: --store DIR (or $NBDROOT_STORE), --quiet\n";
 
@@ -168,11 +169,13 @@ int run(const ib::Store& store, const std::string& cmd, const std::vector<std::s
     for (auto& l : *lines) printf("%s\n", l.c_str());
     return 0;
   }
-  if (cmd == "flatten" && need(2, 2)) {
+  if (cmd == "flatten" && (need(2, 2) || (need(3, 3) && a[0] == "--wait"))) {
     ib::Progress progress(quiet);
-    auto s = ib::flatten(store, a[0], a[1], &progress);
+    const bool wait = a[0] == "--wait";
+    const size_t o = wait ? 1 : 0;
+    auto s = ib::flatten(store, a[o], a[o + 1], wait, &progress);
     if (!s) return fail(s);
-    printf("%s\n", a[1].c_str());
+    printf("%s\n", a[o + 1].c_str());
     return 0;
   }
   return usage("unknown command or wrong arguments: " + cmd);
