@@ -1,5 +1,7 @@
 #include "util.hpp"
 
+#include "storage/json_file.hpp"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -63,18 +65,7 @@ static std::string format_utc(int64_t t, const char* fmt) {
 std::string compact_utc(int64_t t) { return format_utc(t, "%Y%m%dT%H%M%SZ"); }
 std::string iso8601_utc(int64_t t) { return format_utc(t, "%Y-%m-%dT%H:%M:%SZ"); }
 
-std::string human_bytes(uint64_t n) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = double(n);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  snprintf(buf, sizeof buf, u ? "%.1f %s" : "%.0f %s", v, units[u]);
-  return buf;
-}
+std::string human_bytes(uint64_t n) { return storage::human_bytes(n); }
 
 Result<std::string> read_file(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);

@@ -1,5 +1,7 @@
 #include "exports/store.hpp"
 
+#include "storage/json_file.hpp"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
@@ -222,21 +224,15 @@ void Store::attached(const std::string& node, int delta) {
 
 bool Store::read_node(const std::string& node, NodeRecord* r, std::string* err) const {
   const std::string path = node_dir(node) + "/node.json";
-  std::ifstream in(path);
-  if (!in) {
-    *err = errno == ENOENT ? "node '" + node + "' does not exist" : path + ": " + strerror(errno);
+  nlohmann::json j;
+  int err_no = 0;
+  if (!storage::read_json_object(path, &j, err, &err_no)) {
+    if (err_no == ENOENT) *err = "node '" + node + "' does not exist";
     return false;
   }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, false);
   auto str = [&](const char* k) {
     return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : std::string();
   };
-  if (j.is_discarded() || !j.is_object()) {
-    *err = path + ": not valid JSON";
-    return false;
-  }
   r->node = node;
   r->image = str("image");
   r->generation = str("generation");

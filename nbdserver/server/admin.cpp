@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "exports/store.hpp"
+#include "storage/json_file.hpp"
 #include "storage/layer_file.hpp"
 
 namespace po = boost::program_options;
@@ -73,19 +74,6 @@ bool attached(const exports::Store& st, const std::string& node) {
   return false;
 }
 
-std::string human(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = double(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  snprintf(buf, sizeof buf, u ? "%.1f %s" : "%.0f %s", v, units[u]);
-  return buf;
-}
-
 int cmd_list(exports::Store& st, bool json) {
   nlohmann::json all = nlohmann::json::array();
   if (!json)
@@ -112,7 +100,7 @@ int cmd_list(exports::Store& st, bool json) {
     } else {
       printf("%-20s %-12s %-22s %-10s %10s %10s %5u %-8s %s%s\n", n.c_str(), r.image.c_str(),
              r.generation.c_str(), storage::mode_name(r.mode),
-             mi.ok ? human(dirty).c_str() : "?", mi.ok ? human(zero).c_str() : "?",
+             mi.ok ? storage::human_bytes(dirty).c_str() : "?", mi.ok ? storage::human_bytes(zero).c_str() : "?",
              att ? r.connections : 0, att ? "yes" : "no", r.last_seen.c_str(),
              mi.ok ? "" : ("  (" + mi.error + ")").c_str());
     }

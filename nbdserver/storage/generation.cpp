@@ -1,5 +1,7 @@
 #include "storage/generation.hpp"
 
+#include "storage/json_file.hpp"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -21,18 +23,8 @@ struct Manifest {
 };
 
 bool read_manifest(const std::string& path, Manifest* m, std::string* err) {
-  std::ifstream in(path);
-  if (!in) {
-    *err = path + ": cannot open: " + strerror(errno);
-    return false;
-  }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
-    *err = path + ": not valid JSON";
-    return false;
-  }
+  nlohmann::json j;
+  if (!read_json_object(path, &j, err)) return false;
   if (!j.contains("size") || !j["size"].is_number_unsigned()) {
     *err = path + ": no \"size\"";
     return false;
