@@ -21,7 +21,7 @@ bool read_json_object(const std::string& path, nlohmann::json* out, std::string*
   *out = nlohmann::json::parse(ss.str(), nullptr, false);
   if (out->is_discarded() || !out->is_object()) {
     if (err_no) *err_no = 0;
-    *err = path + ": not a JSON object";
+    *err = path + ": not valid JSON (or not an object)";
     return false;
   }
   return true;
