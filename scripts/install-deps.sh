@@ -14,6 +14,11 @@ packages=(
   nbdkit libnbd-bin python3-libnbd qemu-utils nbd-server
   python3-pytest python3-matplotlib e2fsprogs
   libext2fs-dev nlohmann-json3-dev squashfs-tools
+  # VM boot tests (tests/e2e). Deliberately not installed on the host:
+  # nbd-client, linux-image-* (the tests download and unpack them) and
+  # dracut (it replaces initramfs-tools; it goes into a chroot instead).
+  qemu-system-x86 ipxe-qemu busybox-static cpio zstd xz-utils kmod
+  libnl-3-200 libnl-genl-3-200 libgnutls30 debootstrap
 )
 
 missing=()

@@ -1,0 +1,156 @@
+# nbdroot: the node-side steps shared by our own initrd, the initramfs-tools
+# script and the dracut module. POSIX sh; sourced after cmdline.sh and after
+# nbdroot_parse succeeded. The caller defines log MESSAGE and fail REASON
+# (fail does not return), and may set NBDROOT_LIB (where udhcpc.script is)
+# and NBDROOT_RUN (a writable directory for logs and state).
+NBDROOT_LIB=${NBDROOT_LIB:-/lib/nbdroot}
+NBDROOT_RUN=${NBDROOT_RUN:-/run/nbdroot}
+
+# nbdroot_ifaces: the interfaces to try, the named one or every one but lo.
+nbdroot_ifaces() {
+	if [ -n "$NBDROOT_IP_DEV" ]; then echo "$NBDROOT_IP_DEV"; return; fi
+	for d in /sys/class/net/*; do
+		n=${d##*/}
+		[ "$n" = lo ] || [ -e "$d/wireless" ] || echo "$n"
+	done
+}
+
+# nbdroot_net: brings up the network as ip= says (DHCP with short timeouts
+# by default) and sets DEV to the interface that worked.
+nbdroot_net() {
+	i=0
+	while [ -z "$(nbdroot_ifaces)" ] || { [ -n "$NBDROOT_IP_DEV" ] && ! [ -e "/sys/class/net/$NBDROOT_IP_DEV" ]; }; do
+		i=$((i + 1))
+		[ $i -gt 50 ] && fail "no network interface${NBDROOT_IP_DEV:+ $NBDROOT_IP_DEV} after 10 s (driver missing from the initrd?)"
+		sleep 0.2
+	done
+	ip link set lo up
+
+	DEV=
+	case $NBDROOT_IP_METHOD in
+	off)
+		DEV=$(nbdroot_ifaces | head -n 1)
+		log "ip=$NBDROOT_IP: not configuring the network; using $DEV as it is" ;;
+	static)
+		DEV=$(nbdroot_ifaces | head -n 1)
+		prefix=24
+		[ -n "$NBDROOT_IP_MASK" ] && prefix=$(ipcalc -p "$NBDROOT_IP_ADDR" "$NBDROOT_IP_MASK" | sed 's/PREFIX=//')
+		log "static address $NBDROOT_IP_ADDR/$prefix on $DEV${NBDROOT_IP_GW:+, gateway $NBDROOT_IP_GW}"
+		ip link set "$DEV" up || fail "cannot bring up $DEV"
+		ip addr add "$NBDROOT_IP_ADDR/$prefix" dev "$DEV" || fail "cannot set $NBDROOT_IP_ADDR/$prefix on $DEV"
+		[ -n "$NBDROOT_IP_GW" ] && { ip route add default via "$NBDROOT_IP_GW" dev "$DEV" || fail "cannot add the route via $NBDROOT_IP_GW"; }
+		: >/etc/resolv.conf
+		for d in $NBDROOT_IP_DNS; do echo "nameserver $d" >>/etc/resolv.conf; done ;;
+	dhcp)
+		# Three rounds over the interfaces, each DHCP try about 4 s.
+		for round in 1 2 3; do
+			for n in $(nbdroot_ifaces); do
+				log "DHCP on $n (round $round/3)"
+				ip link set "$n" up
+				if udhcpc -i "$n" -f -q -n -t 4 -T 1 -A 1 -s "$NBDROOT_LIB/udhcpc.script" >"$NBDROOT_RUN/udhcpc.log" 2>&1; then
+					DEV=$n
+					break 2
+				fi
+			done
+		done
+		[ -n "$DEV" ] || fail "no DHCP answer on $(nbdroot_ifaces | tr '\n' ' ')after 3 rounds"
+		. "$NBDROOT_RUN/net"
+		log "$DEV: $IP/$MASK${ROUTER:+, router $ROUTER}" ;;
+	esac
+}
+
+# nbdroot_node_id: NBDROOT_NODE (default: DEV's MAC) and NBDROOT_EXPORT.
+nbdroot_node_id() {
+	if [ -z "$NBDROOT_NODE" ]; then
+		mac=$(cat "/sys/class/net/$DEV/address" 2>/dev/null)
+		NBDROOT_NODE=$(nbdroot_mac_to_id "$mac") || fail "no node id: $DEV has no MAC address ('$mac'); give nbdroot.node="
+	fi
+	nbdroot_export
+}
+
+# nbdroot_attach_one HOST PORT: nbd-client, given 20 s to connect and hand
+# the socket to the kernel (it then exits, or stays as a daemon in ioctl
+# mode).
+nbdroot_attach_one() {
+	# shellcheck disable=SC2086
+	nbd-client "$1" "$2" /dev/nbd0 -N "$NBDROOT_EXPORT" $CLIENT_OPTS \
+		>"$NBDROOT_RUN/nbd-client.log" 2>&1 &
+	pid=$!
+	n=0
+	while kill -0 $pid 2>/dev/null; do
+		n=$((n + 1))
+		if [ $n -gt 100 ]; then
+			kill $pid 2>/dev/null
+			echo "no answer within 20 s" >>"$NBDROOT_RUN/nbd-client.log"
+			break
+		fi
+		sleep 0.2
+	done
+	wait $pid
+}
+
+# nbdroot_attach: tries every server, NBDROOT_RETRIES rounds with a
+# backoff of 1, 2, 4, 8, 8... s; sets SERVER and waits for /dev/nbd0's size.
+nbdroot_attach() {
+	# nbd-client flags. Netlink (default): nbd-client hands the socket to
+	# the kernel and exits, so nothing is left to kill at switch_root or at
+	# systemd's shutdown. ioctl (nbdroot.netlink=0): nbd-client stays in
+	# NBD_DO_IT with -persist, marked '@' for systemd (-systemd-mark), but
+	# any signal to it, even systemd-shutdown's SIGSTOP/SIGCONT broadcast,
+	# makes the kernel drop the socket. See README.md.
+	CLIENT_OPTS="-persist -systemd-mark"
+	[ "$NBDROOT_NETLINK" = 1 ] || CLIENT_OPTS="$CLIENT_OPTS -nonetlink"
+	[ "$NBDROOT_TIMEOUT" -gt 0 ] && CLIENT_OPTS="$CLIENT_OPTS -timeout $NBDROOT_TIMEOUT"
+	[ -n "$NBDROOT_BLOCKSIZE" ] && CLIENT_OPTS="$CLIENT_OPTS -block-size $NBDROOT_BLOCKSIZE"
+
+	log "node $NBDROOT_NODE, export $NBDROOT_EXPORT ($NBDROOT_MODE), servers: $NBDROOT_SERVERS"
+	SERVER=
+	round=1
+	delay=1
+	while [ $round -le "$NBDROOT_RETRIES" ]; do
+		for s in $NBDROOT_SERVERS; do
+			host=${s%:*}
+			port=${s##*:}
+			host=${host#\[}
+			host=${host%\]}
+			log "connecting to $s, export $NBDROOT_EXPORT (round $round/$NBDROOT_RETRIES)"
+			if nbdroot_attach_one "$host" "$port"; then
+				SERVER=$s
+				break 2
+			fi
+			log "$s: $(grep -v '^Negotiation' "$NBDROOT_RUN/nbd-client.log" | tr '\n' ' ')"
+		done
+		[ $round -lt "$NBDROOT_RETRIES" ] && { log "no server answered; next round in $delay s"; sleep $delay; }
+		round=$((round + 1))
+		delay=$((delay * 2))
+		[ $delay -gt 8 ] && delay=8
+	done
+	[ -n "$SERVER" ] || fail "no server gave us export $NBDROOT_EXPORT after $NBDROOT_RETRIES rounds over: $NBDROOT_SERVERS"
+
+	i=0
+	while [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" = 0 ]; do
+		i=$((i + 1))
+		[ $i -gt 50 ] && fail "/dev/nbd0 still has no size 10 s after nbd-client connected"
+		sleep 0.2
+	done
+	log "attached /dev/nbd0 to $SERVER/$NBDROOT_EXPORT ($(($(cat /sys/block/nbd0/size) / 2048)) MiB)"
+}
+
+# nbdroot_mount MNT INIT: mounts /dev/nbd0 on MNT and checks that INIT is
+# there; writes NBDROOT_RUN/state.
+nbdroot_mount() {
+	opts=rw
+	[ "$NBDROOT_RO" = 1 ] && opts=ro
+	[ -n "$NBDROOT_FSOPTS" ] && opts="$opts,$NBDROOT_FSOPTS"
+	mount -t "$NBDROOT_FSTYPE" -o "$opts" /dev/nbd0 "$1" ||
+		fail "cannot mount /dev/nbd0 ($NBDROOT_FSTYPE, $opts) from $SERVER/$NBDROOT_EXPORT"
+	[ -e "$1$2" ] || [ -L "$1$2" ] ||
+		{ umount "$1"; fail "the root from $NBDROOT_EXPORT has no $2"; }
+	{
+		echo "NBDROOT_SERVER=$SERVER"
+		echo "NBDROOT_EXPORT=$NBDROOT_EXPORT"
+		echo "NBDROOT_NODE=$NBDROOT_NODE"
+		echo "NBDROOT_MODE=$NBDROOT_MODE"
+		echo "NBDROOT_DEV=$DEV"
+	} >"$NBDROOT_RUN/state"
+}

@@ -1,0 +1,251 @@
+#!/bin/sh
+# mkinitrd.sh TREE OUT [--modules-from DIR] [--kver VERSION] [--compress zstd|xz|gzip]
+#
+# Builds nbdroot's own small initrd for the kernel in TREE: busybox, the
+# standard nbd-client with its libraries, the kernel modules a node needs to
+# reach its root over NBD (with their dependencies), and our init script.
+# It works for any tree that has a kernel in /lib/modules, even one with no
+# initramfs-tools or dracut inside.
+#
+#   busybox     the host's busybox-static (/bin/busybox, statically linked),
+#               else TREE's busybox with its libraries
+#   nbd-client  TREE's (with TREE's libraries), else the host's, else the
+#               Debian package fetched with `apt-get download` into
+#               $NBDROOT_CACHE (default /var/cache/nbdroot) and unpacked
+#               with dpkg -x (never installed); its libraries come from the
+#               host then. $NBDROOT_NBD_CLIENT names a binary to use instead.
+#   modules     virtio_pci virtio_net nbd ext4 crc32c (+ $NBDROOT_MODULES)
+#               and their dependencies, read with modinfo from the .ko files
+#               of DIR/lib/modules/VERSION (DIR = TREE unless --modules-from)
+#
+# Prints the initrd's size on the last line of stdout. Needs: cpio, kmod's
+# modinfo, and zstd, xz or gzip.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+prog=mkinitrd.sh
+die() { echo "$prog: $*" >&2; exit 1; }
+say() { echo "$prog: $*" >&2; }
+
+tree= out= modtree= kver= compress=
+while [ $# -gt 0 ]; do
+	case $1 in
+	--modules-from) modtree=${2:?}; shift 2 ;;
+	--kver) kver=${2:?}; shift 2 ;;
+	--compress) compress=${2:?}; shift 2 ;;
+	-h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+	-*) die "unknown option $1" ;;
+	*) if [ -z "$tree" ]; then tree=$1; elif [ -z "$out" ]; then out=$1; else die "too many arguments"; fi; shift ;;
+	esac
+done
+[ -n "$tree" ] && [ -n "$out" ] || die "usage: $prog TREE OUT [--modules-from DIR] [--kver VERSION] [--compress zstd|xz|gzip]"
+[ -d "$tree" ] || die "$tree: not a directory"
+tree=$(cd "$tree" && pwd)
+modtree=${modtree:-$tree}
+[ -d "$modtree" ] || die "$modtree: not a directory"
+modtree=$(cd "$modtree" && pwd)
+
+# The kernel version: the one in /lib/modules, or the newest with a
+# matching /boot/vmlinuz-* when there are several.
+if [ -z "$kver" ]; then
+	for d in "$modtree"/lib/modules/*/ "$modtree"/usr/lib/modules/*/; do
+		[ -d "$d" ] || continue
+		v=$(basename "$d")
+		if [ -z "$kver" ] || [ -e "$tree/boot/vmlinuz-$v" ]; then kver=$v; fi
+	done
+	[ -n "$kver" ] || die "no kernel modules under $modtree/lib/modules"
+fi
+moddir=$modtree/lib/modules/$kver
+[ -d "$moddir" ] || moddir=$modtree/usr/lib/modules/$kver
+[ -d "$moddir" ] || die "no $modtree/lib/modules/$kver"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/nbdroot-initrd.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+root=$work/root
+mkdir -p "$root"/bin "$root"/sbin "$root"/lib/nbdroot "$root"/lib/modules/"$kver" \
+	"$root"/etc "$root"/dev "$root"/proc "$root"/sys "$root"/run "$root"/newroot "$root"/tmp
+
+# ---------------------------------------------------------------- programs
+
+# is_static FILE
+is_static() {
+	case $(LC_ALL=C ldd "$1" 2>&1) in
+	*"not a dynamic executable"* | *"statically linked"*) return 0 ;;
+	esac
+	return 1
+}
+
+# needed_libs ROOT FILE: absolute paths (inside ROOT, "/" for the host) of
+# the shared libraries FILE needs, the dynamic loader included.
+needed_libs() {
+	if [ "$1" = / ]; then
+		LC_ALL=C ldd "$2"
+	elif [ -x "$1/usr/bin/ldd" ] && [ "$(id -u)" = 0 ]; then
+		LC_ALL=C chroot "$1" /usr/bin/ldd "${2#"$1"}"
+	else
+		LC_ALL=C ldd "$2"
+	fi | awk '
+		/not found/ { print "MISSING " $1; next }
+		$2 == "=>" && $3 ~ /^\// { print $3; next }
+		$1 ~ /^\// { print $1 }'
+}
+
+# install_bin ROOT FILE DEST: copies FILE to DEST in the initrd, and its
+# libraries from ROOT.
+install_bin() {
+	cp -L "$2" "$root/$3"
+	chmod 755 "$root/$3"
+	is_static "$2" && return 0
+	for lib in $(needed_libs "$1" "$2"); do
+		case $lib in MISSING) die "$2 needs a library that is not there (ldd: not found)";; esac
+		[ "$lib" = MISSING ] && continue
+		src=$lib
+		[ "$1" != / ] && [ -e "$1$lib" ] && src=$1$lib
+		[ -e "$src" ] || die "$2: library $lib not found"
+		mkdir -p "$root$(dirname "$lib")"
+		[ -e "$root$lib" ] || cp -L "$src" "$root$lib"
+	done
+}
+
+# busybox
+if is_static /bin/busybox 2>/dev/null; then
+	install_bin / /bin/busybox bin/busybox
+	bbsrc="host /bin/busybox (static)"
+elif [ -x "$tree/bin/busybox" ] || [ -x "$tree/usr/bin/busybox" ]; then
+	b=$tree/bin/busybox
+	[ -x "$b" ] || b=$tree/usr/bin/busybox
+	install_bin "$tree" "$b" bin/busybox
+	bbsrc="tree's busybox"
+else
+	die "no busybox: install busybox-static on this host, or busybox in the tree"
+fi
+for applet in $("$root/bin/busybox" --list); do
+	case $applet in busybox) continue ;; esac
+	[ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+done
+
+# nbd-client
+find_nbd_client() {
+	if [ -n "${NBDROOT_NBD_CLIENT:-}" ]; then
+		[ -x "$NBDROOT_NBD_CLIENT" ] || die "NBDROOT_NBD_CLIENT=$NBDROOT_NBD_CLIENT: not executable"
+		echo "/ $NBDROOT_NBD_CLIENT"; return
+	fi
+	for p in sbin/nbd-client usr/sbin/nbd-client; do
+		[ -x "$tree/$p" ] && { echo "$tree $tree/$p"; return; }
+	done
+	for p in /sbin/nbd-client /usr/sbin/nbd-client; do
+		[ -x "$p" ] && { echo "/ $p"; return; }
+	done
+	cache=${NBDROOT_CACHE:-/var/cache/nbdroot}/nbd-client
+	if ! [ -x "$cache/sbin/nbd-client" ]; then
+		say "no nbd-client in the tree or on this host: fetching Debian's package"
+		mkdir -p "$cache.deb"
+		(cd "$cache.deb" && apt-get download nbd-client >&2) || die "apt-get download nbd-client failed"
+		rm -rf "$cache" && mkdir -p "$cache"
+		dpkg -x "$(ls "$cache.deb"/nbd-client_*.deb | tail -n 1)" "$cache" || die "dpkg -x failed"
+	fi
+	echo "/ $cache/sbin/nbd-client"
+}
+set -- $(find_nbd_client)
+install_bin "$1" "$2" sbin/nbd-client
+nbdsrc=$2
+
+# ---------------------------------------------------------------- modules
+
+wanted="virtio_pci virtio_net nbd ext4 crc32c ${NBDROOT_MODULES:-}"
+required="nbd ext4"
+find "$moddir/kernel" "$moddir/updates" "$moddir/extra" -name '*.ko*' 2>/dev/null >"$work/ko.list" || true
+[ -s "$work/ko.list" ] || die "no modules (*.ko) under $moddir"
+
+# ko_path NAME: the module file for NAME ('-' and '_' are the same).
+ko_path() {
+	n=$(echo "$1" | tr - _)
+	awk -v n="$n" '{ b = $0; sub(/.*\//, "", b); sub(/\.ko(\.(xz|zst|gz))?$/, "", b);
+		gsub(/-/, "_", b); if (b == n) { print; exit } }' "$work/ko.list"
+}
+
+is_builtin() {
+	n=$(echo "$1" | tr - _)
+	[ -f "$moddir/modules.builtin" ] &&
+		tr - _ <"$moddir/modules.builtin" | grep -q "/$n\.ko$"
+}
+
+: >"$work/order"
+# add_module NAME: its dependencies first, then NAME (depth first, once).
+add_module() {
+	n=$(echo "$1" | tr - _)
+	grep -qx "$n" "$work/seen" 2>/dev/null && return 0
+	echo "$n" >>"$work/seen"
+	p=$(ko_path "$n")
+	# Aliases the softdeps use (no modules.alias needed): crc32c is
+	# crc32c_generic, which every x86 CPU can run.
+	[ -z "$p" ] && p=$(ko_path "${n}_generic")
+	if [ -z "$p" ]; then
+		is_builtin "$n" && return 0
+		case " $required " in *" $n "*) die "module $n: neither built in nor in $moddir" ;; esac
+		say "module $n: not in this kernel, skipped"
+		return 0
+	fi
+	deps=$(modinfo -F depends "$p" | tr , ' ')
+	soft=$(modinfo -F softdep "$p" | tr ' ' '\n' | grep -v ':$' || true)
+	for d in $deps $soft; do
+		add_module "$d"
+		n=$(echo "$1" | tr - _)  # restored after recursion
+	done
+	p=$(ko_path "$n")
+	[ -z "$p" ] && p=$(ko_path "${n}_generic")
+	echo "$p" >>"$work/order"
+}
+for m in $wanted; do add_module "$m"; done
+
+: >"$root/lib/nbdroot/modules"
+while read -r p; do
+	rel=${p#"$moddir"/}
+	rel=${rel%.xz}; rel=${rel%.zst}; rel=${rel%.gz}
+	dest=$root/lib/modules/$kver/$rel
+	mkdir -p "$(dirname "$dest")"
+	case $p in
+	*.ko.xz) xz -dc "$p" >"$dest" ;;
+	*.ko.zst) zstd -qdc "$p" >"$dest" ;;
+	*.ko.gz) gzip -dc "$p" >"$dest" ;;
+	*) cp "$p" "$dest" ;;
+	esac
+	echo "/lib/modules/$kver/$rel" >>"$root/lib/nbdroot/modules"
+done <"$work/order"
+
+# ---------------------------------------------------------------- scripts
+
+cp "$here/init" "$root/init"
+cp "$here/lib/cmdline.sh" "$here/lib/node.sh" "$root/lib/nbdroot/"
+cp "$here/lib/udhcpc.script" "$root/lib/nbdroot/udhcpc.script"
+chmod 755 "$root/init" "$root/lib/nbdroot/udhcpc.script"
+echo "$kver" >"$root/lib/nbdroot/kver"
+
+# ---------------------------------------------------------------- archive
+
+if [ -z "$compress" ]; then
+	cfg=$tree/boot/config-$kver
+	compress=gzip
+	if [ -f "$cfg" ]; then
+		if grep -q '^CONFIG_RD_ZSTD=y' "$cfg" && command -v zstd >/dev/null; then compress=zstd
+		elif grep -q '^CONFIG_RD_XZ=y' "$cfg" && command -v xz >/dev/null; then compress=xz
+		fi
+	elif command -v zstd >/dev/null; then
+		compress=zstd
+	fi
+fi
+case $compress in
+zstd) cmd="zstd -q -${NBDROOT_ZSTD_LEVEL:-19} -T0 -c" ;;
+xz) cmd="xz -9 --check=crc32 -T0 -c" ;;
+gzip) cmd="gzip -9 -n -c" ;;
+*) die "unknown compression $compress" ;;
+esac
+
+files=$(cd "$root" && find . | wc -l)
+raw=$(du -sk "$root" | cut -f1)
+(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | $cmd >"$out.tmp"
+mv "$out.tmp" "$out"
+size=$(wc -c <"$out")
+say "kernel $kver; busybox: $bbsrc; nbd-client: $nbdsrc"
+say "modules: $(sed 's,.*/,,; s,\.ko$,,' "$root/lib/nbdroot/modules" | tr '\n' ' ')"
+echo "$out: $size bytes ($compress; ${raw} KiB unpacked, $files files)"

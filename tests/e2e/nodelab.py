@@ -1,0 +1,358 @@
+"""The e2e lab: Debian's kernel, our initrd, test root trees, a store with
+generations, nbdserver on a fixed free port, and qemu VMs booting from it.
+
+Nothing here is installed on the host: the kernel package is fetched with
+`apt-get download` into the cache and unpacked with `dpkg -x`.
+
+Environment:
+  NBDROOT_E2E_CACHE     cache dir (default /var/cache/nbdroot-e2e, or
+                        ~/.cache/nbdroot-e2e when that is not writable)
+  NBDROOT_E2E_KERNEL    package name (default: the newest
+                        linux-image-6.1.0-*-amd64 apt knows)
+  NBDROOT_E2E_ACCEL     qemu accelerator (default tcg)
+  NBDROOT_E2E_LOGS      where consoles and server logs of failed tests go
+  NBDSERVER, IMAGEBUILDER  the binaries (default: the build trees)
+  NBDROOT_E2E_STORE=handmade  developer switch: lay generations out by hand
+                        (mke2fs -d) instead of calling imagebuilder
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+HOOKS = os.path.join(REPO, "initrd-hooks")
+MiB = 1 << 20
+BOOT_TIMEOUT = float(os.environ.get("NBDROOT_E2E_BOOT_TIMEOUT", "120"))
+
+
+def cache_dir():
+    d = os.environ.get("NBDROOT_E2E_CACHE")
+    if not d:
+        d = "/var/cache/nbdroot-e2e"
+        try:
+            os.makedirs(d, exist_ok=True)
+            if not os.access(d, os.W_OK):
+                raise PermissionError(d)
+        except OSError:
+            d = os.path.expanduser("~/.cache/nbdroot-e2e")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def run(cmd, timeout=600, **kw):
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=timeout, **kw)
+    if p.returncode != 0:
+        raise AssertionError(f"{cmd!r} exited {p.returncode}\nstdout: {p.stdout[-3000:]}\n"
+                             f"stderr: {p.stderr[-3000:]}")
+    return p
+
+
+def find_binary(env, pattern):
+    """$env, else build/'s binary, else the newest of the other build trees'
+    (sanitizer and fuzzing builds last) matching `pattern` (build*/...)."""
+    path = os.environ.get(env)
+    if path:
+        return path if os.access(path, os.X_OK) else None
+    found = [p for p in glob.glob(os.path.join(REPO, pattern)) if os.access(p, os.X_OK)]
+    if not found:
+        return None
+    plain = os.path.join(REPO, pattern.replace("build*", "build", 1))
+    if plain in found:
+        return plain
+    slow = ("asan", "fuzz", "ubsan", "tsan")
+    return max(found, key=lambda p: (not any(w in p for w in slow), os.path.getmtime(p)))
+
+
+# ---------------------------------------------------------------- kernel
+
+class Kernel:
+    def __init__(self, root, version):
+        self.root = root            # the unpacked package: boot/, lib/modules/
+        self.version = version
+        self.vmlinuz = os.path.join(root, "boot", f"vmlinuz-{version}")
+
+
+def newest_kernel_package():
+    out = subprocess.run(["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"],
+                         capture_output=True, text=True, timeout=60).stdout
+    names = re.findall(r"^(linux-image-6\.1\.0-(\d+)-amd64) ", out, re.M)
+    if not names:
+        return None
+    return max(names, key=lambda n: int(n[1]))[0]
+
+
+def fetch_kernel():
+    """Downloads (once) and unpacks Debian's kernel package; returns a Kernel."""
+    cache = cache_dir()
+    pkg = os.environ.get("NBDROOT_E2E_KERNEL") or newest_kernel_package()
+    if pkg is None:
+        # No apt lists: use whatever was unpacked before.
+        done = sorted(glob.glob(os.path.join(cache, "linux-image-*", ".unpacked")))
+        if not done:
+            raise RuntimeError("apt-cache knows no linux-image-6.1.0-*-amd64 (run apt-get update)")
+        pkg = os.path.basename(os.path.dirname(done[-1]))
+    root = os.path.join(cache, pkg)
+    if not os.path.exists(os.path.join(root, ".unpacked")):
+        debs = os.path.join(cache, "debs")
+        os.makedirs(debs, exist_ok=True)
+        if not glob.glob(os.path.join(debs, f"{pkg}_*.deb")):
+            run(["apt-get", "download", pkg], cwd=debs)
+        deb = sorted(glob.glob(os.path.join(debs, f"{pkg}_*.deb")))[-1]
+        shutil.rmtree(root, ignore_errors=True)
+        run(["dpkg", "-x", deb, root])
+        open(os.path.join(root, ".unpacked"), "w").close()
+    version = pkg[len("linux-image-"):]
+    return Kernel(root, version)
+
+
+def make_initrd(kernel, out):
+    """Our own initrd for `kernel` (initrd-hooks/mkinitrd.sh); returns
+    (path, size in bytes, mkinitrd's report)."""
+    p = run([os.path.join(HOOKS, "mkinitrd.sh"), kernel.root, out], timeout=600)
+    return out, os.path.getsize(out), p.stdout.strip() + "\n" + p.stderr.strip()
+
+
+# ---------------------------------------------------------------- trees
+
+def make_test_tree(path, generation):
+    """A busybox root whose /sbin/init is node_init.sh; /etc/generation
+    names the generation it is built into."""
+    for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "data", "root"):
+        os.makedirs(os.path.join(path, d), exist_ok=True)
+    shutil.copy2("/bin/busybox", os.path.join(path, "bin", "busybox"))
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True).stdout.split()
+    for a in applets:
+        link = os.path.join(path, "bin", a)
+        if a != "busybox" and not os.path.lexists(link):
+            os.symlink("busybox", link)
+    shutil.copy2(os.path.join(HERE, "node_init.sh"), os.path.join(path, "sbin", "init"))
+    os.chmod(os.path.join(path, "sbin", "init"), 0o755)
+    with open(os.path.join(path, "etc", "generation"), "w") as f:
+        f.write(generation + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- store
+
+class Store:
+    """A store, filled by imagebuilder (or, with NBDROOT_E2E_STORE=handmade,
+    by mke2fs -d as a developer's stand-in)."""
+
+    def __init__(self, path, nbdserver, imagebuilder=None, handmade=False):
+        self.path = path
+        self.nbdserver = nbdserver
+        self.imagebuilder = imagebuilder
+        self.handmade = handmade
+        os.makedirs(path, exist_ok=True)
+
+    def build(self, image, tree, gen_hint, size_mib=64):
+        """A new generation of `image` from `tree`; returns its id."""
+        if not self.handmade:
+            p = run([self.imagebuilder, "--store", self.path, "build", image, "--from", tree],
+                    timeout=600)
+            return p.stdout.strip().splitlines()[-1].strip()
+        d = os.path.join(self.path, "images", image, "generations", gen_hint)
+        os.makedirs(d)
+        img = os.path.join(d, "image.ext4")
+        run(["mke2fs", "-q", "-t", "ext4", "-d", tree, "-E",
+             "lazy_itable_init=0,lazy_journal_init=0", img, f"{size_mib}M"])
+        with open(os.path.join(d, "manifest.json"), "w") as f:
+            json.dump({"image": image, "generation": gen_hint, "parent": None, "format": "full",
+                       "size": size_mib * MiB, "block_size": 4096}, f)
+        return gen_hint
+
+    def publish(self, image, gen):
+        if not self.handmade:
+            run([self.imagebuilder, "--store", self.path, "publish", image, gen])
+            return
+        link = os.path.join(self.path, "images", image, "current")
+        tmp = link + ".tmp"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(os.path.join("generations", gen), tmp)
+        os.replace(tmp, link)
+
+    def admin(self, *args):
+        return run([self.nbdserver, "admin", "--store", self.path, *args], timeout=60).stdout
+
+
+# ---------------------------------------------------------------- server
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """nbdserver --store on 127.0.0.1:PORT (a fixed port, so that a restart
+    comes back where the nodes expect it). Guests reach it at 10.0.2.2."""
+
+    def __init__(self, binary, store, workdir, port=None):
+        self.binary = binary
+        self.store = store
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc = None
+        self.log = os.path.join(workdir, "nbdserver.log")
+        self.starts = 0
+
+    def start(self, timeout=15):
+        self.starts += 1
+        ready = os.path.join(self.workdir, f"ready.{self.starts}")
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log, "ab") as log:
+                log.write(f"--- start {self.starts} ---\n".encode())
+                log.flush()
+                self.proc = subprocess.Popen(
+                    [self.binary, "--listen", f"127.0.0.1:{self.port}", "--store", self.store,
+                     "--threads", "1", "--ready-file", ready],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            while time.monotonic() < deadline:
+                if os.path.exists(ready) and open(ready).read().strip():
+                    return self
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                raise AssertionError(f"nbdserver not ready within {timeout} s")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"nbdserver kept exiting ({self.proc.returncode}); see {self.log}")
+            time.sleep(0.2)  # the port may still be held by the old process
+
+    def stop(self, timeout=30):
+        """SIGTERM; returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            return None
+
+    def text(self):
+        try:
+            return open(self.log, errors="replace").read()
+        except FileNotFoundError:
+            return ""
+
+
+# ---------------------------------------------------------------- VMs
+
+class VM:
+    """One qemu node. The console goes to a file, read while it runs."""
+
+    def __init__(self, lab, name, append, mac, vmlinuz=None, initrd=None, memory_mib=None):
+        self.lab = lab
+        self.vmlinuz = vmlinuz or lab.kernel.vmlinuz
+        self.initrd = initrd or lab.initrd
+        self.memory_mib = memory_mib or lab.memory_mib
+        self.name = name
+        self.mac = mac
+        self.append = append
+        self.console_path = os.path.join(lab.workdir, f"console-{name}.log")
+        self.proc = None
+        self.started = None
+        self.elapsed = None
+
+    def start(self):
+        cmd = ["qemu-system-x86_64", "-accel", self.lab.accel, "-m", str(self.memory_mib),
+               "-smp", "1", "-display", "none", "-no-reboot", "-monitor", "none",
+               "-serial", f"file:{self.console_path}",
+               "-kernel", self.vmlinuz, "-initrd", self.initrd,
+               "-append", self.append,
+               "-netdev", "user,id=n0",
+               "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(["nice", "-n", "5"] + cmd, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lab.vms.append(self)
+        return self
+
+    def console(self):
+        try:
+            with open(self.console_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def e2e(self):
+        """The node's E2E: lines, without the prefix."""
+        return [l[5:].strip() for l in self.console().splitlines() if l.startswith("E2E: ")]
+
+    def wait_for(self, pattern, timeout=BOOT_TIMEOUT):
+        """Waits until `pattern` (a regex) is on the console; returns the match."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.console())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                m = re.search(pattern, self.console())
+                if m:
+                    return m
+                raise AssertionError(f"{self.name}: qemu exited ({self.proc.returncode}) before "
+                                     f"{pattern!r}; console in {self.console_path}")
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name}: no {pattern!r} within {timeout} s; "
+                             f"console in {self.console_path}")
+
+    def wait(self, timeout=BOOT_TIMEOUT):
+        """Waits for qemu to exit (the node powered off or rebooted)."""
+        try:
+            self.proc.wait(max(1, timeout - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name}: still running after {timeout} s; console in "
+                                 f"{self.console_path}")
+        self.elapsed = time.monotonic() - self.started
+        if self.proc.returncode != 0:
+            err = self.proc.stderr.read().decode(errors="replace")
+            raise AssertionError(f"{self.name}: qemu exited {self.proc.returncode}: {err[-2000:]}")
+        return self
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Lab:
+    def __init__(self, workdir, kernel, initrd, server, store):
+        self.workdir = workdir
+        self.kernel = kernel
+        self.initrd = initrd
+        self.server = server
+        self.store = store
+        self.accel = os.environ.get("NBDROOT_E2E_ACCEL", "tcg")
+        self.memory_mib = 512
+        self.vms = []
+
+    def cmdline(self, node=None, extra="", image="lab", port=None):
+        parts = ["console=ttyS0", f"nbdroot=10.0.2.2:{port or self.server.port}/{image}",
+                 "ip=dhcp", "panic=5"]
+        if node:
+            parts.append(f"nbdroot.node={node}")
+        return " ".join(parts + ([extra] if extra else []))
+
+    def vm(self, name, append, mac="52:54:00:12:34:56", **kw):
+        return VM(self, name, append, mac, **kw)
+
+    def boot(self, name, append, mac="52:54:00:12:34:56", timeout=BOOT_TIMEOUT, **kw):
+        """Boots a node to the end (it powers off); returns the VM."""
+        v = self.vm(name, append, mac, **kw).start()
+        v.wait(timeout)
+        return v
