@@ -28,7 +28,7 @@ run_ctest() {  # BUILD_DIR LOG [CTEST ARGS...]
   local dir="$1" log="$2"
   shift 2
   ctest --test-dir "$dir" --output-on-failure -j "$jobs" --timeout 2400 "$@" 2>&1 | tee "$log"
-  count_ctest "$2"
+  count_ctest "$log"
 }
 
 logs="$(mktemp -d)"
