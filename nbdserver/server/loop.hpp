@@ -183,6 +183,7 @@ class Loop {
   std::vector<uint32_t> free_ops_;
   std::vector<uint32_t> to_send_;  // connections with replies to flush
   std::vector<unsigned char> residency_;  // scratch for ImageFile::resident
+  std::vector<unsigned char> residency2_;  // a second one, for view reads
   std::vector<Flusher> flushers_;         // by export index
   unsigned file_ops_ = 0;                 // file operations in flight
   std::vector<storage::Piece> pieces_;    // scratch for read plans

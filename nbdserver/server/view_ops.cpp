@@ -14,6 +14,8 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <spdlog/spdlog.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cassert>
 #include <cstring>
@@ -123,16 +125,37 @@ bool Loop::fill(uint32_t op, const std::vector<storage::Piece>& pieces, uint64_t
                 uint8_t* buf) {
   const storage::NodeView& v = *conns_[ops_[op].conn]->exp->view;
   const int full = int(v.generation().deltas());
+  // Page residency of the diff and of the full image over the pieces' whole
+  // span, one mincore() each and only if a piece needs it.
+  static const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+  const uint64_t span_off = pieces.empty() ? 0 : pieces.front().off & ~(page - 1);
+  const uint64_t span_end = pieces.empty() ? 0 : pieces.back().off + pieces.back().len;
+  struct Residency {
+    const uint8_t* map;
+    std::vector<unsigned char>* v;
+    int state = 0;  // 0 unknown, 1 known, -1 unavailable
+  };
+  Residency res[2] = {{v.diff_mapping(), &residency_}, {v.generation().full()->mapping(), &residency2_}};
+  auto resident = [&](Residency& r, const storage::Piece& p) {
+    if (r.state == 0) {
+      r.v->resize((span_end - span_off + page - 1) / page);
+      r.state = r.map && mincore(const_cast<uint8_t*>(r.map) + span_off, span_end - span_off,
+                                 r.v->data()) == 0 ? 1 : -1;
+    }
+    if (r.state < 0) return false;
+    for (uint64_t pg = (p.off - span_off) / page; pg <= (p.off + p.len - 1 - span_off) / page; ++pg)
+      if (!((*r.v)[pg] & 1)) return false;
+    return true;
+  };
   for (const storage::Piece& p : pieces) {
     uint8_t* dst = buf + (p.off - start);
     if (p.from == storage::kFromZero) {
       memset(dst, 0, p.len);
       continue;
     }
-    const uint8_t* map = p.from == storage::kFromDiff ? v.diff_mapping()
-                         : p.from == full             ? v.generation().full()->mapping()
-                                                      : nullptr;
-    if (storage::pages_resident(map, p.off, p.len, &residency_)) {
+    Residency* r = p.from == storage::kFromDiff ? &res[0] : p.from == full ? &res[1] : nullptr;
+    if (r && resident(*r, p)) {
+      const uint8_t* map = r->map;
       memcpy(dst, map + p.off, p.len);
       continue;
     }
