@@ -201,6 +201,8 @@ static struct {
   uint64_t size_limit;   /* 0 = whole export */
   uint64_t seed;
   bool fua;
+  uint64_t align;        /* 0 = bs: random offsets are multiples of this */
+  uint64_t flush_every;  /* 0 = never: every Nth request is a FLUSH */
 } cfg = {
   .op = OP_READ, .pattern = PAT_RAND, .bs = 4096, .qd = 1, .conns = 1,
   .threads = 1, .seconds = 5, .warmup = 0, .ops = 0, .timeout = 0,
@@ -216,6 +218,7 @@ struct slot {
   struct conn *c;
   char *buf;
   uint64_t t0;
+  bool flush;         /* --flush-every: this request is a FLUSH */
 };
 
 struct worker;
@@ -227,6 +230,8 @@ struct conn {
   uint64_t nblocks;   /* addressable blocks of bs */
   uint64_t seq_next;  /* next block for PAT_SEQ */
   uint64_t rng;
+  uint64_t nalign;    /* --align: addressable offsets (multiples of align) */
+  uint64_t since_flush;
   struct slot *slots;
   struct slot **ready; /* stack of idle slots */
   unsigned nready;
@@ -242,6 +247,7 @@ struct worker {
   struct hist hist;
   uint64_t ops, bytes;
   uint64_t ops_all;     /* every successful completion, incl. warmup/drain */
+  uint64_t flushes;     /* --flush-every: completed FLUSHes (not in ops) */
   uint64_t issued;
   uint64_t quota;       /* --ops mode: ops this worker issues */
   uint64_t first_t0, last_done;
@@ -265,6 +271,10 @@ static int completion_cb(void *user_data, int *error)
   if (*error) {
     if (w->errors++ == 0)
       w->first_error = *error;
+    return 1;
+  }
+  if (s->flush) {
+    w->flushes++;
     return 1;
   }
   w->ops_all++;
@@ -293,6 +303,22 @@ static void worker_fail(struct worker *w, const char *what)
 static bool submit(struct worker *w, struct conn *c)
 {
   struct slot *s = c->ready[--c->nready];
+  s->flush = false;
+  if (cfg.flush_every && ++c->since_flush > cfg.flush_every) {
+    /* Every (N+1)th request is a FLUSH; it neither counts as an op nor
+     * towards --ops. */
+    c->since_flush = 0;
+    s->flush = true;
+    nbd_completion_callback cb = { .callback = completion_cb, .user_data = s, .free = NULL };
+    s->t0 = now_ns();
+    if (nbd_aio_flush(c->h, cb, 0) == -1) {
+      c->ready[c->nready++] = s;
+      worker_fail(w, "nbd_aio_flush");
+      return false;
+    }
+    c->inflight++;
+    return true;
+  }
   uint64_t blk;
   if (cfg.pattern == PAT_RAND) {
     blk = splitmix64(&c->rng) % c->nblocks;
@@ -302,6 +328,8 @@ static bool submit(struct worker *w, struct conn *c)
       c->seq_next = 0;
   }
   uint64_t off = blk * cfg.bs;
+  if (cfg.align && cfg.pattern == PAT_RAND) /* --align: any multiple of align */
+    off = splitmix64(&c->rng) % c->nalign * cfg.align;
   nbd_completion_callback cb = { .callback = completion_cb, .user_data = s, .free = NULL };
   s->t0 = now_ns();
   if (w->first_t0 == 0)
@@ -458,6 +486,10 @@ static void usage(FILE *f)
     "  --size-limit BYTES   only address the first BYTES of the export\n"
     "  --seed N             random seed (default fixed)\n"
     "  --fua                set FUA on writes\n"
+    "  --align BYTES        random offsets are multiples of BYTES (default bs), e.g.\n"
+    "                       --bs 1K --align 512 for unaligned writes\n"
+    "  --flush-every N      after every N requests on a connection, send a FLUSH\n"
+    "                       (not counted in ops; \"flushes\" in the output)\n"
     "Prints one JSON line with ops, bytes, seconds, iops, mb_s (1e6 B/s), mib_s,\n"
     "and latency percentiles in microseconds.\n");
 }
@@ -465,7 +497,8 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
   enum { O_URI = 256, O_OP, O_PATTERN, O_BS, O_QD, O_CONNS, O_THREADS, O_SECONDS,
-         O_WARMUP, O_OPS, O_TIMEOUT, O_SIZE_LIMIT, O_SEED, O_FUA, O_HELP };
+         O_WARMUP, O_OPS, O_TIMEOUT, O_SIZE_LIMIT, O_SEED, O_FUA, O_ALIGN, O_FLUSH_EVERY,
+         O_HELP };
   static const struct option longopts[] = {
     { "uri", required_argument, 0, O_URI },
     { "op", required_argument, 0, O_OP },
@@ -481,6 +514,8 @@ int main(int argc, char **argv)
     { "size-limit", required_argument, 0, O_SIZE_LIMIT },
     { "seed", required_argument, 0, O_SEED },
     { "fua", no_argument, 0, O_FUA },
+    { "align", required_argument, 0, O_ALIGN },
+    { "flush-every", required_argument, 0, O_FLUSH_EVERY },
     { "help", no_argument, 0, O_HELP },
     { 0, 0, 0, 0 },
   };
@@ -509,6 +544,8 @@ int main(int argc, char **argv)
     case O_SIZE_LIMIT: cfg.size_limit = parse_size("--size-limit", optarg); break;
     case O_SEED: cfg.seed = parse_size("--seed", optarg); break;
     case O_FUA: cfg.fua = true; break;
+    case O_ALIGN: cfg.align = parse_size("--align", optarg); break;
+    case O_FLUSH_EVERY: cfg.flush_every = parse_size("--flush-every", optarg); break;
     case O_HELP: case 'h': usage(stdout); return 0;
     default: usage(stderr); return 2;
     }
@@ -523,6 +560,8 @@ int main(int argc, char **argv)
   if (cfg.threads == 0) die("--threads must be >= 1");
   if (cfg.threads > cfg.conns) cfg.threads = cfg.conns;
   if (!cfg.ops && cfg.seconds <= 0) die("--seconds must be > 0");
+  if (cfg.align == cfg.bs) cfg.align = 0;  /* the default: identical to no --align */
+  if (cfg.align && cfg.pattern != PAT_RAND) die("--align only applies to --pattern rand");
   if (cfg.timeout == 0)
     cfg.timeout = cfg.ops ? 300 : cfg.seconds + cfg.warmup + 30;
 
@@ -555,6 +594,11 @@ int main(int argc, char **argv)
       int ro = nbd_is_read_only(c->h);
       if (ro == -1) die_nbd("nbd_is_read_only");
       if (ro) die("export is read-only, cannot --op write");
+      if (cfg.flush_every) {
+        int f = nbd_can_flush(c->h);
+        if (f == -1) die_nbd("nbd_can_flush");
+        if (!f) die("server does not support FLUSH");
+      }
       if (cfg.fua) {
         int f = nbd_can_fua(c->h);
         if (f == -1) die_nbd("nbd_can_fua");
@@ -567,11 +611,13 @@ int main(int argc, char **argv)
     span = cfg.size_limit;
   uint64_t nblocks = span / cfg.bs;
   if (nblocks == 0) die("export (or --size-limit) smaller than --bs");
+  uint64_t nalign = cfg.align ? (span - cfg.bs) / cfg.align + 1 : 0;
 
   /* Buffers: one per slot.  Write data is pseudo-random, not zeros. */
   for (unsigned i = 0; i < cfg.conns; i++) {
     struct conn *c = &conns[i];
     c->nblocks = nblocks;
+    c->nalign = nalign;
     c->seq_next = (uint64_t)i * nblocks / cfg.conns;
     c->rng = cfg.seed ^ (0x9e3779b97f4a7c15ull * (i + 1));
     c->slots = calloc(cfg.qd, sizeof *c->slots);
@@ -642,6 +688,7 @@ int main(int argc, char **argv)
   /* Merge. */
   struct hist *h = calloc(1, sizeof *h);
   if (!h) die("out of memory");
+  uint64_t flushes = 0;
   uint64_t ops = 0, ops_all = 0, bytes = 0, errors = 0, last_done = 0, first_t0 = UINT64_MAX;
   int first_error = 0;
   const char *fatal = NULL;
@@ -650,6 +697,7 @@ int main(int argc, char **argv)
     h_merge(h, &w->hist);
     ops += w->ops;
     ops_all += w->ops_all;
+    flushes += w->flushes;
     bytes += w->bytes;
     if (w->errors && !errors) first_error = w->first_error;
     errors += w->errors;
@@ -696,6 +744,10 @@ int main(int argc, char **argv)
          h_pct(h, 90) / 1e3, h_pct(h, 99) / 1e3, h_pct(h, 99.9) / 1e3,
          (double)h->max / 1e3, cpu, errors);
   json_str(stdout, first_error ? strerror(first_error) : "");
+  if (cfg.flush_every)
+    printf(",\"flushes\":%" PRIu64, flushes);
+  if (cfg.align)
+    printf(",\"align\":%" PRIu64, cfg.align);
   printf(",\"fatal\":");
   if (fatal) json_str(stdout, fatal);
   else printf("null");
