@@ -228,17 +228,7 @@ def run_load(args, uri, params, ops=None, seed=None, quiet_timing=False):
         argv.append("--fua")
     if args.client_cpus:
         argv = ["taskset", "-c", args.client_cpus] + argv
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:
-        raise ServerError(f"nbdload timed out after {limit:.0f} s: {' '.join(argv)}")
-    res = None
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            res = json.loads(line)
-    if r.returncode != 0 or res is None:
-        raise ServerError(f"nbdload failed (rc={r.returncode}): {' '.join(argv)}\n"
-                          f"    stderr: {r.stderr.strip()}\n    stdout: {r.stdout.strip()}")
+    res = rb.exec_nbdload(argv, limit)
     return res
 
 

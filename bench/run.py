@@ -404,6 +404,23 @@ DEFAULT_WORKLOADS = ["rr4k_qd1", "rr4k_qd32", "rr4k_4x16", "sr1m", "sr128k", "nb
 THROUGHPUT_KEY = {w: ("iops" if WORKLOADS[w][2].get("bs") == 4096 else "mb_s") for w in WORKLOADS}
 
 
+def exec_nbdload(argv, limit):
+    """Runs an nbdload command line; returns its JSON result line as a dict.
+    Raises ServerError on a timeout, a failure or no result."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"nbdload timed out after {limit:.0f} s: {' '.join(argv)}")
+    res = None
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            res = json.loads(line)
+    if r.returncode != 0 or res is None:
+        raise ServerError(f"nbdload failed (rc={r.returncode}): {' '.join(argv)}\n"
+                          f"    stderr: {r.stderr.strip()}\n    stdout: {r.stdout.strip()}")
+    return res
+
+
 def run_nbdload(args, server, params):
     conns = params["conns"]
     threads = min(conns, args.client_threads)
@@ -416,17 +433,7 @@ def run_nbdload(args, server, params):
     if args.client_cpus:
         argv = ["taskset", "-c", args.client_cpus] + argv
     limit = args.seconds + args.warmup + 60
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:
-        raise ServerError(f"nbdload timed out after {limit:.0f} s: {' '.join(argv)}")
-    res = None
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            res = json.loads(line)
-    if r.returncode != 0 or res is None:
-        raise ServerError(f"nbdload failed (rc={r.returncode}): {' '.join(argv)}\n"
-                          f"    stderr: {r.stderr.strip()}\n    stdout: {r.stdout.strip()}")
+    res = exec_nbdload(argv, limit)
     return dict(ops=res["ops"], ops_all=res["ops_all"], bytes=res["bytes"],
                 seconds=res["seconds"], iops=res["iops"], mb_s=res["mb_s"],
                 p50_us=res["lat_p50_us"], p99_us=res["lat_p99_us"],
