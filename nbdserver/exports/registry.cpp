@@ -99,7 +99,11 @@ std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
   auto it = by_name_.find(name);
   if (it != by_name_.end()) return it->second;
   StoreName sn;
-  if (!store_ || !parse_store_name(std::string(name), &sn)) return nullptr;
+  std::string bad;
+  if (!store_ || !parse_store_name(std::string(name), &sn, &bad)) {
+    if (!bad.empty()) *why = "export '" + std::string(name) + "': " + bad;
+    return nullptr;
+  }
   if (access((store_->root() + "/images/" + sn.image).c_str(), F_OK) != 0) return nullptr;
   auto e = std::make_shared<ServedExport>();
   e->name = std::string(name);
@@ -112,7 +116,8 @@ std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
     // A node's view: every connection of the node is served by one loop
     // from one in-memory map, and a flush covers the whole diff, so a flush
     // on any connection covers writes acknowledged on all of them.
-    e->view = store_->view(sn.image, sn.node, &err);
+    e->view = store_->view(sn.image, sn.node, sn.attach, &err);
+    e->resume = sn.attach.resume;
     if (!e->view) {
       spdlog::error("export '{}': {}", name, err);
       *why = "export '" + e->name + "' cannot be served: " + err;

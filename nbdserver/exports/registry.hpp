@@ -29,6 +29,7 @@ struct ServedExport : nbd::ExportInfo {
   std::shared_ptr<storage::NodeView> view;
   std::shared_ptr<storage::Generation> gen;  // keeps a generation's files open
   std::shared_ptr<Store> store;              // for a node view's attach counts
+  bool resume = false;  // a node reconnecting within one boot (IMAGE/NODE?resume)
   unsigned index = 0;  // --export: position in the registry, for per-loop tables
 };
 

@@ -68,9 +68,41 @@ std::string now_iso8601() {
   return buf;
 }
 
-bool parse_store_name(const std::string& name, StoreName* out) {
+namespace {
+// The options after '?': "resume" and "mode=persistent|ephemeral", joined
+// by '&'.
+bool parse_attach_options(const std::string& text, AttachOptions* out, std::string* err) {
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t end = text.find('&', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string opt = text.substr(pos, end - pos);
+    if (opt == "resume") {
+      out->resume = true;
+    } else if (opt.rfind("mode=", 0) == 0 && storage::parse_mode(opt.substr(5), &out->mode)) {
+      out->has_mode = true;
+    } else {
+      *err = "unknown attach option '" + opt + "' (expected resume or mode=persistent|ephemeral)";
+      return false;
+    }
+    pos = end + 1;
+  }
+  return true;
+}
+}  // namespace
+
+bool parse_store_name(const std::string& name, StoreName* out, std::string* err) {
   StoreName n;
   std::string rest = name;
+  if (size_t q = rest.find('?'); q != std::string::npos) {
+    const std::string opts = rest.substr(q + 1);
+    rest.resize(q);
+    if (rest.find('/') == std::string::npos) {
+      *err = "options after '?' are for node views (IMAGE/NODE?...) only";
+      return false;
+    }
+    if (!parse_attach_options(opts, &n.attach, err)) return false;
+  }
   if (size_t slash = rest.find('/'); slash != std::string::npos) {
     n.node = rest.substr(slash + 1);
     rest.resize(slash);
@@ -140,26 +172,46 @@ int Store::lock_node(const std::string& node, bool wait, std::string* err) const
 }
 
 std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const std::string& node,
-                                               std::string* err) {
+                                               const AttachOptions& how, std::string* err) {
   std::lock_guard<std::mutex> g(mu_);
+  auto wrong_mode = [&](storage::NodeMode has) {
+    *err = "node '" + node + "' is " + storage::mode_name(has) + " but attached with mode=" +
+           storage::mode_name(how.mode) + " (nbdroot.mode=); change its mode with `nbdserver " +
+           "admin delete` and `create --mode`";
+  };
   if (auto v = views_[node].lock()) {
     if (v->generation().image() != image) {
       *err = "node '" + node + "' belongs to image '" + v->generation().image() + "'";
+      return nullptr;
+    }
+    if (how.has_mode && how.mode != v->mode()) {
+      wrong_mode(v->mode());
       return nullptr;
     }
     return v;
   }
   NodeRecord rec;
   if (access((node_dir(node) + "/node.json").c_str(), F_OK) != 0) {
+    if (how.resume) {
+      *err = "node '" + node + "' does not exist, so there is nothing to resume (deleted while "
+             "the node ran?); the node must reboot";
+      return nullptr;
+    }
     if (opts_.nodes == NodePolicy::kRegistered) {
       *err = "node '" + node + "' is not registered (the server runs with --nodes registered)";
       return nullptr;
     }
-    if (!create_node(node, image, "", opts_.mode, opts_.block_size, err)) return nullptr;
+    if (!create_node(node, image, "", how.has_mode ? how.mode : opts_.mode, opts_.block_size,
+                     err))
+      return nullptr;
   }
   if (!read_node(node, &rec, err)) return nullptr;
   if (rec.image != image) {
     *err = "node '" + node + "' belongs to image '" + rec.image + "', not '" + image + "'";
+    return nullptr;
+  }
+  if (how.has_mode && how.mode != rec.mode) {
+    wrong_mode(rec.mode);
     return nullptr;
   }
   int lock = lock_node(node, true, err);
@@ -171,7 +223,7 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
     return nullptr;
   }
   std::shared_ptr<storage::NodeView> v = storage::NodeView::open(
-      node, layer_prefix(rec), gen, rec.block_size, rec.mode, lock, err);
+      node, layer_prefix(rec), gen, rec.block_size, rec.mode, how.resume, lock, err);
   if (!v) return nullptr;
   views_[node] = v;
   rec.last_seen = now_iso8601();

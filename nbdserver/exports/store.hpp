@@ -48,12 +48,27 @@ struct NodeRecord {
   unsigned connections = 0;
 };
 
+// How a node attaches, from the options after '?' in IMAGE/NODE?OPT&OPT.
+struct AttachOptions {
+  // "resume": the node is reconnecting within one boot (nbdroot-keeper after
+  // a server restart or a network failure), not booting: an ephemeral node
+  // keeps its changes, and a node with no layer on disk is refused.
+  bool resume = false;
+  // "mode=persistent|ephemeral": the node's mode as its command line says
+  // (nbdroot.mode=); used when the node is created at attach, and refused
+  // when it differs from a registered node's mode.
+  bool has_mode = false;
+  storage::NodeMode mode = storage::NodeMode::kPersistent;
+};
+
 // What an export name asks for.
 struct StoreName {
   std::string image, generation, node;  // generation "" = current; node "" = no view
+  AttachOptions attach;
 };
-// Parses an export name; false when it is not a store name.
-bool parse_store_name(const std::string& name, StoreName* out);
+// Parses an export name. Returns false when it is not a store name; sets
+// *err too when it looks like one but its options are wrong.
+bool parse_store_name(const std::string& name, StoreName* out, std::string* err);
 
 class Store {
  public:
@@ -69,7 +84,7 @@ class Store {
   // The node's view, opened on first use (creating the node under
   // --nodes auto) and shared by all its connections until the last one goes.
   std::shared_ptr<storage::NodeView> view(const std::string& image, const std::string& node,
-                                          std::string* err);
+                                          const AttachOptions& how, std::string* err);
   // Export names for NBD_OPT_LIST, each with a description: every image
   // with a current generation, every generation, every node.
   std::vector<std::pair<std::string, std::string>> list_exports() const;

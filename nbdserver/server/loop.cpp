@@ -593,8 +593,6 @@ bool Loop::backpressured(const Connection& c) const {
 void Loop::handle_request(Connection& c, const nbd::Request& req) {
   const uint64_t payload = nbd::payload_length(req, c.session.extended);
   nbd::Verdict v = nbd::validate(req, c.session);
-  if (v.ok() && shared_.stopping && req.type != nbd::kCmdDisc)
-    v = {nbd::kESHUTDOWN, "server is shutting down"};
   if (spdlog::should_log(spdlog::level::trace))
     spdlog::trace("conn {}: {} flags {:#x} offset {} length {}", c.id, nbd::cmd_name(req.type),
                   req.flags, req.offset, req.length);
@@ -712,6 +710,11 @@ void Loop::flush_sends() {
         close_connection(c, "server shutting down", false);
       } else if (!c.recv_pending && !c.disconnect && !c.close_after_send) {
         bool paused = c.payload_op == kNone && c.drain_left == 0 && backpressured(c);
+        // Shutting down: no new requests are read, only the rest of one
+        // whose payload is arriving. What the client sent after that stays
+        // unanswered, never failed, so a reconnecting client (the kernel with
+        // nbdroot-keeper) sends it again to the next server.
+        if (shared_.stopping && c.payload_op == kNone && c.drain_left == 0) paused = true;
         if (!paused) post_recv(c);
       }
       if (c.phase == Connection::Phase::kClosing) maybe_free(c);

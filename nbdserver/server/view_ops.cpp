@@ -55,8 +55,10 @@ void Loop::attach_view(Connection& c) {
   ViewState& vs = views_[view_slot(v)];
   if (!vs.view) vs.view = c.exp->view;
   // An ephemeral node that attaches anew starts from the clean generation,
-  // even if its view is still open from the last attach.
-  if (vs.conns == 0 && v->attached_once && v->mode() == storage::NodeMode::kEphemeral) {
+  // even if its view is still open from the last attach; one that resumes
+  // (reconnects within its boot) keeps its changes.
+  if (vs.conns == 0 && v->attached_once && v->mode() == storage::NodeMode::kEphemeral &&
+      !c.exp->resume) {
     spdlog::info("node '{}': ephemeral, attached anew: dropping its changes", v->node());
     v->drop_changes();
   }

@@ -34,8 +34,15 @@ std::unique_ptr<NodeView> NodeView::generation_only(std::shared_ptr<Generation> 
 
 std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::string& prefix,
                                          std::shared_ptr<Generation> gen, uint32_t block_size,
-                                         NodeMode mode, int lock_fd, std::string* err) {
+                                         NodeMode mode, bool resume, int lock_fd,
+                                         std::string* err) {
   const std::string diff = prefix + ".diff", bitmap = prefix + ".bitmap";
+  if (resume && access(diff.c_str(), F_OK) != 0) {
+    *err = "node '" + node + "' has no changes on disk to resume (" + diff +
+           " is missing: reset or deleted while the node ran?); the node must reboot";
+    ::close(lock_fd);
+    return nullptr;
+  }
   if (gen->size() % block_size) {
     *err = "the image size " + std::to_string(gen->size()) + " is not a multiple of the " +
            std::to_string(block_size) + "-byte block size";
@@ -49,7 +56,9 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
     return nullptr;
   }
   LayerId id{block_size, gen->size(), gen->tag(), 0};
-  const bool fresh = mode == NodeMode::kEphemeral || access(diff.c_str(), F_OK) != 0;
+  // An ephemeral node starts clean at every boot; a resume is not a boot.
+  const bool fresh =
+      (mode == NodeMode::kEphemeral && !resume) || access(diff.c_str(), F_OK) != 0;
   if (fresh) {
     if (access(bitmap.c_str(), F_OK) == 0 && mode == NodeMode::kPersistent) {
       *err = diff + " is missing but its bitmap exists; refusing to start the node afresh";

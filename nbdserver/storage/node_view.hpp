@@ -39,14 +39,17 @@ bool parse_mode(const std::string& s, NodeMode* m);
 class NodeView {
  public:
   // Opens the node's layer over `gen` from files `<prefix>.diff/.bitmap`;
-  // creates an empty layer when none exists, or always in ephemeral mode.
+  // creates an empty layer when none exists, or always in ephemeral mode
+  // unless `resume` (a reconnect within one boot, which also needs the
+  // layer to exist).
   // `lock_fd` (an flock held on the node) passes to the view, which releases
   // it when destroyed. Returns nullptr and sets *err when the layer is
   // corrupt, truncated or belongs to something else; the files are left as
   // they are for an admin to inspect.
   static std::unique_ptr<NodeView> open(const std::string& node, const std::string& prefix,
                                         std::shared_ptr<Generation> gen, uint32_t block_size,
-                                        NodeMode mode, int lock_fd, std::string* err);
+                                        NodeMode mode, bool resume, int lock_fd,
+                                        std::string* err);
   // Read-only view of a delta generation (no own layer).
   static std::unique_ptr<NodeView> generation_only(std::shared_ptr<Generation> gen);
   // Persists the map if it changed (after an fdatasync of the diff), then
