@@ -92,6 +92,8 @@ Status run_mkinitrd(const std::string& script, const std::string& tree, const st
   if (pid < 0) return Status::fail(errno_message("fork", errno));
   if (pid == 0) {
     setenv("NBDROOT_KERNEL_VERSION", kver.c_str(), 1);
+    // The reconnect daemon built beside us, unless the caller chose one.
+    if (access(NBDROOT_KEEPER_PATH, X_OK) == 0) setenv("NBDROOT_KEEPER", NBDROOT_KEEPER_PATH, 0);
     dup2(2, 1);  // keep our stdout for the summary
     execl(script.c_str(), script.c_str(), tree.c_str(), tmp.c_str(), "--kver", kver.c_str(),
           (char*)nullptr);

@@ -1,8 +1,8 @@
 #!/bin/sh
 # install.sh TREE [--initramfs-tools] [--dracut]
 # Installs nbdroot's node-side files into a root tree (or / ): the shared
-# library under /usr/share/nbdroot/lib, and the initramfs-tools hook and
-# script and/or the dracut module. Regenerate the tree's initrd afterwards
+# library under /usr/share/nbdroot/lib, nbdroot-keeper in /usr/sbin, and
+# the initramfs-tools hook and script and/or the dracut module. Regenerate the tree's initrd afterwards
 # (update-initramfs -u, or dracut --add nbdroot --omit nbd).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -12,6 +12,14 @@ shift
 install -d "$tree/usr/share/nbdroot/lib"
 install -m 644 "$here/lib/cmdline.sh" "$here/lib/node.sh" "$tree/usr/share/nbdroot/lib/"
 install -m 755 "$here/lib/udhcpc.script" "$tree/usr/share/nbdroot/lib/"
+# The reconnect daemon: $NBDROOT_KEEPER, or this checkout's build.
+keeper=${NBDROOT_KEEPER:-$here/../build/initrd-hooks/nbdroot-keeper}
+if [ -x "$keeper" ]; then
+	install -D -m 755 "$keeper" "$tree/usr/sbin/nbdroot-keeper"
+else
+	echo "install.sh: WARNING: no nbdroot-keeper at $keeper (build nbdroot or set NBDROOT_KEEPER):" >&2
+	echo "install.sh: WARNING: nodes will not survive a server restart" >&2
+fi
 for what; do
 	case $what in
 	--initramfs-tools)

@@ -14,6 +14,8 @@
 #               $NBDROOT_CACHE (default /var/cache/nbdroot) and unpacked
 #               with dpkg -x (never installed); its libraries come from the
 #               host then. $NBDROOT_NBD_CLIENT names a binary to use instead.
+#   nbdroot-keeper  $NBDROOT_KEEPER, else TREE's /usr/sbin/nbdroot-keeper,
+#               else the host's, else this checkout's build/ (static)
 #   modules     virtio_pci virtio_net nbd ext4 crc32c (+ $NBDROOT_MODULES)
 #               and their dependencies, read with modinfo from the .ko files
 #               of DIR/lib/modules/VERSION (DIR = TREE unless --modules-from)
@@ -150,6 +152,28 @@ set -- $(find_nbd_client)
 install_bin "$1" "$2" sbin/nbd-client
 nbdsrc=$2
 
+# nbdroot-keeper (reconnects after a server restart; built statically with
+# nbdroot): $NBDROOT_KEEPER, TREE's (install.sh), the host's, or this
+# checkout's build/.
+find_keeper() {
+	if [ -n "${NBDROOT_KEEPER:-}" ]; then
+		[ -x "$NBDROOT_KEEPER" ] || die "NBDROOT_KEEPER=$NBDROOT_KEEPER: not executable"
+		echo "$NBDROOT_KEEPER"; return
+	fi
+	for p in "$tree/usr/sbin/nbdroot-keeper" "$(command -v nbdroot-keeper || true)" \
+		"$here/../build/initrd-hooks/nbdroot-keeper"; do
+		[ -n "$p" ] && [ -x "$p" ] && { echo "$p"; return; }
+	done
+}
+keeper=$(find_keeper)
+if [ -n "$keeper" ]; then
+	install_bin / "$keeper" sbin/nbdroot-keeper
+else
+	say "WARNING: no nbdroot-keeper (build nbdroot, or set NBDROOT_KEEPER): nodes booted"
+	say "WARNING: from this initrd get I/O errors when the server restarts"
+	keeper="none"
+fi
+
 # ---------------------------------------------------------------- modules
 
 wanted="virtio_pci virtio_net nbd ext4 crc32c ${NBDROOT_MODULES:-}"
@@ -246,6 +270,6 @@ raw=$(du -sk "$root" | cut -f1)
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | $cmd >"$out.tmp"
 mv "$out.tmp" "$out"
 size=$(wc -c <"$out")
-say "kernel $kver; busybox: $bbsrc; nbd-client: $nbdsrc"
+say "kernel $kver; busybox: $bbsrc; nbd-client: $nbdsrc; nbdroot-keeper: $keeper"
 say "modules: $(sed 's,.*/,,; s,\.ko$,,' "$root/lib/nbdroot/modules" | tr '\n' ' ')"
 echo "$out: $size bytes ($compress; ${raw} KiB unpacked, $files files)"

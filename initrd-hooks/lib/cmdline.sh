@@ -21,9 +21,11 @@
 #                            a missing port is the first server's port
 #   nbdroot.mode=persistent|ephemeral   (default persistent)
 #   nbdroot.retries=N        rounds over all servers (default 5, 1-100)
-#   nbdroot.timeout=S        nbd-client -timeout: seconds before a request the
-#                            server has not answered fails the connection
-#                            (default 0: wait, as a hard NFS mount does)
+#   nbdroot.timeout=S        seconds before a request the server has not
+#                            answered is sent again on a new connection
+#                            (nbdroot-keeper; default 0 = 15 s). Without the
+#                            keeper (nbdroot.netlink=0): nbd-client -timeout,
+#                            which fails the connection (0: wait forever)
 #   nbdroot.shell[=1|0]      on failure, a shell instead of panic/reboot
 #   nbdroot.netlink=0|1      nbd-client's netlink interface (default 1). 0: the
 #                            ioctl one with a resident nbd-client (-persist);
@@ -38,6 +40,8 @@
 #   NBDROOT_FSTYPE (ext4) NBDROOT_FSOPTS NBDROOT_RO (0|1) NBDROOT_MODE
 #   NBDROOT_RETRIES NBDROOT_TIMEOUT NBDROOT_SHELL (0|1) NBDROOT_PANIC
 #   NBDROOT_NETLINK (0|1) NBDROOT_BLOCKSIZE
+#   NBDROOT_MODE_GIVEN (1 when nbdroot.mode= was there: the node then tells
+#   the server its mode, see nbdroot_attach)
 #   NBDROOT_IP (raw ip= value) and, from it, NBDROOT_IP_METHOD (dhcp|static|off)
 #   NBDROOT_IP_ADDR NBDROOT_IP_GW NBDROOT_IP_MASK NBDROOT_IP_DEV NBDROOT_IP_DNS
 
@@ -201,7 +205,7 @@ _nr_ipv4() {
 # nbdroot_parse CMDLINE: see the top of this file.
 nbdroot_parse() {
 	NBDROOT_SERVERS= NBDROOT_IMAGE= NBDROOT_NODE= NBDROOT_EXPORT= NBDROOT_ERROR=
-	NBDROOT_FSTYPE=ext4 NBDROOT_FSOPTS= NBDROOT_RO=0 NBDROOT_MODE=persistent
+	NBDROOT_FSTYPE=ext4 NBDROOT_FSOPTS= NBDROOT_RO=0 NBDROOT_MODE=persistent NBDROOT_MODE_GIVEN=0
 	NBDROOT_RETRIES=5 NBDROOT_TIMEOUT=0 NBDROOT_SHELL=0 NBDROOT_PANIC= NBDROOT_IP=
 	NBDROOT_NETLINK=1 NBDROOT_BLOCKSIZE=
 	_nr_deb= _nr_dracut= _nr_node= _nr_more= _nr_fstype= _nr_fsopts= _nr_any=0
@@ -295,7 +299,8 @@ nbdroot_parse() {
 		esac
 	fi
 
-	[ "${_nr_has#*mode}" = "$_nr_has" ] && _nr_mode=persistent
+	NBDROOT_MODE_GIVEN=1
+	[ "${_nr_has#*mode}" = "$_nr_has" ] && { _nr_mode=persistent; NBDROOT_MODE_GIVEN=0; }
 	case $_nr_mode in
 	persistent | ephemeral) NBDROOT_MODE=$_nr_mode ;;
 	*) _nr_fail "nbdroot.mode: expected persistent or ephemeral, got '$_nr_mode'"; return 2 ;;
@@ -326,7 +331,7 @@ nbdroot_parse() {
 
 # nbdroot_dump: every result as NAME=value, one a line (for tests and logs).
 nbdroot_dump() {
-	for _nr_v in SERVERS IMAGE NODE EXPORT FSTYPE FSOPTS RO MODE RETRIES TIMEOUT \
+	for _nr_v in SERVERS IMAGE NODE EXPORT FSTYPE FSOPTS RO MODE MODE_GIVEN RETRIES TIMEOUT \
 		SHELL PANIC NETLINK BLOCKSIZE IP IP_METHOD IP_ADDR IP_GW IP_MASK IP_DEV IP_DNS ERROR; do
 		eval "echo \"NBDROOT_$_nr_v=\${NBDROOT_$_nr_v:-}\""
 	done

@@ -68,12 +68,23 @@ nbdroot_node_id() {
 	nbdroot_export
 }
 
+# nbdroot_attach_name: the export name nbd-client asks for: <image>/<node>,
+# with ?mode=<mode> when the command line gave nbdroot.mode= (the server
+# creates the node in that mode, and refuses a node registered otherwise).
+nbdroot_attach_name() {
+	if [ "${NBDROOT_MODE_GIVEN:-0}" = 1 ]; then
+		echo "$NBDROOT_EXPORT?mode=$NBDROOT_MODE"
+	else
+		echo "$NBDROOT_EXPORT"
+	fi
+}
+
 # nbdroot_attach_one HOST PORT: nbd-client, given 20 s to connect and hand
 # the socket to the kernel (it then exits, or stays as a daemon in ioctl
 # mode).
 nbdroot_attach_one() {
 	# shellcheck disable=SC2086
-	nbd-client "$1" "$2" /dev/nbd0 -N "$NBDROOT_EXPORT" $CLIENT_OPTS \
+	nbd-client "$1" "$2" /dev/nbd0 -N "$(nbdroot_attach_name)" $CLIENT_OPTS \
 		>"$NBDROOT_RUN/nbd-client.log" 2>&1 &
 	pid=$!
 	n=0
@@ -100,7 +111,9 @@ nbdroot_attach() {
 	# makes the kernel drop the socket. See README.md.
 	CLIENT_OPTS="-persist -systemd-mark"
 	[ "$NBDROOT_NETLINK" = 1 ] || CLIENT_OPTS="$CLIENT_OPTS -nonetlink"
-	[ "$NBDROOT_TIMEOUT" -gt 0 ] && CLIENT_OPTS="$CLIENT_OPTS -timeout $NBDROOT_TIMEOUT"
+	# With netlink, nbdroot-keeper sets the request timeout (nbdroot_keep).
+	[ "$NBDROOT_NETLINK" = 0 ] && [ "$NBDROOT_TIMEOUT" -gt 0 ] &&
+		CLIENT_OPTS="$CLIENT_OPTS -timeout $NBDROOT_TIMEOUT"
 	[ -n "$NBDROOT_BLOCKSIZE" ] && CLIENT_OPTS="$CLIENT_OPTS -block-size $NBDROOT_BLOCKSIZE"
 
 	log "node $NBDROOT_NODE, export $NBDROOT_EXPORT ($NBDROOT_MODE), servers: $NBDROOT_SERVERS"
@@ -134,6 +147,27 @@ nbdroot_attach() {
 		sleep 0.2
 	done
 	log "attached /dev/nbd0 to $SERVER/$NBDROOT_EXPORT ($(($(cat /sys/block/nbd0/size) / 2048)) MiB)"
+	nbdroot_keep
+}
+
+# nbdroot_keep: starts nbdroot-keeper, which outlives the initrd and
+# reconnects /dev/nbd0 when the server restarts or the network drops (the
+# kernel holds I/O meanwhile). Servers as numeric addresses, the one that
+# answered first; a host name cannot be resolved after switch_root.
+nbdroot_keep() {
+	[ "$NBDROOT_NETLINK" = 1 ] || return 0
+	if ! command -v nbdroot-keeper >/dev/null 2>&1; then
+		log "WARNING: no nbdroot-keeper in this initrd: a server restart will fail this node's I/O"
+		return 0
+	fi
+	_k_servers=$SERVER
+	for s in $NBDROOT_SERVERS; do [ "$s" = "$SERVER" ] || _k_servers="$_k_servers $s"; done
+	_k_timeout=$NBDROOT_TIMEOUT
+	[ "$_k_timeout" -gt 0 ] || _k_timeout=15
+	# shellcheck disable=SC2086
+	nbdroot-keeper --device /dev/nbd0 --export "$(nbdroot_attach_name)" \
+		--timeout "$_k_timeout" $_k_servers >"$NBDROOT_RUN/keeper.log" 2>&1 ||
+		log "WARNING: nbdroot-keeper did not start ($(tr '\n' ' ' <"$NBDROOT_RUN/keeper.log")): a server restart will fail this node's I/O"
 }
 
 # nbdroot_mount MNT INIT: mounts /dev/nbd0 on MNT and checks that INIT is

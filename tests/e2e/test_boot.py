@@ -113,12 +113,6 @@ def test_running_node_survives_publish_and_moves_after_reset(lab, tmp_path):
     assert not any(l.startswith("files ") for l in moved.e2e()), "changes survived the reset"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nbd-client 3.24 (Debian 12) cannot ride out a server restart. Netlink mode (our default) "
-    "neither sets NBD_ATTR_DEAD_CONN_TIMEOUT nor reconnects (NBD_CMD_RECONFIGURE), so the "
-    "kernel fails I/O once the socket dies; ioctl mode (-persist) reconnects, but the kernel "
-    "fails I/O at once while no socket is attached (no dead-connection timeout there). "
-    "See initrd-hooks/README.md, 'Surviving a server restart'."))
 def test_node_survives_server_restart(lab):
     """5: nbdserver is stopped (SIGTERM) and started again on the same port
     while the node writes and re-reads; the node sees no I/O error and all
@@ -132,9 +126,34 @@ def test_node_survives_server_restart(lab):
     vm.wait()
     assert_clean(vm)
     assert "tick 12 ok" in vm.e2e()
+    # The kernel lost its socket and nbdroot-keeper gave it a new one.
+    con = vm.console()
+    assert "nbdroot-keeper: reconnected to 10.0.2.2:" in con, con[-3000:]
+    print("\n".join(l for l in con.splitlines() if "nbdroot-keeper" in l or "nbd0" in l))
     after = lab.boot("after", lab.cmdline(node, "e2e.files"), MAC_A)
     assert_clean(after)
     assert "files ok 12" in after.e2e()
+
+
+def test_ephemeral_node_keeps_its_changes_across_a_server_restart(lab):
+    """5b: an ephemeral node's changes last for its boot, server restarts
+    included: nbdroot-keeper reattaches with ?resume, which the server does
+    not take for a new boot. The next boot starts clean."""
+    lab.store.admin("create", "eph5", "--image", "lab", "--mode", "ephemeral")
+    args = "nbdroot.mode=ephemeral e2e.ticks=8 e2e.tickwait=1"
+    vm = lab.vm("eph-writer", lab.cmdline("eph5", args), MAC_A).start()
+    vm.wait_for(r"E2E: tick 2 ok")
+    assert lab.server.stop() == 0
+    time.sleep(1)
+    lab.server.start()
+    vm.wait()
+    assert_clean(vm)
+    # Every tick re-reads all the files written before it, restart or not.
+    assert "tick 8 ok" in vm.e2e()
+    assert "nbdroot-keeper: reconnected to" in vm.console()
+    again = lab.boot("eph-again", lab.cmdline("eph5", "nbdroot.mode=ephemeral e2e.files"), MAC_A)
+    assert_clean(again)
+    assert not any(l.startswith("files ") for l in again.e2e()), "an ephemeral node kept its changes"
 
 
 def test_no_server_fails_clearly_and_boundedly(lab):

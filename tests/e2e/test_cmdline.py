@@ -41,8 +41,8 @@ ACCEPTED = [
     ("nbdroot=h:7/lab nbdroot.servers=a,b:8,[fd00::2],c:9",
      dict(SERVERS="h:7 a:7 b:8 [fd00::2]:7 c:9")),
     ("nbdroot=h/lab nbdroot.servers=h,a", dict(SERVERS="h:10809 a:10809")),
-    ("nbdroot=h/lab nbdroot.mode=ephemeral", dict(MODE="ephemeral")),
-    ("nbdroot=h/lab nbdroot.mode=persistent", dict(MODE="persistent")),
+    ("nbdroot=h/lab nbdroot.mode=ephemeral", dict(MODE="ephemeral", MODE_GIVEN="1")),
+    ("nbdroot=h/lab nbdroot.mode=persistent", dict(MODE="persistent", MODE_GIVEN="1")),
     ("nbdroot=h/lab nbdroot.retries=1 nbdroot.timeout=0", dict(RETRIES="1", TIMEOUT="0")),
     ("nbdroot=h/lab nbdroot.retries=100 nbdroot.timeout=86400", dict(RETRIES="100",
                                                                      TIMEOUT="86400")),
@@ -168,10 +168,28 @@ def test_defaults(shell):
     rc, got = parse("nbdroot=h/lab", shell)
     assert rc == 0
     assert got == dict(SERVERS="h:10809", IMAGE="lab", NODE="", EXPORT="", FSTYPE="ext4",
-                       FSOPTS="", RO="0", MODE="persistent", RETRIES="5", TIMEOUT="0",
+                       FSOPTS="", RO="0", MODE="persistent", MODE_GIVEN="0", RETRIES="5", TIMEOUT="0",
                        SHELL="0", PANIC="", NETLINK="1", BLOCKSIZE="", IP="",
                        IP_METHOD="dhcp", IP_ADDR="", IP_GW="", IP_MASK="", IP_DEV="",
                        IP_DNS="", ERROR="")
+
+
+NODE_LIB = os.path.join(os.path.dirname(LIB), "node.sh")
+
+
+@pytest.mark.parametrize("cmdline,name", [
+    ("nbdroot=h/lab/n1", "lab/n1"),
+    ("nbdroot=h/lab/n1 nbdroot.mode=ephemeral", "lab/n1?mode=ephemeral"),
+    ("nbdroot=h/lab/n1 nbdroot.mode=persistent", "lab/n1?mode=persistent"),
+    ("nbdroot=h/lab/n1 nbdroot.mode=ephemeral nbdroot=h/lab/n2", "lab/n2?mode=ephemeral")])
+def test_attach_name(shell, cmdline, name):
+    """The export name nbd-client asks for tells the server the node's mode
+    only when the command line gave one (node.sh, nbdroot_attach_name)."""
+    script = '. "$1"; . "$2"; nbdroot_parse "$3" || exit 9; nbdroot_attach_name'
+    p = subprocess.run(shell + ["-c", script, "sh", LIB, NODE_LIB, cmdline], capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == name
 
 
 @pytest.mark.parametrize("mac,expected", [
