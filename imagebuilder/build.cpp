@@ -104,6 +104,11 @@ Status run_command(const std::vector<std::string>& argv, const std::vector<std::
   env.push_back(nullptr);
   pid_t pid;
   int r = posix_spawnp(&pid, args[0], &fa, nullptr, args.data(), env.data());
+  // mke2fs lives in sbin, which a normal user's PATH on Debian lacks.
+  for (const char* dir : {"/usr/sbin/", "/sbin/"}) {
+    if (r != ENOENT || argv[0].find('/') != std::string::npos) break;
+    r = posix_spawn(&pid, (dir + argv[0]).c_str(), &fa, nullptr, args.data(), env.data());
+  }
   posix_spawn_file_actions_destroy(&fa);
   ::close(pipefd[1]);
   if (r != 0) {
