@@ -352,7 +352,7 @@ bool Store::reset_node(const std::string& node, const std::string& gen, std::str
   // The node starts afresh at its next attach: the layer files go first,
   // then the record names the (possibly new) generation.
   bool ok = true;
-  for (const char* ext : {".bitmap", ".diff"}) {
+  for (const char* ext : {".log", ".bitmap", ".diff"}) {
     if (unlink((old + ext).c_str()) != 0 && errno != ENOENT) {
       *err = old + ext + ": " + strerror(errno);
       ok = false;

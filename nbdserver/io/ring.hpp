@@ -24,6 +24,7 @@ enum class Kind : uint8_t {
   kFlush,   // an fdatasync shared by several requests; slot = export index
   kSub,     // one piece of a node-view request; slot = Sub index
   kViewFlush,  // a node view's flush; slot = view slot, gen = step
+  kViewLog,    // a write of a node view's map log; slot = view slot
 };
 
 inline uint64_t make_tag(Kind k, uint32_t slot, uint32_t gen) {

@@ -199,6 +199,10 @@ void Loop::dispatch(const io_uring_cqe* cqe) {
       --file_ops_;
       on_view_flush(slot, gen, cqe->res);
       break;
+    case io::Kind::kViewLog:
+      --file_ops_;
+      on_view_log(slot, gen, cqe->res);
+      break;
     case io::Kind::kCancel:
       break;
   }

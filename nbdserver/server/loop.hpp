@@ -127,6 +127,13 @@ class Loop {
     std::vector<uint32_t> running, waiting;  // FLUSH/FUA requests, as in Flusher
     bool has_snap = false;
     storage::NodeView::Snapshot snap;
+    // The map log: records of committed mutations and the requests that
+    // wait for them (pending), and the batch being written (running).
+    std::vector<storage::NodeView::LogRecord> log_recs;
+    std::vector<uint32_t> log_waiting, log_running;
+    std::vector<storage::NodeView::LogWrite> log_writes;
+    unsigned log_left = 0;
+    int log_err = 0;
   };
   void attach_view(Connection& c);
   void detach_view(Connection& c);
@@ -142,6 +149,9 @@ class Loop {
   void add_sub(uint32_t op, uint8_t kind, int fd, uint8_t* buf, uint64_t off, uint64_t len);
   void submit_sub(uint32_t s);
   void on_sub(uint32_t s, int res);
+  void view_logged(uint32_t op);
+  void start_view_log(uint32_t slot);
+  void on_view_log(uint32_t slot, uint32_t index, int res);
   void view_flush(uint32_t slot, uint32_t op);
   void start_view_flush(uint32_t slot);
   void submit_view_flush(uint32_t slot);

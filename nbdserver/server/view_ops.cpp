@@ -235,7 +235,16 @@ void Loop::view_committed(uint32_t op) {
   Op& o = ops_[op];
   storage::NodeView& v = *conns_[o.conn]->exp->view;
   const int err = o.err;
-  if (!err) v.overlay().commit(*o.plan);
+  bool logged = false;
+  if (!err) {
+    const uint64_t seq = v.log_seq();
+    std::vector<storage::MapChange> changes = v.overlay().commit(*o.plan);
+    if (!changes.empty()) {
+      ViewState& vs = views_[view_slot(&v)];
+      for (const storage::MapChange& c : changes) vs.log_recs.push_back({c, seq});
+      logged = true;
+    }
+  }
   if (err == EIO) v.set_sticky_error(EIO);
   for (uint64_t owner : v.locks().unlock(lock_owner(op, o.gen))) {
     const uint32_t w = uint32_t(owner);
@@ -249,9 +258,81 @@ void Loop::view_committed(uint32_t op) {
                   std::string(nbd::cmd_name(o.req.type)) + " to node '" + v.node() +
                       "' failed: " + errno_text(err));
   }
+  if (logged) {
+    // Answered once its map change is in the log (see map_log.hpp).
+    const uint32_t slot = view_slot(&v);
+    ViewState& vs = views_[slot];
+    o.stage = 5;
+    vs.log_waiting.push_back(op);
+    if (vs.log_left == 0) start_view_log(slot);
+    return;
+  }
+  view_logged(op);
+}
+
+void Loop::view_logged(uint32_t op) {
+  Op& o = ops_[op];
   if (!(o.req.flags & nbd::kCmdFlagFua)) return finish(op, nbd::kOk, {});
   o.stage = 4;
-  view_flush(view_slot(&v), op);
+  view_flush(view_slot(conns_[o.conn]->exp->view.get()), op);
+}
+
+// Writes the records collected since the last log write, in one or two
+// writes (one per region); the requests they describe wait for it.
+void Loop::start_view_log(uint32_t slot) {
+  ViewState& vs = views_[slot];
+  std::vector<storage::NodeView::LogRecord> recs;
+  recs.swap(vs.log_recs);
+  vs.log_running.swap(vs.log_waiting);
+  vs.log_writes.clear();
+  vs.log_err = 0;
+  if (!vs.view->place_log(recs, &vs.log_writes)) {
+    // A log region is full: a flush makes these changes durable instead.
+    std::vector<uint32_t> ops;
+    ops.swap(vs.log_running);
+    for (uint32_t op : ops) {
+      ops_[op].stage = 4;
+      view_flush(slot, op);
+    }
+    return;
+  }
+  if (vs.log_writes.empty()) {  // all superseded by a durable map
+    std::vector<uint32_t> ops;
+    ops.swap(vs.log_running);
+    for (uint32_t op : ops) view_logged(op);
+    return;
+  }
+  vs.log_left = unsigned(vs.log_writes.size());
+  for (uint32_t i = 0; i < vs.log_writes.size(); ++i) {
+    const storage::NodeView::LogWrite& w = vs.log_writes[i];
+    io_uring_sqe* q = file_sqe(io::make_tag(io::Kind::kViewLog, slot, i));
+    io_uring_prep_write(q, vs.view->log_fd(), w.bytes.data(), unsigned(w.bytes.size()), w.offset);
+  }
+}
+
+void Loop::on_view_log(uint32_t slot, uint32_t index, int res) {
+  ViewState& vs = views_[slot];
+  assert(vs.log_left > 0 && index < vs.log_writes.size());
+  // The log is preallocated and written in place; a short or failed write
+  // leaves these changes to the next flush, which the requests then wait for.
+  if (!vs.log_err && (res < 0 || size_t(res) != vs.log_writes[index].bytes.size()))
+    vs.log_err = res < 0 ? -res : EIO;
+  if (--vs.log_left > 0) return;
+  std::vector<uint32_t> ops;
+  ops.swap(vs.log_running);
+  const int err = vs.log_err;
+  if (err)
+    spdlog::warn("node '{}': map log write failed ({}); its requests wait for a flush",
+                 vs.view->node(), errno_text(err));
+  for (uint32_t op : ops) {
+    if (err) {
+      ops_[op].stage = 4;
+      view_flush(slot, op);
+    } else {
+      view_logged(op);
+    }
+  }
+  if (!vs.log_waiting.empty()) start_view_log(slot);
 }
 
 void Loop::view_step(uint32_t op) {
@@ -338,7 +419,11 @@ void Loop::start_view_flush(uint32_t slot) {
   // Snapshot the map now: every write it names has completed, so the
   // fdatasync below covers its data.
   vs.has_snap = vs.view->map_changed();
-  if (vs.has_snap) vs.snap = vs.view->snapshot();
+  if (vs.has_snap) {
+    vs.snap = vs.view->snapshot();
+    // Later changes are logged as following this snapshot.
+    vs.view->note_snapshot(vs.snap.seq);
+  }
   vs.in_flight = true;
   vs.step = 1;
   submit_view_flush(slot);
@@ -395,7 +480,7 @@ void Loop::view_flush_done(uint32_t slot, int err) {
     finish(op, !err ? nbd::kOk : err == ENOSPC ? nbd::kENOSPC : nbd::kEIO,
            err ? "flush failed: " + errno_text(err) : "");
   if (!vs.waiting.empty()) return start_view_flush(slot);
-  if (vs.conns == 0) {
+  if (vs.conns == 0 && vs.log_left == 0 && vs.log_waiting.empty()) {
     // Nobody on this loop uses the view any more: let it go. The
     // destructor has nothing left to write unless a write raced in.
     view_slots_.erase(vs.view.get());

@@ -94,15 +94,74 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
     ::close(lock_fd);
     return nullptr;
   }
+  // Writes acknowledged after the last flush of a server that was killed:
+  // replay the map log over the durable map (same host boot only), make the
+  // result durable, and start the log afresh.
+  const std::string log_path = prefix + ".log";
+  int lfd = open_map_log(log_path, err);
+  size_t replayed = 0;
+  if (lfd >= 0) {
+    for (const MapChange& c : read_map_log(lfd, map.seq, id.layer_tag, host_boot_id())) {
+      if (!apply_change(&map, c, id.blocks())) break;
+      ++replayed;
+    }
+    bool saved = true;
+    if (replayed) {
+      // Into the slot after the durable one (never over it).
+      saved = fdatasync(dfd) == 0 && store_map(mfd, id, &map, err);
+      if (!saved && err->empty()) *err = strerror(errno);
+    }
+    saved = saved && reset_map_log(lfd, log_path, err);
+    if (!saved) {
+      *err = prefix + ": cannot recover its map log: " + *err;
+      ::close(lfd);
+      lfd = -1;
+    }
+  }
+  if (lfd < 0) {
+    ::close(dfd);
+    ::close(mfd);
+    ::close(lock_fd);
+    return nullptr;
+  }
   std::unique_ptr<NodeView> v(new NodeView(gen, id, std::move(map), true));
   v->node_ = node;
   v->mode_ = mode;
   v->diff_fd_ = dfd;
   v->map_fd_ = mfd;
   v->lock_fd_ = lock_fd;
+  v->log_fd_ = lfd;
+  v->replayed_ = replayed;
   v->persisted_seq_ = v->overlay_.map().seq;
+  v->log_seq_ = v->persisted_seq_;
   v->map_diff();
   return v;
+}
+
+bool NodeView::place_log(const std::vector<LogRecord>& recs, std::vector<LogWrite>* out) {
+  uint64_t seq[2] = {region_seq_[0], region_seq_[1]}, off[2] = {region_off_[0], region_off_[1]};
+  std::vector<LogWrite> writes;
+  const uint64_t boot = host_boot_id(), tag = overlay_.id().layer_tag;
+  for (const LogRecord& r : recs) {
+    const int k = int(r.seq % 2);
+    if (seq[k] != kUnused && r.seq < seq[k]) continue;  // in a durable map already
+    if (seq[k] == kUnused || r.seq > seq[k]) {
+      seq[k] = r.seq;  // the region's records before are superseded
+      off[k] = 0;
+    }
+    if (off[k] + kLogRecordSize > kLogRegionSize) return false;
+    const uint64_t at = uint64_t(k) * kLogRegionSize + off[k];
+    if (writes.empty() || writes.back().offset + writes.back().bytes.size() != at)
+      writes.push_back({at, {}});
+    writes.back().bytes += encode_log_record(r.change, r.seq, tag, boot);
+    off[k] += kLogRecordSize;
+  }
+  for (int k : {0, 1}) {
+    region_seq_[k] = seq[k];
+    region_off_[k] = off[k];
+  }
+  for (LogWrite& w : writes) out->push_back(std::move(w));
+  return true;
 }
 
 void NodeView::map_diff() {
@@ -119,12 +178,20 @@ NodeView::~NodeView() {
     if (!ok) spdlog::error("node '{}': cannot save its block map at detach: {}", node_, strerror(errno));
   }
   if (diff_map_) munmap(diff_map_, overlay_.id().size);
-  for (int fd : {diff_fd_, map_fd_, lock_fd_})
+  for (int fd : {diff_fd_, map_fd_, log_fd_, lock_fd_})
     if (fd >= 0) ::close(fd);
 }
 
 void NodeView::drop_changes() {
   overlay_.clear();
+  // The log says so too, or a kill before the next flush would bring the
+  // old changes back over the punched diff.
+  std::vector<LogWrite> w;
+  if (!place_log({{{MapChange::kClear, 0, 0}, log_seq_}}, &w) ||
+      (!w.empty() && pwrite(log_fd_, w[0].bytes.data(), w[0].bytes.size(), off_t(w[0].offset)) !=
+                         ssize_t(w[0].bytes.size())))
+    spdlog::warn("node '{}': cannot log the dropping of its changes; they come back if the "
+                 "server is killed before the next flush", node_);
   if (fallocate(diff_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
                 off_t(overlay_.id().size)) != 0 &&
       errno != EOPNOTSUPP)

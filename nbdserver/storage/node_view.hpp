@@ -28,6 +28,7 @@
 #include <string>
 
 #include "storage/generation.hpp"
+#include "storage/map_log.hpp"
 #include "storage/overlay.hpp"
 
 namespace storage {
@@ -81,6 +82,30 @@ class NodeView {
   Snapshot snapshot() const;
   void persisted(const Snapshot& s);
 
+  // The map log (map_log.hpp): records made under log_seq() (the newest
+  // snapshot taken) until the next snapshot. The owner loop collects
+  // records, places them with place_log() and writes them before it
+  // acknowledges the mutations they describe.
+  int log_fd() const { return log_fd_; }
+  uint64_t log_seq() const { return log_seq_; }
+  void note_snapshot(uint64_t seq) {
+    if (seq > log_seq_) log_seq_ = seq;
+  }
+  struct LogRecord {
+    MapChange change;
+    uint64_t seq;
+  };
+  struct LogWrite {
+    uint64_t offset;
+    std::string bytes;
+  };
+  // Where `recs` go: appended to their seq's region. Records superseded by
+  // a durable map are left out. False (nothing placed) when a region is
+  // full: the caller must make those mutations durable with a flush.
+  bool place_log(const std::vector<LogRecord>& recs, std::vector<LogWrite>* out);
+  // How many records the open replayed (for the log).
+  size_t replayed() const { return replayed_; }
+
   // 0, or the errno that made this view refuse writes.
   int sticky_error() const { return sticky_; }
   void set_sticky_error(int err) {
@@ -106,7 +131,12 @@ class NodeView {
   std::shared_ptr<Generation> gen_;
   Overlay overlay_;
   BlockLocks locks_;
-  int diff_fd_ = -1, map_fd_ = -1, lock_fd_ = -1;
+  int diff_fd_ = -1, map_fd_ = -1, lock_fd_ = -1, log_fd_ = -1;
+  uint64_t log_seq_ = 0;
+  static constexpr uint64_t kUnused = UINT64_MAX;
+  uint64_t region_seq_[2] = {kUnused, kUnused};
+  uint64_t region_off_[2] = {0, 0};
+  size_t replayed_ = 0;
   uint8_t* diff_map_ = nullptr;
   uint64_t persisted_version_ = 0;
   uint64_t persisted_seq_ = 0;

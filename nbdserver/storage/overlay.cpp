@@ -125,25 +125,32 @@ MutationPlan Overlay::plan_zero(uint64_t off, uint64_t len, bool trim) const {
   return p;
 }
 
-void Overlay::commit(const MutationPlan& p) {
+std::vector<MapChange> Overlay::commit(const MutationPlan& p) {
   const uint64_t bs = id_.block_size;
+  std::vector<MapChange> changes;
   auto mark_written = [&](uint64_t s, uint64_t e) {
     if (s >= e) return;
     // Whole blocks in [s, e): the plan widened partial clean edges, so the
     // only partial blocks left are already dirty.
     uint64_t bf = (s + bs - 1) / bs;
     uint64_t be = e == id_.size ? (e + bs - 1) / bs : e / bs;
-    if (be > bf) {
-      own_.dirty.addRange(bf, be);
-      roaring_bitmap_remove_range(&own_.zero.roaring, bf, be);
-    }
+    if (be > bf) changes.push_back({MapChange::kDirty, bf, be});
   };
   mark_written(p.start, p.end);
   mark_written(p.start2, p.end2);
-  if (p.zero_end > p.zero_first) {
-    own_.zero.addRange(p.zero_first, p.zero_end);
-    roaring_bitmap_remove_range(&own_.dirty.roaring, p.zero_first, p.zero_end);
-  }
+  if (p.zero_end > p.zero_first) changes.push_back({MapChange::kZero, p.zero_first, p.zero_end});
+  // Only what changes the map goes on: rewriting dirty blocks is free.
+  std::erase_if(changes, [&](const MapChange& c) {
+    const Roaring& set = c.state == MapChange::kDirty ? own_.dirty : own_.zero;
+    return set.containsRange(c.first, c.end);
+  });
+  for (const MapChange& c : changes) apply_change(&own_, c, id_.blocks());
+  ++version_;
+  return changes;
+}
+
+void Overlay::apply(const MapChange& c) {
+  apply_change(&own_, c, id_.blocks());
   ++version_;
 }
 

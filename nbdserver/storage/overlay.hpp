@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "storage/layer_file.hpp"
+#include "storage/map_log.hpp"
 
 namespace storage {
 
@@ -98,8 +99,11 @@ class Overlay {
   // Valid only while the plan's blocks are locked (BlockLocks).
   MutationPlan plan_write(uint64_t off, uint64_t len) const;
   MutationPlan plan_zero(uint64_t off, uint64_t len, bool trim) const;
-  // Applies a completed plan to the map.
-  void commit(const MutationPlan& p);
+  // Applies a completed plan to the map; returns the changes, for the map
+  // log, in order; ranges already in that state are left out.
+  std::vector<MapChange> commit(const MutationPlan& p);
+  // Applies one logged change.
+  void apply(const MapChange& c);
 
   // Dirty-context extents: runs of blocks changed by this view (written or
   // zeroed) vs. unchanged, starting at `off`, at most `max` runs, covering a
