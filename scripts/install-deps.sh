@@ -13,7 +13,7 @@ packages=(
   # real NBD clients and peer servers for tests and benchmarks
   nbdkit libnbd-bin python3-libnbd qemu-utils nbd-server
   python3-pytest python3-matplotlib e2fsprogs
-  libext2fs-dev nlohmann-json3-dev squashfs-tools
+  libext2fs-dev nlohmann-json3-dev squashfs-tools musl-tools
   # VM boot tests (tests/e2e). Deliberately not installed on the host:
   # nbd-client, linux-image-* (the tests download and unpack them) and
   # dracut (it replaces initramfs-tools; it goes into a chroot instead).
