@@ -7,7 +7,7 @@ echo "E2E: systemd up, kernel $(uname -r), root $(findmnt -no SOURCE,FSTYPE,OPTI
 sed 's/^/E2E: state /' /run/nbdroot/state
 for p in /proc/[0-9]*; do
 	c=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)
-	case $c in *bd-client*) echo "E2E: process ${p#/proc/} $c" ;; esac
+	case $c in *bd-client* | *bdroot-keeper*) echo "E2E: process ${p#/proc/} $c" ;; esac
 done
 echo "E2E: system $(systemctl is-system-running)"
 for f in /root/*.txt; do [ -f "$f" ] && echo "E2E: marker ${f##*/}=$(cat "$f")"; done

@@ -115,7 +115,8 @@ def test_debian_boots_through_the_initramfs_tools_hook(debian_lab, tmp_path):
     initrd = os.path.join(tree, "boot", f"initrd.img-{version}")
     lsinit = in_chroot(tree, "lsinitramfs", f"/boot/initrd.img-{version}").stdout
     for f in ("scripts/nbdroot", "conf/conf.d/nbdroot", "lib/nbdroot/cmdline.sh",
-              "lib/nbdroot/node.sh", "sbin/nbd-client", "drivers/block/nbd.ko"):
+              "lib/nbdroot/node.sh", "sbin/nbd-client", "sbin/nbdroot-keeper",
+              "drivers/block/nbd.ko"):
         assert f in lsinit, f"{f} not in the initramfs"
 
     gen = debian_lab.store.build("deb", tree, "g1", size_mib=1536)
@@ -128,6 +129,9 @@ def test_debian_boots_through_the_initramfs_tools_hook(debian_lab, tmp_path):
     lines = first.e2e()
     assert any(re.match(r"systemd up, kernel \S+, root /dev/nbd0 ext4\s+rw", l) for l in lines), lines
     assert "state NBDROOT_EXPORT=deb/52-54-00-12-34-56" in lines
+    # nbdroot-keeper came through switch_root and systemd's start, marked
+    # as a root storage daemon ('@'), ready to reconnect.
+    assert any(re.match(r"process \d+ @bdroot-keeper ", l) for l in lines), lines
     assert "Remounting '/' read-only" in first.console()
     second = debian_lab.boot("debian-2", append, vmlinuz=vmlinuz, initrd=initrd,
                              memory_mib=1024, timeout=DEBIAN_BOOT_TIMEOUT)
@@ -174,6 +178,8 @@ def test_dracut_module_builds_and_boots(debian_lab, tmp_path):
     assert_clean_debian_boot(vm)
     assert "nbdroot: attached /dev/nbd0" in vm.console()
     assert "state NBDROOT_EXPORT=dr/52-54-00-12-34-56" in vm.e2e()
+    # The keeper outlived the systemd-based initrd's switch-root.
+    assert any(re.match(r"process \d+ @bdroot-keeper ", l) for l in vm.e2e()), vm.e2e()
     print(f"Debian {version} via dracut: {vm.elapsed:.0f} s; initrd "
           f"{os.path.getsize(tree + out)} bytes")
 
