@@ -63,6 +63,20 @@ void Loop::attach_view(Connection& c) {
     v->drop_changes();
   }
   v->attached_once = true;
+  // A resume means the node gave up on its other connections (the kernel
+  // shut them down and re-sends what was on them). Requests still unread
+  // on them are stale: run late, they could land over newer writes. Close
+  // them now; requests already running finish first (block locks).
+  if (c.exp->resume) {
+    for (auto& other : conns_) {
+      if (!other || other.get() == &c || other->fd < 0 || !other->view_attached ||
+          other->exp->view.get() != v || other->phase == Connection::Phase::kClosing)
+        continue;
+      spdlog::info("conn {}: node '{}' resumed on conn {}: closing this older connection",
+                   other->id, v->node(), c.id);
+      close_connection(*other, "superseded by the node's resumed connection", false);
+    }
+  }
   ++vs.conns;
   c.view_attached = true;
   c.exp->store->attached(v->node(), +1);

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import subprocess
+import time
 
 import nbd
 import pytest
@@ -880,3 +881,37 @@ def test_unpublished_and_missing_generations(nbdserver, store, tmp_path):
         connect(srv, "lab@g9", dirty=False)
     assert "g9" in srv.stderr()
     assert not os.path.exists(os.path.join(root, "nodes", "n1"))
+
+
+def resume_handle(srv, export):
+    """A libnbd handle on `export` (may hold '?', which a URI cannot)."""
+    h = nbd.NBD()
+    h.set_export_name(export)
+    h.connect_tcp(*[str(x) for x in srv.tcp])
+    return h
+
+
+@pytest.mark.parametrize("mode", ["persistent", "ephemeral"])
+def test_resume_supersedes_the_nodes_older_connections(nbdserver, store, mode):
+    """A node that resumes (nbdroot-keeper after its kernel gave up on a
+    connection) keeps its data, ephemeral or not, and the server closes the
+    node's older connections, whose unread requests would be stale."""
+    root, base = store
+    srv = serve_store(nbdserver, root, "--node-mode", mode)
+    old = connect(srv, "lab/n1")
+    old.pwrite(b"o" * 3 * BS, 4 * BS)          # acknowledged, never flushed
+    new = resume_handle(srv, f"lab/n1?mode={mode}&resume")
+    assert new.pread(3 * BS, 4 * BS) == b"o" * 3 * BS
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            old.pread(BS, 0)
+        except nbd.Error:
+            break  # closed by the server
+        assert time.monotonic() < deadline, "the older connection is still served"
+        time.sleep(0.1)
+    new.pwrite(b"n" * BS, 5 * BS)
+    new.flush()
+    assert new.pread(3 * BS, 4 * BS) == b"o" * BS + b"n" * BS + b"o" * BS
+    assert "node 'n1' resumed on conn" in srv.stderr()
+    new.shutdown()
