@@ -8,8 +8,6 @@ powers the VM off."""
 import re
 import time
 
-import pytest
-
 import nodelab
 
 MAC_A = "52:54:00:12:34:56"
@@ -113,23 +111,33 @@ def test_running_node_survives_publish_and_moves_after_reset(lab, tmp_path):
     assert not any(l.startswith("files ") for l in moved.e2e()), "changes survived the reset"
 
 
-def test_node_survives_server_restart(lab):
-    """5: nbdserver is stopped (SIGTERM) and started again on the same port
-    while the node writes and re-reads; the node sees no I/O error and all
-    its data is there afterwards."""
-    node = "n5"
-    vm = lab.vm("writer", lab.cmdline(node, "e2e.ticks=12 e2e.tickwait=1"), MAC_A).start()
-    vm.wait_for(r"E2E: tick 3 ok")
+def writes_through_a_restart(lab, name, cmdline, restart_after, ticks):
+    """Boots a node that writes and re-reads a file per tick (every tick
+    re-reads all the files before it); stops nbdserver (SIGTERM) after tick
+    `restart_after` and starts it again on the same port a second later.
+    The node must finish with no I/O error, reconnected by nbdroot-keeper."""
+    vm = lab.vm(name, cmdline, MAC_A).start()
+    vm.wait_for(rf"E2E: tick {restart_after} ok")
     assert lab.server.stop() == 0
     time.sleep(1)
     lab.server.start()
     vm.wait()
     assert_clean(vm)
-    assert "tick 12 ok" in vm.e2e()
+    assert f"tick {ticks} ok" in vm.e2e()
     # The kernel lost its socket and nbdroot-keeper gave it a new one.
     con = vm.console()
     assert "nbdroot-keeper: reconnected to 10.0.2.2:" in con, con[-3000:]
     print("\n".join(l for l in con.splitlines() if "nbdroot-keeper" in l or "nbd0" in l))
+    return vm
+
+
+def test_node_survives_server_restart(lab):
+    """5: nbdserver is stopped (SIGTERM) and started again on the same port
+    while the node writes and re-reads; the node sees no I/O error and all
+    its data is there afterwards."""
+    node = "n5"
+    writes_through_a_restart(lab, "writer", lab.cmdline(node, "e2e.ticks=12 e2e.tickwait=1"),
+                             restart_after=3, ticks=12)
     after = lab.boot("after", lab.cmdline(node, "e2e.files"), MAC_A)
     assert_clean(after)
     assert "files ok 12" in after.e2e()
@@ -141,16 +149,8 @@ def test_ephemeral_node_keeps_its_changes_across_a_server_restart(lab):
     not take for a new boot. The next boot starts clean."""
     lab.store.admin("create", "eph5", "--image", "lab", "--mode", "ephemeral")
     args = "nbdroot.mode=ephemeral e2e.ticks=8 e2e.tickwait=1"
-    vm = lab.vm("eph-writer", lab.cmdline("eph5", args), MAC_A).start()
-    vm.wait_for(r"E2E: tick 2 ok")
-    assert lab.server.stop() == 0
-    time.sleep(1)
-    lab.server.start()
-    vm.wait()
-    assert_clean(vm)
-    # Every tick re-reads all the files written before it, restart or not.
-    assert "tick 8 ok" in vm.e2e()
-    assert "nbdroot-keeper: reconnected to" in vm.console()
+    writes_through_a_restart(lab, "eph-writer", lab.cmdline("eph5", args), restart_after=2,
+                             ticks=8)
     again = lab.boot("eph-again", lab.cmdline("eph5", "nbdroot.mode=ephemeral e2e.files"), MAC_A)
     assert_clean(again)
     assert not any(l.startswith("files ") for l in again.e2e()), "an ephemeral node kept its changes"
