@@ -54,11 +54,12 @@ void Loop::attach_view(Connection& c) {
   storage::NodeView* v = c.exp->view.get();
   ViewState& vs = views_[view_slot(v)];
   if (!vs.view) vs.view = c.exp->view;
-  // An ephemeral node that attaches anew starts from the clean generation,
-  // even if its view is still open from the last attach; one that resumes
+  // An ephemeral node that attaches anew (a boot) starts from the clean
+  // generation, whatever its files or open view hold; one that resumes
   // (reconnects within its boot) keeps its changes.
-  if (vs.conns == 0 && v->attached_once && v->mode() == storage::NodeMode::kEphemeral &&
-      !c.exp->resume) {
+  if (vs.conns == 0 && v->mode() == storage::NodeMode::kEphemeral && !c.exp->resume &&
+      (v->attached_once || v->overlay().map().dirty.cardinality() ||
+       v->overlay().map().zero.cardinality())) {
     spdlog::info("node '{}': ephemeral, attached anew: dropping its changes", v->node());
     v->drop_changes();
   }

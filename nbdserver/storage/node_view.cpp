@@ -56,9 +56,10 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
     return nullptr;
   }
   LayerId id{block_size, gen->size(), gen->tag(), 0};
-  // An ephemeral node starts clean at every boot; a resume is not a boot.
-  const bool fresh =
-      (mode == NodeMode::kEphemeral && !resume) || access(diff.c_str(), F_OK) != 0;
+  // An ephemeral node starts clean at every boot, but that is for its
+  // attach to do (Loop::attach_view): opening the view may be a mere query
+  // (NBD_OPT_INFO, a listing), or the node resuming.
+  const bool fresh = access(diff.c_str(), F_OK) != 0;
   if (fresh) {
     if (access(bitmap.c_str(), F_OK) == 0 && mode == NodeMode::kPersistent) {
       *err = diff + " is missing but its bitmap exists; refusing to start the node afresh";

@@ -40,9 +40,9 @@ bool parse_mode(const std::string& s, NodeMode* m);
 class NodeView {
  public:
   // Opens the node's layer over `gen` from files `<prefix>.diff/.bitmap`;
-  // creates an empty layer when none exists, or always in ephemeral mode
-  // unless `resume` (a reconnect within one boot, which also needs the
-  // layer to exist).
+  // creates an empty layer when none exists. `resume` (a reconnect within
+  // one boot) needs the layer to exist. Ephemeral nodes are emptied by
+  // their attach, not here.
   // `lock_fd` (an flock held on the node) passes to the view, which releases
   // it when destroyed. Returns nullptr and sets *err when the layer is
   // corrupt, truncated or belongs to something else; the files are left as
@@ -118,8 +118,7 @@ class NodeView {
 
   // The loop that serves this view: -1 until the first attach claims it.
   std::atomic<int> owner{-1};
-  // Owner loop only: a connection has attached before (so a later first
-  // connection is a new attach, which starts an ephemeral node afresh).
+  // Owner loop only: a connection has attached before.
   bool attached_once = false;
 
  private:
