@@ -77,6 +77,10 @@ bool parse_attach_options(const std::string& text, AttachOptions* out, std::stri
     size_t end = text.find('&', pos);
     if (end == std::string::npos) end = text.size();
     const std::string opt = text.substr(pos, end - pos);
+    if ((opt == "resume" && out->resume) || (opt.rfind("mode=", 0) == 0 && out->has_mode)) {
+      *err = "attach option '" + opt.substr(0, opt.find('=')) + "' given twice";
+      return false;
+    }
     if (opt == "resume") {
       out->resume = true;
     } else if (opt.rfind("mode=", 0) == 0 && storage::parse_mode(opt.substr(5), &out->mode)) {

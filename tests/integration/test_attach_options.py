@@ -164,6 +164,21 @@ BAD_OPTIONS = ["foo", "mode=weird", "", "resume&", "&resume", "mode=", "mode", "
                "resume?mode=ephemeral", " resume", "mode=persistent "]
 
 
+@pytest.mark.parametrize("opts,word", [("mode=persistent&mode=ephemeral", "mode"),
+                                       ("mode=ephemeral&mode=ephemeral", "mode"),
+                                       ("resume&resume", "resume"),
+                                       ("resume&mode=persistent&resume", "resume")])
+def test_attach_options_given_twice_are_refused(nbdserver, store, opts, word):
+    root, base = store
+    admin(root, "create", "n1", "--image", "lab")
+    srv = serve_store(nbdserver, root)
+    before = tree(root)
+    msg = refused(srv, f"lab/n1?{opts}")
+    assert f"attach option '{word}' given twice" in msg, msg
+    assert_same_tree(before, tree(root))
+    srv.assert_alive()
+
+
 @pytest.mark.parametrize("opts", BAD_OPTIONS)
 def test_unknown_attach_options_are_refused(nbdserver, store, opts):
     root, base = store
