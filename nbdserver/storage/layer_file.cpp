@@ -4,12 +4,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <boost/crc.hpp>
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <random>
 #include <vector>
+
+#include "storage/le_bytes.hpp"
 
 namespace storage {
 namespace {
@@ -24,23 +25,9 @@ enum : size_t {
   kOffLayer = 32, kOffSeq = 40, kOffDirtyLen = 48, kOffZeroLen = 52, kOffCrc = 56,
 };
 
-template <typename T>
-void put(std::string& s, size_t off, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) s[off + i] = char((uint64_t(v) >> (8 * i)) & 0xff);
-}
-template <typename T>
-T get(const uint8_t* p, size_t off) {
-  uint64_t v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) v |= uint64_t(p[off + i]) << (8 * i);
-  return T(v);
-}
-
-uint32_t crc32(const void* a, size_t na, const void* b, size_t nb) {
-  boost::crc_32_type c;
-  c.process_bytes(a, na);
-  c.process_bytes(b, nb);
-  return c.checksum();
-}
+using le::crc32;
+using le::get;
+using le::put;
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -138,10 +125,7 @@ bool valid_blocks(const Roaring& r, uint64_t blocks) {
 }  // namespace
 
 uint64_t generation_tag(const std::string& image, const std::string& gen) {
-  uint64_t h = 1469598103934665603ull;
-  std::string key = image + "@" + gen;
-  for (unsigned char ch : key) h = (h ^ ch) * 1099511628211ull;
-  return h;
+  return le::fnv1a(image + "@" + gen);
 }
 
 uint64_t new_layer_tag() {

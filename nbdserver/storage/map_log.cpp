@@ -3,10 +3,11 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#include <boost/crc.hpp>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+
+#include "storage/le_bytes.hpp"
 
 namespace storage {
 namespace {
@@ -16,21 +17,9 @@ constexpr uint32_t kLogMagic = 0x4e524d4c;  // "NRML"
 constexpr size_t kOffMagic = 0, kOffState = 4, kOffSeq = 8, kOffBoot = 16, kOffLayer = 24,
                  kOffFirst = 32, kOffEnd = 40, kOffCrc = 48;
 
-template <typename T>
-void put(std::string& s, size_t off, T v) {
-  memcpy(s.data() + off, &v, sizeof v);
-}
-template <typename T>
-T get(const uint8_t* p, size_t off) {
-  T v;
-  memcpy(&v, p + off, sizeof v);
-  return v;
-}
-uint32_t crc_of(const uint8_t* p) {
-  boost::crc_32_type c;
-  c.process_bytes(p, kOffCrc);
-  return c.checksum();
-}
+using le::get;
+using le::put;
+uint32_t crc_of(const uint8_t* p) { return le::crc32(p, kOffCrc); }
 
 }  // namespace
 
@@ -39,9 +28,7 @@ uint64_t host_boot_id() {
     std::ifstream f("/proc/sys/kernel/random/boot_id");
     std::string s;
     std::getline(f, s);
-    uint64_t h = 1469598103934665603ULL;  // FNV-1a
-    for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ULL;
-    return s.empty() ? 0 : h;
+    return s.empty() ? 0 : le::fnv1a(s);
   }();
   return id;
 }
