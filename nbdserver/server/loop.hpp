@@ -152,6 +152,7 @@ class Loop {
   void view_logged(uint32_t op);
   void start_view_log(uint32_t slot);
   void on_view_log(uint32_t slot, uint32_t index, int res);
+  void log_batch_done(uint32_t slot, bool logged);
   void view_flush(uint32_t slot, uint32_t op);
   void start_view_flush(uint32_t slot);
   void submit_view_flush(uint32_t slot);

@@ -253,7 +253,7 @@ void Loop::view_committed(uint32_t op) {
   bool logged = false;
   if (!err) {
     const uint64_t seq = v.log_seq();
-    std::vector<storage::MapChange> changes = v.overlay().commit(*o.plan);
+    const storage::MapChanges changes = v.overlay().commit(*o.plan);
     if (!changes.empty()) {
       ViewState& vs = views_[view_slot(&v)];
       for (const storage::MapChange& c : changes) vs.log_recs.push_back({c, seq});
@@ -301,22 +301,10 @@ void Loop::start_view_log(uint32_t slot) {
   vs.log_running.swap(vs.log_waiting);
   vs.log_writes.clear();
   vs.log_err = 0;
-  if (!vs.view->place_log(recs, &vs.log_writes)) {
-    // A log region is full: a flush makes these changes durable instead.
-    std::vector<uint32_t> ops;
-    ops.swap(vs.log_running);
-    for (uint32_t op : ops) {
-      ops_[op].stage = 4;
-      view_flush(slot, op);
-    }
-    return;
-  }
-  if (vs.log_writes.empty()) {  // all superseded by a durable map
-    std::vector<uint32_t> ops;
-    ops.swap(vs.log_running);
-    for (uint32_t op : ops) view_logged(op);
-    return;
-  }
+  // A full log region: a flush makes these changes durable instead.
+  if (!vs.view->place_log(recs, &vs.log_writes)) return log_batch_done(slot, false);
+  // All superseded by a durable map: nothing to write.
+  if (vs.log_writes.empty()) return log_batch_done(slot, true);
   vs.log_left = unsigned(vs.log_writes.size());
   for (uint32_t i = 0; i < vs.log_writes.size(); ++i) {
     const storage::NodeView::LogWrite& w = vs.log_writes[i];
@@ -333,21 +321,26 @@ void Loop::on_view_log(uint32_t slot, uint32_t index, int res) {
   if (!vs.log_err && (res < 0 || size_t(res) != vs.log_writes[index].bytes.size()))
     vs.log_err = res < 0 ? -res : EIO;
   if (--vs.log_left > 0) return;
-  std::vector<uint32_t> ops;
-  ops.swap(vs.log_running);
-  const int err = vs.log_err;
-  if (err)
+  if (vs.log_err)
     spdlog::warn("node '{}': map log write failed ({}); its requests wait for a flush",
-                 vs.view->node(), errno_text(err));
+                 vs.view->node(), errno_text(vs.log_err));
+  log_batch_done(slot, vs.log_err == 0);
+  if (!views_[slot].log_waiting.empty()) start_view_log(slot);
+}
+
+// The running batch's requests go on: answered if their records are in the
+// log, else after the next flush, which makes their changes durable.
+void Loop::log_batch_done(uint32_t slot, bool logged) {
+  std::vector<uint32_t> ops;
+  ops.swap(views_[slot].log_running);
   for (uint32_t op : ops) {
-    if (err) {
+    if (logged) {
+      view_logged(op);
+    } else {
       ops_[op].stage = 4;
       view_flush(slot, op);
-    } else {
-      view_logged(op);
     }
   }
-  if (!vs.log_waiting.empty()) start_view_log(slot);
 }
 
 void Loop::view_step(uint32_t op) {

@@ -43,6 +43,15 @@ struct MapChange {
   uint64_t first = 0, end = 0;
 };
 
+// What one mutation changes: at most two written ranges and one zeroed.
+struct MapChanges {
+  MapChange items[3];
+  size_t n = 0;
+  const MapChange* begin() const { return items; }
+  const MapChange* end() const { return items + n; }
+  bool empty() const { return n == 0; }
+};
+
 inline constexpr size_t kLogRecordSize = 56;
 inline constexpr uint64_t kLogRegionSize = 512 * 1024;  // two regions per file
 inline constexpr uint64_t kLogRecordsPerRegion = kLogRegionSize / kLogRecordSize;

@@ -108,6 +108,8 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
     }
     bool saved = true;
     if (replayed) {
+      spdlog::info("node '{}': {} map changes after its last flush recovered from its map log",
+                   node, replayed);
       // Into the slot after the durable one (never over it).
       saved = fdatasync(dfd) == 0 && store_map(mfd, id, &map, err);
       if (!saved && err->empty()) *err = strerror(errno);
@@ -132,7 +134,6 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
   v->map_fd_ = mfd;
   v->lock_fd_ = lock_fd;
   v->log_fd_ = lfd;
-  v->replayed_ = replayed;
   v->persisted_seq_ = v->overlay_.map().seq;
   v->log_seq_ = v->persisted_seq_;
   v->map_diff();

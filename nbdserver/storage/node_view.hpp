@@ -103,8 +103,6 @@ class NodeView {
   // a durable map are left out. False (nothing placed) when a region is
   // full: the caller must make those mutations durable with a flush.
   bool place_log(const std::vector<LogRecord>& recs, std::vector<LogWrite>* out);
-  // How many records the open replayed (for the log).
-  size_t replayed() const { return replayed_; }
 
   // 0, or the errno that made this view refuse writes.
   int sticky_error() const { return sticky_; }
@@ -135,7 +133,6 @@ class NodeView {
   static constexpr uint64_t kUnused = UINT64_MAX;
   uint64_t region_seq_[2] = {kUnused, kUnused};
   uint64_t region_off_[2] = {0, 0};
-  size_t replayed_ = 0;
   uint8_t* diff_map_ = nullptr;
   uint64_t persisted_version_ = 0;
   uint64_t persisted_seq_ = 0;

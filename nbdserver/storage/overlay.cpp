@@ -125,33 +125,28 @@ MutationPlan Overlay::plan_zero(uint64_t off, uint64_t len, bool trim) const {
   return p;
 }
 
-std::vector<MapChange> Overlay::commit(const MutationPlan& p) {
+MapChanges Overlay::commit(const MutationPlan& p) {
   const uint64_t bs = id_.block_size;
-  std::vector<MapChange> changes;
+  MapChanges changes;
+  // Only what changes the map goes in: rewriting dirty blocks is free.
+  auto add = [&](MapChange::State state, uint64_t first, uint64_t end) {
+    const Roaring& set = state == MapChange::kDirty ? own_.dirty : own_.zero;
+    if (end > first && !set.containsRange(first, end)) changes.items[changes.n++] = {state, first, end};
+  };
   auto mark_written = [&](uint64_t s, uint64_t e) {
     if (s >= e) return;
     // Whole blocks in [s, e): the plan widened partial clean edges, so the
     // only partial blocks left are already dirty.
     uint64_t bf = (s + bs - 1) / bs;
     uint64_t be = e == id_.size ? (e + bs - 1) / bs : e / bs;
-    if (be > bf) changes.push_back({MapChange::kDirty, bf, be});
+    add(MapChange::kDirty, bf, be);
   };
   mark_written(p.start, p.end);
   mark_written(p.start2, p.end2);
-  if (p.zero_end > p.zero_first) changes.push_back({MapChange::kZero, p.zero_first, p.zero_end});
-  // Only what changes the map goes on: rewriting dirty blocks is free.
-  std::erase_if(changes, [&](const MapChange& c) {
-    const Roaring& set = c.state == MapChange::kDirty ? own_.dirty : own_.zero;
-    return set.containsRange(c.first, c.end);
-  });
+  add(MapChange::kZero, p.zero_first, p.zero_end);
   for (const MapChange& c : changes) apply_change(&own_, c, id_.blocks());
   ++version_;
   return changes;
-}
-
-void Overlay::apply(const MapChange& c) {
-  apply_change(&own_, c, id_.blocks());
-  ++version_;
 }
 
 std::vector<std::pair<uint64_t, bool>> Overlay::changed_runs(uint64_t off, uint64_t len,

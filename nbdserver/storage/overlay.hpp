@@ -101,9 +101,7 @@ class Overlay {
   MutationPlan plan_zero(uint64_t off, uint64_t len, bool trim) const;
   // Applies a completed plan to the map; returns the changes, for the map
   // log, in order; ranges already in that state are left out.
-  std::vector<MapChange> commit(const MutationPlan& p);
-  // Applies one logged change.
-  void apply(const MapChange& c);
+  MapChanges commit(const MutationPlan& p);
 
   // Dirty-context extents: runs of blocks changed by this view (written or
   // zeroed) vs. unchanged, starting at `off`, at most `max` runs, covering a
