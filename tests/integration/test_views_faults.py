@@ -18,7 +18,7 @@ import pytest
 import nbdraw as N
 from conftest import MiB
 from storeutil import (BS, DIRTY, Model, add_generation, admin, connect, make_store,
-                       merge_runs, node_files, read_all, serve_store, snapshot_files)
+                       merge_runs, node_files, read_all, restart, serve_store, snapshot_files)
 
 SIZE = 16 * MiB
 MAP_MAGIC = b"NBDRMAP1"
@@ -366,9 +366,7 @@ def test_full_disk_is_enospc_and_recovers(nbdserver, tmp_path, tmpfs, skew):
     m.write(off, d)
     assert read_all(h, SIZE) == bytes(m.data)
     h.shutdown()
-    rc = srv.terminate()
-    assert rc == 0
-    srv = serve_store(nbdserver, root)
+    srv = restart(nbdserver, srv, root)
     h = connect(srv, "lab/n1")
     assert read_all(h, SIZE) == bytes(m.data)
     h.shutdown()
@@ -558,9 +556,7 @@ def test_32mib_write_unaligned_at_both_ends(nbdserver, tmp_path):
     assert read_all(h, 40 * MiB) == bytes(m.data)
     assert h.pread(32 * MiB, 2 * MiB + 3) == bytes(m.data[2 * MiB + 3:34 * MiB + 3])
     h.shutdown()
-    rc = srv.terminate()
-    assert rc == 0
-    srv = serve_store(nbdserver, root)
+    srv = restart(nbdserver, srv, root)
     h = connect(srv, "lab/n1")
     assert read_all(h, 40 * MiB) == bytes(m.data)
     h.shutdown()
@@ -655,9 +651,7 @@ def test_full_disk_at_flush_time_is_not_sticky(nbdserver, tmp_path, tmpfs):
     h.flush()
     assert read_all(h, SIZE) == bytes(m.data)
     h.shutdown()
-    rc = srv.terminate()
-    assert rc == 0
-    srv = serve_store(nbdserver, root)
+    srv = restart(nbdserver, srv, root)
     h = connect(srv, "lab/n1")
     assert read_all(h, SIZE) == bytes(m.data)
     h.shutdown()
