@@ -890,3 +890,43 @@ def test_map_log_replays_only_its_own_boot_and_layer(tmp_path, new_server, boot)
     server.start()
     assert read_view(connect(server.uri("n1"))) == got
     server.kill()
+
+
+def test_map_log_full_region_waits_for_a_flush_and_loses_nothing(tmp_path, new_server):
+    """More map changes between two flushes than a log region holds (a
+    block toggled between written and zeroed, each toggle a record): the
+    requests past the end wait for a flush instead, which makes their
+    changes durable. After SIGKILL everything acknowledged is there."""
+    store, base = storeutil.make_store(tmp_path, size=SIZE)
+    server = new_server(store)
+    server.start()
+    h = connect(server.uri("n1"))
+    bitmap = storeutil.node_files(store, "n1")[1]
+    stride = slot_stride(SIZE // 4096)
+
+    def newest_seq():
+        return max(s for s in (slot_seq(bitmap, stride, 0), slot_seq(bitmap, stride, 1))
+                   if s is not None)
+
+    seq0 = newest_seq()
+    per_region = LOG_REGION // LOG_RECORD
+    for i in range(per_region + 200):
+        block = (i // 2) % 8  # written, then zeroed, then written...
+        if i % 2 == 0:
+            h.pwrite(bytes([i % 250 + 1]) * 4096, block * 4096)
+        else:
+            h.zero(4096, block * 4096)
+    want = bytearray(base)
+    for i in range(per_region + 184, per_region + 200):  # the last ops on each block
+        block = (i // 2) % 8
+        want[block * 4096:(block + 1) * 4096] = (bytes([i % 250 + 1]) * 4096 if i % 2 == 0
+                                                 else bytes(4096))
+    assert read_view(h) == bytes(want)
+    # The client never flushed: the server did, when the region filled up.
+    assert newest_seq() > seq0
+    del h
+    server.kill()
+    assert "map log write failed" not in server.log_tail(), server.log_tail()
+    server.start()
+    assert read_view(connect(server.uri("n1"))) == bytes(want)
+    server.kill()

@@ -698,3 +698,45 @@ def test_block_status_of_a_view_over_raw_sockets(view_srv, extended):
         c.opt_structured_reply()
         _, found = c.opt_set_meta_context("lab", ("base:allocation", DIRTY))
         assert set(found) == {"base:allocation"}
+
+
+def test_no_room_for_a_map_log_refuses_the_node_until_space_frees(nbdserver, tmp_path, tmpfs):
+    """A node from before the map log existed (no .log file) attaches on a
+    full disk: its log cannot be allocated, so the node is refused with the
+    reason, its files are left as they are, and once space is freed it
+    attaches with its data."""
+    root, base = make_store(tmp_path)  # the store is the tmpfs
+    srv = serve_store(nbdserver, root)
+    h = connect(srv, "lab/n1")
+    m = Model(base)
+    h.pwrite(b"k" * 5000, 7 * BS + 3)
+    m.write(7 * BS + 3, b"k" * 5000)
+    h.flush()
+    h.shutdown()
+    wait_detached(root, "n1")
+    log = node_files(root, "n1")[0][:-len(".diff")] + ".log"
+    os.unlink(log)
+    filler = os.path.join(root, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\xff" * 65536)
+    except OSError as e:
+        assert e.errno == 28
+    finally:
+        os.close(fd)
+    paths = [p for p in node_paths(root, "n1") if not p.endswith((".json", ".log"))]
+    before = snapshot_files(paths)
+    r = subprocess.run(["nbdinfo", srv.uri("lab/n1")], capture_output=True, text=True,
+                       timeout=30, env=dict(os.environ, LIBNBD_DEBUG="1"))
+    assert r.returncode != 0
+    msg = [l for l in r.stderr.splitlines() if "server error message" in l]
+    assert msg and "map log" in msg[0] and "cannot allocate" in msg[0], r.stderr[-2000:]
+    assert "cannot allocate" in srv.stderr()
+    assert snapshot_files(paths) == before
+    srv.assert_alive()
+    os.unlink(filler)
+    h = connect(srv, "lab/n1")
+    assert read_all(h, SIZE) == bytes(m.data)
+    h.shutdown()
+    assert os.path.getsize(log) == 1 << 20
