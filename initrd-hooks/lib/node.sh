@@ -180,6 +180,12 @@ nbdroot_mount() {
 		fail "cannot mount /dev/nbd0 ($NBDROOT_FSTYPE, $opts) from $SERVER/$NBDROOT_EXPORT"
 	[ -e "$1$2" ] || [ -L "$1$2" ] ||
 		{ umount "$1"; fail "the root from $NBDROOT_EXPORT has no $2"; }
+	nbdroot_write_state
+}
+
+# nbdroot_write_state: NBDROOT_RUN/state, what the node attached (read by
+# the root's own tools and tests).
+nbdroot_write_state() {
 	{
 		echo "NBDROOT_SERVER=$SERVER"
 		echo "NBDROOT_EXPORT=$NBDROOT_EXPORT"

@@ -27,11 +27,5 @@ nbdroot_net
 nbdroot_node_id
 nbdroot_attach
 ln -sf /dev/nbd0 /dev/root
-{
-    echo "NBDROOT_SERVER=$SERVER"
-    echo "NBDROOT_EXPORT=$NBDROOT_EXPORT"
-    echo "NBDROOT_NODE=$NBDROOT_NODE"
-    echo "NBDROOT_MODE=$NBDROOT_MODE"
-    echo "NBDROOT_DEV=$DEV"
-} >"$NBDROOT_RUN/state"
+nbdroot_write_state
 exit 0
