@@ -54,7 +54,16 @@ Clock::duration seconds(double s) {
 
 }  // namespace
 
-Loop::Loop(Shared& shared, unsigned index) : shared_(shared), index_(index) {}
+Loop::Loop(Shared& shared, unsigned index) : shared_(shared), index_(index) {
+  if (const char* d = getenv("NBDROOT_FAULT_MAP_LOG_DELAY_MS")) {
+    const long ms = strtol(d, nullptr, 10);
+    if (ms > 0) {
+      log_delay_.tv_sec = ms / 1000;
+      log_delay_.tv_nsec = (ms % 1000) * 1000000;
+      if (index == 0) spdlog::warn("fault injection: map log writes start {} ms late", ms);
+    }
+  }
+}
 
 Loop::~Loop() {
   for (auto& c : conns_)

@@ -151,6 +151,7 @@ class Loop {
   void on_sub(uint32_t s, int res);
   void view_logged(uint32_t op);
   void start_view_log(uint32_t slot);
+  void submit_view_log(uint32_t slot);
   void on_view_log(uint32_t slot, uint32_t index, int res);
   void log_batch_done(uint32_t slot, bool logged);
   void view_flush(uint32_t slot, uint32_t op);
@@ -181,6 +182,10 @@ class Loop {
   int wake_fd_ = -1;
   uint64_t wake_buf_ = 0;
   __kernel_timespec tick_{};
+  // Fault injection for tests (NBDROOT_FAULT_MAP_LOG_DELAY_MS): every map
+  // log batch waits this long before its writes start. Zero normally.
+  __kernel_timespec log_delay_{};
+  static constexpr uint32_t kLogDelayed = 0xffffff;  // tag gen of the delay's timeout
   bool accepting_ = true;
   std::vector<bool> accept_pending_;
   bool accept_backoff_ = false;  // EMFILE: retry accepting on the next tick

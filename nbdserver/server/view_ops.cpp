@@ -7,7 +7,8 @@
 //
 // Mutation stages (Op::stage): 0 new, 1 waiting for its block lock, 2
 // filling partial blocks from below (copy-up), 3 writing the diff and
-// punching zeroed blocks, 4 waiting for the flush a FUA asked for.
+// punching zeroed blocks, 4 waiting for the flush a FUA asked for, 5 waiting
+// for the map log to hold every map change made up to its own.
 //
 // View flush steps (ViewState::step): 1 fdatasync of the diff, 2 writing the
 // map snapshot taken before step 1, 3 fdatasync of the bitmap file.
@@ -273,15 +274,21 @@ void Loop::view_committed(uint32_t op) {
                   std::string(nbd::cmd_name(o.req.type)) + " to node '" + v.node() +
                       "' failed: " + errno_text(err));
   }
-  if (logged) {
-    // Answered once its map change is in the log (see map_log.hpp).
-    const uint32_t slot = view_slot(&v);
-    ViewState& vs = views_[slot];
-    o.stage = 5;
+  // Answered once its map change is in the log (see map_log.hpp). A
+  // mutation that changed nothing in the map may still rest on changes
+  // made before it whose records are not written yet (a rewrite of a block
+  // that an earlier write made dirty, a zeroing of a block an earlier trim
+  // zeroed): it waits for those records, or a kill right after its reply
+  // would take it back.
+  const uint32_t slot = view_slot(&v);
+  ViewState& vs = views_[slot];
+  o.stage = 5;
+  if (logged || !vs.log_recs.empty()) {
     vs.log_waiting.push_back(op);
     if (vs.log_left == 0) start_view_log(slot);
     return;
   }
+  if (vs.log_left > 0) return vs.log_running.push_back(op);  // the batch in flight holds them
   view_logged(op);
 }
 
@@ -305,6 +312,18 @@ void Loop::start_view_log(uint32_t slot) {
   if (!vs.view->place_log(recs, &vs.log_writes)) return log_batch_done(slot, false);
   // All superseded by a durable map: nothing to write.
   if (vs.log_writes.empty()) return log_batch_done(slot, true);
+  if (log_delay_.tv_sec || log_delay_.tv_nsec) {
+    // Fault injection (tests): the batch's writes start after a delay.
+    vs.log_left = 1;
+    io_uring_prep_timeout(file_sqe(io::make_tag(io::Kind::kViewLog, slot, kLogDelayed)),
+                          &log_delay_, 0, 0);
+    return;
+  }
+  submit_view_log(slot);
+}
+
+void Loop::submit_view_log(uint32_t slot) {
+  ViewState& vs = views_[slot];
   vs.log_left = unsigned(vs.log_writes.size());
   for (uint32_t i = 0; i < vs.log_writes.size(); ++i) {
     const storage::NodeView::LogWrite& w = vs.log_writes[i];
@@ -315,6 +334,7 @@ void Loop::start_view_log(uint32_t slot) {
 
 void Loop::on_view_log(uint32_t slot, uint32_t index, int res) {
   ViewState& vs = views_[slot];
+  if (index == kLogDelayed) return submit_view_log(slot);
   assert(vs.log_left > 0 && index < vs.log_writes.size());
   // The log is preallocated and written in place; a short or failed write
   // leaves these changes to the next flush, which the requests then wait for.

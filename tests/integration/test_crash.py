@@ -59,6 +59,7 @@ import zlib
 import nbd
 import pytest
 
+import nbdraw as N
 import storeutil
 from conftest import NBDSERVER, TEST_TIMEOUT, _die_with_parent, wait_ready
 
@@ -101,6 +102,7 @@ class StoreServer:
         self.proc = None
         self.addr = None
         self.starts = 0
+        self.env = None  # extra environment variables for the next starts
 
     def start(self):
         self.starts += 1
@@ -110,8 +112,10 @@ class StoreServer:
         with open(self.log, "ab") as log:
             log.write(f"==== start {self.starts}: {' '.join(argv)}\n".encode())
             log.flush()
+            env = dict(os.environ, **self.env) if self.env else None
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=_die_with_parent,
+                                         env=env)
         self.addr = wait_ready(self.proc, ready, self.log)[0]
 
     def uri(self, node):
@@ -856,8 +860,10 @@ def test_map_log_replays_only_its_own_boot_and_layer(tmp_path, new_server, boot)
     h.pwrite(b"V" * 8192, 128 * KiB)
     h.zero(8192, 128 * KiB)                    # dirty blocks become zero
     h.pwrite(b"X" * 4096, 4096)                # a rewrite of a flushed dirty block
-    del h
+    # Killed with the client still connected: a disconnect first would let
+    # the server flush the map at detach (a race the test once lost).
     server.kill()
+    del h
     log = storeutil.node_files(store, "n1")[0][:-len(".diff")] + ".log"
     with open(log, "r+b") as f:
         head = bytearray(f.read(LOG_RECORD))
@@ -929,4 +935,48 @@ def test_map_log_full_region_waits_for_a_flush_and_loses_nothing(tmp_path, new_s
     assert "map log write failed" not in server.log_tail(), server.log_tail()
     server.start()
     assert read_view(connect(server.uri("n1"))) == bytes(want)
+    server.kill()
+
+
+@pytest.mark.parametrize("first,second", [("write", "write"), ("trim", "zero"),
+                                          ("zero", "trim")])
+def test_ack_never_outruns_an_earlier_map_log_record(tmp_path, new_server, first, second):
+    """Two requests on one block, pipelined: the first changes the map (its
+    record goes to the map log), the second finds the map already changed
+    and changes nothing in it. The second must not be acknowledged before
+    the first one's record is in the log: it lives on that record, and a
+    SIGKILL right after the second reply must keep it. Map log writes are
+    held back by fault injection, so the order is forced."""
+    store, base = storeutil.make_store(tmp_path, size=SIZE)
+    server = new_server(store)
+    server.env = {"NBDROOT_FAULT_MAP_LOG_DELAY_MS": "700"}
+    server.start()
+    host, port = server.addr.rsplit(":", 1)
+    c = N.RawClient((host, int(port))).connect_export("lab/n1")
+    block = 40 * 4096  # not in one of the generation's holes
+    payload = {"write": lambda b: bytes([b]) * 4096, "trim": None, "zero": None}
+    cmd = {"write": N.CMD_WRITE, "trim": N.CMD_TRIM, "zero": N.CMD_WRITE_ZEROES}
+    cookies = []
+    for kind, byte in ((first, 0xA1), (second, 0xB2)):
+        data = payload[kind](byte) if payload[kind] else b""
+        cookies.append(c.send_request(cmd[kind], block, 4096, payload=data))
+    r = c.recv_reply()
+    order = [r.cookie]
+    assert not r.error
+    if r.cookie == cookies[1]:
+        server.kill()  # the second is acknowledged: it must survive
+    else:
+        r = c.recv_reply()
+        assert not r.error and r.cookie == cookies[1]
+        order.append(r.cookie)
+        server.kill()
+    c.close()
+    server.env = None
+    server.start()
+    got = read_view(connect(server.uri("n1")))[block:block + 4096]
+    want = bytes([0xB2]) * 4096 if second == "write" else bytes(4096)
+    assert got == want, (f"acknowledged {second} lost (replies in order {order}, "
+                         f"sent {cookies}); block reads "
+                         f"{'the generation' if got == base[block:block + 4096] else got[:8]!r}\n"
+                         + server.log_tail())
     server.kill()
