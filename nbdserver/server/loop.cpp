@@ -1030,7 +1030,8 @@ void Loop::reply_block_status(uint32_t op) {
     if (c.exp->view) {
       ext = view_extents(*c.exp->view, contexts[i].name, o.req.offset, o.req.length, max);
     } else if (contexts[i].name == nbd::kContextBaseAllocation) {
-      ext = c.exp->file->allocation(o.req.offset, o.req.length, max);
+      for (const storage::Extent& e : c.exp->file->allocation(o.req.offset, o.req.length, max))
+        ext.push_back({e.length, allocation_flags(e.state)});
     }
     OutMsg m;
     m.extra = nbd::encode_block_status(c.session, o.req, contexts[i].id, ext,

@@ -32,6 +32,16 @@ class Loop;
 inline constexpr size_t kMaxMappedQueued = 8 << 20;  // mapped reply bytes waiting to be sent
 inline constexpr size_t kMaxExtents = 16384;
 
+// base:allocation flags of a storage block state.
+inline uint32_t allocation_flags(storage::BlockState s) {
+  switch (s) {
+    case storage::BlockState::kHole: return nbd::kStateHole | nbd::kStateZero;
+    case storage::BlockState::kZero: return nbd::kStateZero;
+    case storage::BlockState::kData: return 0;
+  }
+  return 0;
+}
+
 // State shared by every loop. Immutable while loops run, except the atomics.
 struct Shared {
   const ServerOptions& opts;

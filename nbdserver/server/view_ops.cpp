@@ -543,8 +543,8 @@ std::vector<nbd::Extent> Loop::view_extents(const storage::NodeView& v, std::str
     uint64_t next = std::min(end, (pos / bs + 1) * bs);
     while (next < end && v.overlay().source(next / bs) == from) next = std::min(end, next + bs);
     if (from == full) {
-      for (const nbd::Extent& e : v.generation().full()->allocation(pos, next - pos, max - out.size()))
-        add(e.length, e.flags);
+      for (const storage::Extent& e : v.generation().full()->allocation(pos, next - pos, max - out.size()))
+        add(e.length, allocation_flags(e.state));
     } else {
       add(next - pos, from == storage::kFromZero ? nbd::kStateHole | nbd::kStateZero : 0);
     }

@@ -4,15 +4,6 @@
 
 namespace storage {
 
-uint32_t allocation_flags(BlockState s) {
-  switch (s) {
-    case BlockState::kHole: return nbd::kStateHole | nbd::kStateZero;
-    case BlockState::kZero: return nbd::kStateZero;
-    case BlockState::kData: return 0;
-  }
-  return 0;
-}
-
 void ExtentMap::split_at(uint64_t block) {
   auto it = map_.upper_bound(block);
   if (it == map_.begin()) return;
@@ -53,15 +44,13 @@ BlockState ExtentMap::get(uint64_t block) const {
   return block < it->second.last ? it->second.state : BlockState::kHole;
 }
 
-std::vector<nbd::Extent> ExtentMap::extents(uint64_t first, uint64_t last,
-                                            size_t max_extents) const {
-  std::vector<nbd::Extent> out;
+std::vector<Extent> ExtentMap::extents(uint64_t first, uint64_t last, size_t max_extents) const {
+  std::vector<Extent> out;
   auto push = [&](uint64_t len, BlockState s) {
-    uint32_t f = allocation_flags(s);
-    if (!out.empty() && out.back().flags == f) {
+    if (!out.empty() && out.back().state == s) {
       out.back().length += len;
     } else {
-      out.push_back({len, f});
+      out.push_back({len, s});
     }
   };
   auto it = map_.upper_bound(first);

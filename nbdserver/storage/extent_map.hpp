@@ -6,24 +6,29 @@
 // owner serialises access.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <vector>
 
-#include "protocol/transmission.hpp"
-
 namespace storage {
 
 enum class BlockState : uint8_t { kHole, kZero, kData };
+
+// A run of one state (in whatever unit the producer says).
+struct Extent {
+  uint64_t length;
+  BlockState state;
+};
 
 class ExtentMap {
  public:
   // Sets blocks [first, last) to `state`.
   void set(uint64_t first, uint64_t last, BlockState state);
   BlockState get(uint64_t block) const;
-  // Extents covering blocks [first, last) in base:allocation terms, in block
-  // units, merged, at most `max_extents` of them (covering a prefix).
-  std::vector<nbd::Extent> extents(uint64_t first, uint64_t last, size_t max_extents) const;
+  // Extents covering blocks [first, last), in block units, neighbours of
+  // one state merged, at most `max_extents` of them (covering a prefix).
+  std::vector<Extent> extents(uint64_t first, uint64_t last, size_t max_extents) const;
   size_t ranges() const { return map_.size(); }
 
  private:
@@ -34,7 +39,5 @@ class ExtentMap {
   void split_at(uint64_t block);
   std::map<uint64_t, Range> map_;  // first block -> range
 };
-
-uint32_t allocation_flags(BlockState s);
 
 }  // namespace storage

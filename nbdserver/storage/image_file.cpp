@@ -131,9 +131,8 @@ void ImageFile::note_zero(uint64_t off, uint64_t len) {
   map_.set((off + kGrain - 1) / kGrain, (off + len) / kGrain, BlockState::kZero);
 }
 
-std::vector<nbd::Extent> ImageFile::allocation(uint64_t off, uint64_t len,
-                                               size_t max_extents) const {
-  std::vector<nbd::Extent> blocks;
+std::vector<Extent> ImageFile::allocation(uint64_t off, uint64_t len, size_t max_extents) const {
+  std::vector<Extent> blocks;
   const uint64_t first = off / kGrain;
   {
     std::lock_guard lock(mu_);
@@ -142,13 +141,13 @@ std::vector<nbd::Extent> ImageFile::allocation(uint64_t off, uint64_t len,
   // Convert block units to bytes, trimming the ends to [off, off + len).
   uint64_t pos = first * kGrain;
   const uint64_t end = off + len;
-  std::vector<nbd::Extent> out;
+  std::vector<Extent> out;
   out.reserve(blocks.size());
-  for (const nbd::Extent& b : blocks) {
+  for (const Extent& b : blocks) {
     uint64_t s = std::max(pos, off);
     uint64_t e = std::min(pos + b.length * kGrain, end);
     pos += b.length * kGrain;
-    if (e > s) out.push_back({e - s, b.flags});
+    if (e > s) out.push_back({e - s, b.state});
   }
   return out;
 }

@@ -27,7 +27,6 @@
 #include <string>
 #include <vector>
 
-#include "protocol/transmission.hpp"
 #include "storage/extent_map.hpp"
 
 namespace storage {
@@ -64,9 +63,9 @@ class ImageFile {
   void note_punch(uint64_t off, uint64_t len);
   void note_zero(uint64_t off, uint64_t len);
 
-  // base:allocation extents for [off, off + len) in bytes; they cover a
-  // prefix of the range (all of it unless capped by max_extents).
-  std::vector<nbd::Extent> allocation(uint64_t off, uint64_t len, size_t max_extents) const;
+  // Allocation extents for [off, off + len) in bytes; they cover a prefix
+  // of the range (all of it unless capped by max_extents).
+  std::vector<Extent> allocation(uint64_t off, uint64_t len, size_t max_extents) const;
 
   // The whole file mapped read-only, or nullptr when it could not be mapped.
   const uint8_t* mapping() const { return mapping_; }

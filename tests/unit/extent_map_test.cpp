@@ -11,25 +11,24 @@ namespace {
 
 constexpr uint64_t kBlocks = 512;
 
-std::vector<nbd::Extent> reference_extents(const std::vector<BlockState>& ref, uint64_t first,
-                                           uint64_t last) {
-  std::vector<nbd::Extent> out;
+std::vector<Extent> reference_extents(const std::vector<BlockState>& ref, uint64_t first,
+                                      uint64_t last) {
+  std::vector<Extent> out;
   for (uint64_t b = first; b < last; ++b) {
-    uint32_t f = allocation_flags(ref[b]);
-    if (!out.empty() && out.back().flags == f) {
+    if (!out.empty() && out.back().state == ref[b]) {
       out.back().length++;
     } else {
-      out.push_back({1, f});
+      out.push_back({1, ref[b]});
     }
   }
   return out;
 }
 
-void expect_same(const std::vector<nbd::Extent>& a, const std::vector<nbd::Extent>& b) {
+void expect_same(const std::vector<Extent>& a, const std::vector<Extent>& b) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     EXPECT_EQ(a[i].length, b[i].length) << "extent " << i;
-    EXPECT_EQ(a[i].flags, b[i].flags) << "extent " << i;
+    EXPECT_EQ(a[i].state, b[i].state) << "extent " << i;
   }
 }
 
@@ -38,7 +37,7 @@ TEST(ExtentMap, EmptyMapIsOneHole) {
   auto e = m.extents(10, 20, 100);
   ASSERT_EQ(e.size(), 1u);
   EXPECT_EQ(e[0].length, 10u);
-  EXPECT_EQ(e[0].flags, nbd::kStateHole | nbd::kStateZero);
+  EXPECT_EQ(e[0].state, BlockState::kHole);
 }
 
 TEST(ExtentMap, NeighboursOfOneStateMerge) {
@@ -59,8 +58,8 @@ TEST(ExtentMap, ExtentsAreCappedToAPrefix) {
   for (uint64_t b = 0; b < 100; b += 2) m.set(b, b + 1, BlockState::kData);
   auto e = m.extents(0, 100, 3);
   ASSERT_EQ(e.size(), 3u);
-  EXPECT_EQ(e[0].flags, 0u);
-  EXPECT_EQ(e[1].flags, nbd::kStateHole | nbd::kStateZero);
+  EXPECT_EQ(e[0].state, BlockState::kData);
+  EXPECT_EQ(e[1].state, BlockState::kHole);
 }
 
 TEST(ExtentMap, MatchesReferenceOverRandomOperations) {
