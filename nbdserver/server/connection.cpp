@@ -18,10 +18,14 @@ void SendQueue::prepare(msghdr* msg) {
     ++n;
   };
   for (const OutMsg& m : q_) {
-    if (n + 3 > kMaxIov) break;
+    if (n + 2 + std::max<size_t>(1, m.parts.size()) > kMaxIov) break;
     if (m.hlen) add(m.head, m.hlen);
     if (!m.extra.empty()) add(m.extra.data(), m.extra.size());
-    if (m.dlen) add(m.payload(), m.dlen);
+    if (!m.parts.empty()) {
+      for (const iovec& v : m.parts) add(v.iov_base, v.iov_len);
+    } else if (m.dlen) {
+      add(m.payload(), m.dlen);
+    }
   }
   *msg = {};
   msg->msg_iov = iov_;
@@ -33,7 +37,7 @@ void SendQueue::consume(size_t n) {
   n += front_sent_;
   while (!q_.empty() && n >= q_.front().size()) {
     n -= q_.front().size();
-    if (q_.front().mapped) mapped_bytes_ -= q_.front().dlen;
+    if (q_.front().from_mappings()) mapped_bytes_ -= q_.front().dlen;
     q_.pop_front();
   }
   front_sent_ = n;

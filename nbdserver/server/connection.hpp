@@ -40,8 +40,11 @@ struct OutMsg {
   std::string extra;  // bytes after head: handshake output, errors, extents
   io::Buffer data;    // read payload, sent after extra ...
   const uint8_t* mapped = nullptr;  // ... or this, in the export's file mapping
+  std::vector<iovec> parts;         // ... or these: pieces of mappings and zero pages
   size_t dlen = 0;
   const uint8_t* payload() const { return mapped ? mapped : data.data(); }
+  // The payload points into file mappings (the pages must stay resident).
+  bool from_mappings() const { return mapped || !parts.empty(); }
   size_t size() const { return hlen + extra.size() + dlen; }
 };
 
@@ -51,7 +54,7 @@ class SendQueue {
  public:
   void push(OutMsg&& m) {
     bytes_ += m.size();
-    if (m.mapped) mapped_bytes_ += m.dlen;
+    if (m.from_mappings()) mapped_bytes_ += m.dlen;
     q_.push_back(std::move(m));
   }
   bool empty() const { return q_.empty(); }
@@ -63,8 +66,12 @@ class SendQueue {
   // Drops `n` sent bytes from the front, freeing finished messages.
   void consume(size_t n);
 
- private:
   static constexpr size_t kMaxIov = 128;
+  // The most payload parts one message may have (so that it always fits).
+  static constexpr size_t kMaxParts = 64;
+  static_assert(kMaxParts + 2 <= kMaxIov);
+
+ private:
   std::deque<OutMsg> q_;
   size_t front_sent_ = 0;  // bytes of q_.front() already sent
   size_t bytes_ = 0;       // unsent bytes in all of q_
@@ -134,6 +141,7 @@ struct Op {
   nbd::Request req;
   io::Buffer buf;
   const uint8_t* mapped = nullptr;  // READ served from the file mapping
+  std::vector<iovec> parts;         // READ served from several mappings and zero pages
   uint64_t done = 0;  // bytes completed so far (short reads and writes)
   int stage = 0;      // steps of TRIM/WRITE_ZEROES; 2 = waiting for an fdatasync
   // Node-view requests: sub-operations in flight, the first error, the

@@ -643,16 +643,8 @@ void Loop::handle_request(Connection& c, const nbd::Request& req) {
 // per connection: the pages must still be resident when the send happens.
 bool Loop::try_mapped_read(Connection& c, const nbd::Request& req) {
   if (c.out.mapped_bytes() + req.length > kMaxMappedQueued || req.length == 0) return false;
-  const uint8_t* map = nullptr;
-  if (c.exp->file) {
-    map = c.exp->file->mapping();
-  } else {
-    const storage::NodeView& v = *c.exp->view;
-    v.overlay().plan_read(req.offset, req.length, &pieces_);
-    if (pieces_.size() != 1) return false;
-    if (pieces_[0].from == storage::kFromDiff) map = v.diff_mapping();
-    if (pieces_[0].from == int(v.generation().deltas())) map = v.generation().full()->mapping();
-  }
+  if (c.exp->view) return view_mapped_read(c, req);
+  const uint8_t* map = c.exp->file->mapping();
   if (!storage::pages_resident(map, req.offset, req.length, &residency_)) return false;
   uint32_t op = new_op(c, req);
   ops_[op].mapped = map + req.offset;
@@ -808,6 +800,7 @@ uint32_t Loop::new_op(Connection& c, const nbd::Request& req) {
   o.conn = c.slot;
   o.req = req;
   o.mapped = nullptr;
+  o.parts.clear();
   o.done = 0;
   o.stage = 0;
   o.pending = 0;
@@ -1044,7 +1037,7 @@ void Loop::reply_block_status(uint32_t op) {
 void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
   Op& o = ops_[op];
   Connection& c = *conns_[o.conn];
-  if (o.req.type == nbd::kCmdRead && !o.mapped) c.read_bytes -= o.req.length;
+  if (o.req.type == nbd::kCmdRead && !o.mapped && o.parts.empty()) c.read_bytes -= o.req.length;
   if (err != nbd::kOk)
     spdlog::warn("conn {}: {} offset {} length {}: {}: {}", c.id, nbd::cmd_name(o.req.type),
                  o.req.offset, o.req.length, nbd::error_name(err), why);
@@ -1057,6 +1050,7 @@ void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
         m.hlen = uint16_t(nbd::encode_read_header(m.head, c.session, o.req, o.req.length));
         m.data = std::move(o.buf);
         m.mapped = o.mapped;
+        m.parts = std::move(o.parts);
         m.dlen = o.req.length;
       } else {
         m.hlen = uint16_t(nbd::encode_ok(m.head, c.session, o.req));

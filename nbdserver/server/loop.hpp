@@ -117,6 +117,7 @@ class Loop {
   void finish(uint32_t op, nbd::Error err, const std::string& why);
   void reply_block_status(uint32_t op);
   bool try_mapped_read(Connection& c, const nbd::Request& req);
+  bool view_mapped_read(Connection& c, const nbd::Request& req);
 
   // Node views (view_ops.cpp). A writable view is served by one loop, its
   // owner: every connection of the node is handed off to it after the

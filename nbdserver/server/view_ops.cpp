@@ -32,6 +32,51 @@ uint64_t lock_owner(uint32_t op, uint32_t gen) { return uint64_t(gen) << 32 | op
 
 std::string errno_text(int err) { return strerror(err); }
 
+const uint64_t kPage = uint64_t(sysconf(_SC_PAGESIZE));
+
+// Page residency of one mapping over the span of a read plan's pieces,
+// asked of the kernel (one mincore) only when a piece first needs it.
+class SpanResidency {
+ public:
+  SpanResidency(const uint8_t* map, std::vector<unsigned char>* scratch,
+                const std::vector<storage::Piece>& pieces)
+      : map_(map), v_(scratch) {
+    if (pieces.empty()) return;
+    off_ = pieces.front().off & ~(kPage - 1);
+    end_ = pieces.back().off + pieces.back().len;
+  }
+  const uint8_t* map() const { return map_; }
+  // Every page of [off, off + len) (inside the span) is in the page cache.
+  bool covers(uint64_t off, uint64_t len) {
+    if (state_ == 0) {
+      v_->resize((end_ - off_ + kPage - 1) / kPage);
+      state_ = map_ && mincore(const_cast<uint8_t*>(map_) + off_, end_ - off_, v_->data()) == 0
+                   ? 1 : -1;
+    }
+    if (state_ < 0) return false;
+    for (uint64_t pg = (off - off_) / kPage; pg <= (off + len - 1 - off_) / kPage; ++pg)
+      if (!((*v_)[pg] & 1)) return false;
+    return true;
+  }
+
+ private:
+  const uint8_t* map_;
+  std::vector<unsigned char>* v_;
+  uint64_t off_ = 0, end_ = 0;
+  int state_ = 0;  // 0 not asked yet, 1 known, -1 unavailable
+};
+
+// Zeros to send from: a read-only anonymous mapping that is never written,
+// so every page of it is the kernel's zero page. nullptr past its size.
+const uint8_t* zero_pages(uint64_t len) {
+  static constexpr uint64_t kSize = 64 << 20;
+  static const uint8_t* zeros = [] {
+    void* p = mmap(nullptr, kSize, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? nullptr : static_cast<const uint8_t*>(p);
+  }();
+  return len <= kSize ? zeros : nullptr;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- attach
@@ -129,6 +174,41 @@ void Loop::execute_view(uint32_t op) {
   }
 }
 
+// A read whose pieces are all page-cached in the diff or the full image,
+// or zeros, is answered at once with an iovec list that points into the
+// mappings (and zero pages): no read operation and no assembly copy. False
+// when it cannot be (the caller reads it the normal way).
+bool Loop::view_mapped_read(Connection& c, const nbd::Request& req) {
+  const storage::NodeView& v = *c.exp->view;
+  v.overlay().plan_read(req.offset, req.length, &pieces_);
+  if (pieces_.empty() || pieces_.size() > SendQueue::kMaxParts) return false;
+  const int full = int(v.generation().deltas());
+  SpanResidency res[2] = {{v.diff_mapping(), &residency_, pieces_},
+                          {v.generation().full()->mapping(), &residency2_, pieces_}};
+  std::vector<iovec> parts;
+  parts.reserve(pieces_.size());
+  for (const storage::Piece& p : pieces_) {
+    const uint8_t* base = nullptr;
+    if (p.from == storage::kFromZero) {
+      base = zero_pages(p.len);
+      if (!base) return false;
+      parts.push_back({const_cast<uint8_t*>(base), p.len});
+      continue;
+    }
+    SpanResidency* r = p.from == storage::kFromDiff ? &res[0] : p.from == full ? &res[1] : nullptr;
+    if (!r || !r->covers(p.off, p.len)) return false;
+    parts.push_back({const_cast<uint8_t*>(r->map() + p.off), p.len});
+  }
+  uint32_t op = new_op(c, req);
+  if (parts.size() == 1 && pieces_[0].from != storage::kFromZero) {
+    ops_[op].mapped = static_cast<const uint8_t*>(parts[0].iov_base);
+  } else {
+    ops_[op].parts = std::move(parts);
+  }
+  finish(op, nbd::kOk, {});
+  return true;
+}
+
 void Loop::view_read(uint32_t op) {
   Op& o = ops_[op];
   const storage::NodeView& v = *conns_[o.conn]->exp->view;
@@ -145,36 +225,17 @@ bool Loop::fill(uint32_t op, const std::vector<storage::Piece>& pieces, uint64_t
   const int full = int(v.generation().deltas());
   // Page residency of the diff and of the full image over the pieces' whole
   // span, one mincore() each and only if a piece needs it.
-  static const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
-  const uint64_t span_off = pieces.empty() ? 0 : pieces.front().off & ~(page - 1);
-  const uint64_t span_end = pieces.empty() ? 0 : pieces.back().off + pieces.back().len;
-  struct Residency {
-    const uint8_t* map;
-    std::vector<unsigned char>* v;
-    int state = 0;  // 0 unknown, 1 known, -1 unavailable
-  };
-  Residency res[2] = {{v.diff_mapping(), &residency_}, {v.generation().full()->mapping(), &residency2_}};
-  auto resident = [&](Residency& r, const storage::Piece& p) {
-    if (r.state == 0) {
-      r.v->resize((span_end - span_off + page - 1) / page);
-      r.state = r.map && mincore(const_cast<uint8_t*>(r.map) + span_off, span_end - span_off,
-                                 r.v->data()) == 0 ? 1 : -1;
-    }
-    if (r.state < 0) return false;
-    for (uint64_t pg = (p.off - span_off) / page; pg <= (p.off + p.len - 1 - span_off) / page; ++pg)
-      if (!((*r.v)[pg] & 1)) return false;
-    return true;
-  };
+  SpanResidency res[2] = {{v.diff_mapping(), &residency_, pieces},
+                          {v.generation().full()->mapping(), &residency2_, pieces}};
   for (const storage::Piece& p : pieces) {
     uint8_t* dst = buf + (p.off - start);
     if (p.from == storage::kFromZero) {
       memset(dst, 0, p.len);
       continue;
     }
-    Residency* r = p.from == storage::kFromDiff ? &res[0] : p.from == full ? &res[1] : nullptr;
-    if (r && resident(*r, p)) {
-      const uint8_t* map = r->map;
-      memcpy(dst, map + p.off, p.len);
+    SpanResidency* r = p.from == storage::kFromDiff ? &res[0] : p.from == full ? &res[1] : nullptr;
+    if (r && r->covers(p.off, p.len)) {
+      memcpy(dst, r->map() + p.off, p.len);
       continue;
     }
     add_sub(op, kSubRead, v.fd_for(p.from), dst, p.off, p.len);

@@ -915,3 +915,44 @@ def test_resume_supersedes_the_nodes_older_connections(nbdserver, store, mode):
     assert new.pread(3 * BS, 4 * BS) == b"o" * BS + b"n" * BS + b"o" * BS
     assert "node 'n1' resumed on conn" in srv.stderr()
     new.shutdown()
+
+
+def test_page_cached_reads_of_mixed_views_match_the_model(nbdserver, tmp_path):
+    """Reads of a view in runs of changed, zeroed and clean blocks, once all
+    of it is in the page cache: such replies are sent straight from the
+    mappings as one iovec list (diff, image, zero pages). Up to
+    SendQueue::kMaxParts (64) pieces per read go that way, more the normal
+    way. Simple replies (a raw client) and structured ones (libnbd) alike."""
+    import nbdraw as N
+    size = 8 * MiB
+    root, base = make_store(tmp_path, size=size, seed=9)
+    srv = serve_store(nbdserver, root)
+    m = Model(base, BS)
+    h = connect(srv, "lab/n1")
+    rnd = random.Random(9)
+    run = 8 * BS  # one piece per run of 8 blocks
+    for off in range(0, size, run):
+        kind = (off // run) % 3
+        if kind == 0:
+            data = rnd.randbytes(run)
+            h.pwrite(data, off)
+            m.write(off, data)
+        elif kind == 1:
+            h.zero(run, off)
+            m.zero_range(off, run)
+    h.flush()
+    read_all(h, size)  # the diff and the image in the page cache
+    host, port = srv.addresses[0].rsplit(":", 1)
+    raw = N.RawClient((host, int(port))).connect_export("lab/n1", structured=False)
+    spans = [(0, MiB), (3 * BS, MiB + 5 * BS), (run, 64 * run), (run, 65 * run),
+             (5 * run, 2 * BS), (run + BS, run), (size - 3 * run, 3 * run)]
+    spans += [(rnd.randrange(0, size - MiB) // 512 * 512, rnd.randrange(1, MiB // 512) * 512)
+              for _ in range(40)]
+    for off, n in spans:
+        want = bytes(m.data[off:off + n])
+        for _ in range(2):
+            assert h.pread(n, off) == want, f"structured read {off}+{n}"
+            err, got, _ = raw.read(off, n)
+            assert err == 0 and got == want, f"simple read {off}+{n}"
+    raw.disconnect()
+    h.shutdown()
