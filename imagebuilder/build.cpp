@@ -228,6 +228,7 @@ Status populate_full(const std::string& path, const SourceTree& tree, int64_t ep
   progress->begin("copy", tree.files, tree.bytes);
   Status s;
   for (const auto& e : tree.entries) {
+    if (&e == &tree.entries[tree.entries.size() / 2]) pause_point("copy");
     s = w.create(e);
     if (!s) break;
     if (!S_ISDIR(e.st.st_mode)) progress->add_file();
@@ -262,6 +263,7 @@ Status apply_delta(const Store& store, const std::string& image, const std::stri
     progress->add_file();
   }
   for (size_t k = 0; s && k < cs.updated.size(); ++k) {
+    if (k == cs.updated.size() / 2) pause_point("copy");
     const auto& [i, kind] = cs.updated[k];
     const SourceEntry& e = tree.entries[i];
     if (kind == Change::kAdded || kind == Change::kReplaced) s = w.create(e);
@@ -419,6 +421,7 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
   const std::string tmp = image_dir + "/.tmp-" + gen;
   Cleanup cleanup(tmp, created, created_image);
   if (::mkdir(tmp.c_str(), 0755) != 0) return Status::fail(errno_message("mkdir " + tmp, errno));
+  pause_point("tmp");
 
   Plan plan = plan_build(store, opt, tree, progress);
   Manifest m;
@@ -468,6 +471,8 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
       m.derived_from = opt.parent ? *opt.parent : store.generations(opt.image).back();
   }
 
+  pause_point("image");
+
   std::vector<IndexRecord> records;
   records.reserve(tree.entries.size());
   for (auto& e : tree.entries) records.push_back(record_of(e));
@@ -477,12 +482,14 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
   s = write_synced(tmp + "/files.idx", encode_index(records));
   if (s) s = write_synced(tmp + "/manifest.json", manifest_to_json(m));
   if (s) s = fsync_dir(tmp);
+  if (s) pause_point("manifest");
   const std::string final_dir = store.generation_dir(opt.image, gen);
   if (s && ::rename(tmp.c_str(), final_dir.c_str()) != 0)
     s = Status::fail(errno_message("rename " + tmp + " -> " + final_dir, errno));
   if (s) s = fsync_dir(store.generations_dir(opt.image));
   if (!s) return explain(s, store, false, m.size);
   cleanup.release();
+  pause_point("renamed");
   for (const char* f : {"/image.ext4", "/layer.diff", "/layer.bitmap"})
     ::chmod((final_dir + f).c_str(), 0444);
   if (m.depth > opt.max_depth) {

@@ -16,6 +16,12 @@
 // ChangeSet between the parent's files.idx and the new scan. When the tree
 // no longer fits the parent's size, or the chain would get longer than
 // max_depth, the result is a full generation instead (see docs).
+//
+// Test stops (pause_point, $NBDROOT_IB_PAUSE_AT): "tmp" the temporary is
+// made and empty; "copy" half the entries (full) or changes (delta) are
+// written; "image" the image or layer is complete and synced; "manifest"
+// files.idx and manifest.json are synced, not yet renamed; "renamed" the
+// generation is in generations/ and synced.
 #pragma once
 
 #include "progress.hpp"

@@ -4,6 +4,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@ extern "C" {
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
@@ -165,6 +167,11 @@ bool exists(const std::string& path) {
 uint64_t disk_usage(const std::string& path) {
   struct stat st;
   return ::lstat(path.c_str(), &st) == 0 ? uint64_t(st.st_blocks) * 512 : 0;
+}
+
+void pause_point(const char* stage) {
+  const char* at = getenv("NBDROOT_IB_PAUSE_AT");
+  if (at && strcmp(at, stage) == 0) raise(SIGSTOP);
 }
 
 }  // namespace ib

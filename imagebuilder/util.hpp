@@ -44,4 +44,10 @@ bool exists(const std::string& path);
 // Bytes the file occupies on disk (st_blocks * 512); 0 if missing.
 uint64_t disk_usage(const std::string& path);
 
+// Fault-injection point for tests: when $NBDROOT_IB_PAUSE_AT equals
+// `stage`, the process stops itself (SIGSTOP) here, so a test can wait for
+// the stop (waitpid WUNTRACED) and kill it at a known point. Otherwise, and
+// after a SIGCONT, it returns at once. The stages: build.hpp.
+void pause_point(const char* stage);
+
 }  // namespace ib

@@ -528,27 +528,90 @@ def test_publish_rollback_list_gc(store, tmp_path):
     e2fsck(flat_image(store, "lab", gens[5], tmp_path))
 
 
-def test_interrupted_build_leaves_only_a_temporary(store, tmp_path):
+# Where a build can be stopped (NBDROOT_IB_PAUSE_AT, see imagebuilder/build.hpp)
+# before its generation is renamed into generations/.
+STAGES_BEFORE_RENAME = ["tmp", "copy", "image", "manifest"]
+
+
+def build_stopped_at(store, image, src, stage, log, *extra, timeout=120):
+    """Starts a build that stops itself (SIGSTOP) at `stage`; returns its
+    Popen once it is stopped there."""
+    env = dict(os.environ, NBDROOT_IB_PAUSE_AT=stage)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([IMAGEBUILDER, "--store", store, "build", image, "--from", src,
+                                 *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            return proc
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            pytest.fail(f"the build ended (status {proc.returncode}) without stopping at "
+                        f"{stage!r}: {open(log).read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the build did not reach {stage!r} in {timeout} s: {open(log).read()}")
+        time.sleep(0.01)
+
+
+def temporaries(img_dir):
+    return [n for n in os.listdir(img_dir) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("kind", ["full", "delta"])
+def test_interrupted_build_leaves_only_a_temporary(store, tmp_path, kind):
+    """A build killed at each stage up to the rename into generations/ leaves
+    the generations, `list` and `current` as they were, plus a temporary that
+    the next build removes; killed just after the rename, its generation is
+    visible and whole."""
     src = str(tmp_path / "src")
-    make_data_tree(src, files=20, total=64 * MiB, seed=12)
-    build(store, "lab", src)
-    before = store_snapshot(store)
-    proc = subprocess.Popen([IMAGEBUILDER, "--store", store, "build", "lab", "--from", src,
-                             "--full"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    make_data_tree(src, files=20, total=4 * MiB, seed=12)
+    g1 = build(store, "lab", src)
+    ib(store, "publish", "lab")
+    extra = ["--full"] if kind == "full" else []
+    for i in range(4):
+        with open(os.path.join(src, f"dir{i}", "added"), "wb") as f:
+            f.write(random.Random(i).randbytes(100_000))
     img_dir = os.path.join(store, "images", "lab")
-    deadline = time.monotonic() + 20
-    while not any(n.startswith(".tmp-") for n in os.listdir(img_dir)):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.005)
-    time.sleep(0.1)
+    gens_dir = os.path.join(img_dir, "generations")
+    listing = ib(store, "list", "lab").stdout
+    before = store_snapshot(store)
+    data = {"full": ["image.ext4"], "delta": ["layer.bitmap", "layer.diff"]}[kind]
+    expect_files = {"tmp": [], "image": data, "manifest": sorted(data + ["files.idx", "manifest.json"])}
+
+    for stage in STAGES_BEFORE_RENAME:
+        proc = build_stopped_at(store, "lab", src, stage, tmp_path / f"{stage}.log", *extra)
+        assert os.listdir(gens_dir) == [g1], f"stopped at {stage}, the build is visible"
+        tmps = temporaries(img_dir)
+        assert len(tmps) == 1, (stage, tmps)     # the previous killed build's is gone
+        if stage in expect_files:
+            assert sorted(os.listdir(os.path.join(img_dir, tmps[0]))) == expect_files[stage], stage
+        proc.kill()
+        proc.wait()
+        assert os.listdir(gens_dir) == [g1], f"killed at {stage}, the build became visible"
+        assert ib(store, "list", "lab").stdout == listing, stage
+        after = {p: v for p, v in store_snapshot(store).items()
+                 if p.split("/")[2:3] != [tmps[0]]}
+        assert after == before, stage
+
+    # Killed after the rename: the generation is there, complete, not current.
+    proc = build_stopped_at(store, "lab", src, "renamed", tmp_path / "renamed.log", *extra)
     proc.kill()
     proc.wait()
-    gens = os.listdir(os.path.join(img_dir, "generations"))
-    assert len(gens) == 1, "the killed build became visible"
-    build(store, "lab", src, "--full")      # cleans the temporary
-    assert not any(n.startswith(".tmp-") for n in os.listdir(img_dir))
-    assert len(os.listdir(os.path.join(img_dir, "generations"))) == 2
-    assert set(before) <= set(store_snapshot(store)) | {"images/lab/.tmp"}
+    assert temporaries(img_dir) == []
+    gens = sorted(os.listdir(gens_dir))
+    assert len(gens) == 2 and gens[0] == g1, gens
+    g2 = gens[1]
+    assert manifest(store, "lab", g2)["format"] == kind
+    assert g2 in ib(store, "list", "lab").stdout
+    assert current(store, "lab") == f"generations/{g1}"
+    e2fsck(flat_image(store, "lab", g2, tmp_path))
+
+    g3 = build(store, "lab", src, *extra)
+    assert temporaries(img_dir) == []
+    assert sorted(os.listdir(gens_dir)) == [g1, g2, g3]
 
 
 # ---------------------------------------------------------------- bad input
