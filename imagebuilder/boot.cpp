@@ -129,6 +129,7 @@ std::string ipxe_script(const BootOptions& opt, const std::string& gen, const st
 
 Status write_boot_files(const Store& store, const BootOptions& opt, std::string* summary) {
   if (!valid_name(opt.image)) return Status::fail("invalid image name \"" + opt.image + "\"");
+  if (Status s = store.check(); !s) return s;
   if (opt.server.find(':') == std::string::npos)
     return Status::fail("--server must be HOST:PORT, not \"" + opt.server + "\"");
   std::string gen = opt.generation;

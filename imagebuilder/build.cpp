@@ -281,36 +281,24 @@ Status apply_delta(const Store& store, const std::string& image, const std::stri
   return s;
 }
 
-// Removes the temporary generation, and the image directory if this build
-// made it, unless released.
+// Removes the temporary generation, and the directories this build made
+// (the store, images/, nodes/, the image's), unless released.
 class Cleanup {
  public:
-  Cleanup(std::string tmp, std::string image_dir, bool created_image)
-      : tmp_(std::move(tmp)), image_dir_(std::move(image_dir)), created_image_(created_image) {}
+  Cleanup(std::string tmp, std::vector<std::string> made)
+      : tmp_(std::move(tmp)), made_(std::move(made)) {}
   ~Cleanup() {
     if (released_) return;
     (void)remove_tree(tmp_);
-    if (created_image_) (void)remove_tree(image_dir_);
+    for (const auto& d : made_) (void)remove_tree(d);
   }
   void release() { released_ = true; }
 
  private:
-  std::string tmp_, image_dir_;
-  bool created_image_;
+  std::string tmp_;
+  std::vector<std::string> made_;
   bool released_ = false;
 };
-
-Status make_dirs(const std::string& path) {
-  std::string cur;
-  size_t pos = 0;
-  while (pos != std::string::npos) {
-    pos = path.find('/', pos + 1);
-    cur = path.substr(0, pos);
-    if (cur.empty() || ::mkdir(cur.c_str(), 0755) == 0 || errno == EEXIST) continue;
-    return Status::fail(errno_message("mkdir " + cur, errno));
-  }
-  return Status();
-}
 
 struct Plan {
   std::optional<std::string> parent;  // set: incremental
@@ -375,7 +363,8 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
   const auto t0 = std::chrono::steady_clock::now();
   if (!valid_name(opt.image))
     return Status::fail("invalid image name \"" + opt.image + "\" (use [A-Za-z0-9._-], not starting with '.')");
-  if (!is_dir(store.root())) return Status::fail("store " + store.root() + " is not a directory");
+  if (exists(store.root()) && !is_dir(store.root()))
+    return Status::fail("store " + store.root() + " exists but is not a directory");
   struct stat sst;
   if (::stat(opt.source.c_str(), &sst) != 0)
     return Status::fail(errno_message("source " + opt.source, errno));
@@ -397,21 +386,19 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
     return Status::fail("--size must be a multiple of " + std::to_string(kBlock));
 
   const std::string image_dir = store.image_dir(opt.image);
-  // What this build creates (images/ or images/<image>/), removed on failure.
-  const std::string created = !exists(store.root() + "/images") ? store.root() + "/images"
-                              : !exists(image_dir)                ? image_dir
-                                                                  : "";
-  const bool created_image = !created.empty();
-  Status s = make_dirs(store.generations_dir(opt.image));
+  // The first build into a store makes it; a failed build removes what it made.
+  std::vector<std::string> made;
+  Status s = store.create(&made);
+  if (s) s = make_dirs(store.generations_dir(opt.image), &made);
   if (!s) {
-    if (created_image) (void)remove_tree(created);
+    for (const auto& d : made) (void)remove_tree(d);
     return s;
   }
   auto lock = FileLock::acquire(image_dir + "/.lock", false,
                                 "another build (or gc/flatten) of image " + opt.image +
                                     " is in progress: " + image_dir + "/.lock is locked");
   if (!lock) {
-    if (created_image) (void)remove_tree(created);
+    for (const auto& d : made) (void)remove_tree(d);
     return lock.status();
   }
   store.clean_temporaries(opt.image);
@@ -419,7 +406,7 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
   const int64_t epoch = filesystem_epoch();
   const std::string gen = store.new_generation_id(opt.image, time(nullptr));
   const std::string tmp = image_dir + "/.tmp-" + gen;
-  Cleanup cleanup(tmp, created, created_image);
+  Cleanup cleanup(tmp, made);
   if (::mkdir(tmp.c_str(), 0755) != 0) return Status::fail(errno_message("mkdir " + tmp, errno));
   pause_point("tmp");
 

@@ -1,12 +1,13 @@
 // `build`: a source directory becomes a new generation of an image.
 //
 // Steps: scan the source (nothing in the store changes if that fails),
-// take the image lock (flock on images/<image>/.lock, failing at once if
-// another build holds it), remove temporaries of interrupted builds, then
-// write the generation in images/<image>/.tmp-<gen>/ and rename it into
-// generations/ once complete and synced. Any failure removes the temporary
-// (and the image directory, if this build created it), so the store is left
-// as it was.
+// make the store (the first build: mkdir -p, images/, nodes/) and the
+// image's directories where missing, take the image lock (flock on
+// images/<image>/.lock, failing at once if another build holds it), remove
+// temporaries of interrupted builds, then write the generation in
+// images/<image>/.tmp-<gen>/ and rename it into generations/ once complete
+// and synced. Any failure removes the temporary (and the directories this
+// build made), so the store is left as it was.
 //
 // Full build: mke2fs makes an empty ext4 file with fixed UUID, hash seed and
 // times (all derived from the image name, or SOURCE_DATE_EPOCH), fully

@@ -19,6 +19,7 @@ namespace {
 
 Status check_image(const Store& store, const std::string& image) {
   if (!valid_name(image)) return Status::fail("invalid image name \"" + image + "\"");
+  if (Status s = store.check(); !s) return s;
   if (!is_dir(store.generations_dir(image)))
     return Status::fail("no image " + image + " in store " + store.root());
   return Status();

@@ -13,6 +13,25 @@
 
 namespace ib {
 
+Status Store::check() const {
+  struct stat st;
+  if (::stat(root_.c_str(), &st) != 0) {
+    if (errno == ENOENT)
+      return Status::fail("no store at " + root_ + ": the first `imagebuilder --store " + root_ +
+                          " build IMAGE --from SRCDIR` creates it");
+    return Status::fail(errno_message("store " + root_, errno));
+  }
+  if (!S_ISDIR(st.st_mode)) return Status::fail("store " + root_ + " exists but is not a directory");
+  return Status();
+}
+
+Status Store::create(std::vector<std::string>* made) const {
+  Status s = make_dirs(root_, made);
+  if (s) s = make_dirs(root_ + "/images", made);
+  if (s) s = make_dirs(root_ + "/nodes", made);
+  return s;
+}
+
 std::string Store::image_dir(const std::string& image) const {
   return root_ + "/images/" + image;
 }

@@ -30,6 +30,14 @@ class Store {
   explicit Store(std::string root) : root_(std::move(root)) {}
   const std::string& root() const { return root_; }
 
+  // Succeeds when root() is a directory; otherwise the error says why and,
+  // when there is nothing there, how to create a store.
+  Status check() const;
+  // Makes root() (mkdir -p), images/ and nodes/ where missing: what
+  // `nbdserver --store` serves. Appends the directories it made, outermost
+  // first, to `made` (so a failed build can remove them).
+  Status create(std::vector<std::string>* made) const;
+
   std::string image_dir(const std::string& image) const;
   std::string generations_dir(const std::string& image) const;
   std::string generation_dir(const std::string& image, const std::string& gen) const;

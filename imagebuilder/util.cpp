@@ -159,6 +159,18 @@ bool is_dir(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+Status make_dirs(const std::string& path, std::vector<std::string>* made) {
+  size_t pos = 0;
+  while (pos != std::string::npos) {
+    pos = path.find('/', pos + 1);
+    const std::string cur = path.substr(0, pos);
+    if (cur.empty()) continue;
+    if (::mkdir(cur.c_str(), 0755) == 0) made->push_back(cur);
+    else if (errno != EEXIST) return Status::fail(errno_message("mkdir " + cur, errno));
+  }
+  return Status();
+}
+
 bool exists(const std::string& path) {
   struct stat st;
   return ::lstat(path.c_str(), &st) == 0;

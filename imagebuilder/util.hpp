@@ -40,6 +40,9 @@ Status remove_tree(const std::string& path);
 // Names in a directory (no "." or ".."), sorted; missing directory -> empty.
 std::vector<std::string> list_dir(const std::string& dir);
 bool is_dir(const std::string& path);
+// mkdir -p `path` (mode 0755 less umask); appends each directory it made,
+// outermost first, to `made`.
+Status make_dirs(const std::string& path, std::vector<std::string>* made);
 bool exists(const std::string& path);
 // Bytes the file occupies on disk (st_blocks * 512); 0 if missing.
 uint64_t disk_usage(const std::string& path);

@@ -809,6 +809,57 @@ def test_generations_served_byte_for_byte(store, tmp_path, nbdserver):
     assert sha256_file(out) == sha256_file(flat_image(store, "lab", g3, tmp_path))
 
 
+# ---------------------------------------------------------------- the store itself
+
+def test_first_build_creates_the_store(tmp_path, small_src, nbdserver):
+    store = str(tmp_path / "new" / "store")
+    gen = build(store, "lab", small_src)
+    assert sorted(os.listdir(store)) == ["images", "nodes"]
+    assert os.listdir(os.path.join(store, "images", "lab", "generations")) == [gen]
+    ib(store, "publish", "lab")
+    assert gen in ib(store, "list", "lab").stdout
+    srv = nbdserver(args=["--store", store])
+    out = tmp_path / "served.img"
+    run(["nbdcopy", srv.uri("lab"), str(out)])
+    assert sha256_file(out) == sha256_file(os.path.join(gen_dir(store, "lab", gen), "image.ext4"))
+
+
+def test_failed_first_build_leaves_no_store(tmpfs, tmp_path):
+    disk = tmpfs("disk", "24M")       # fails while copying, after making the store
+    src = str(tmp_path / "src")
+    make_data_tree(src, files=10, total=40 * MiB, seed=16)
+    p = ib(os.path.join(disk, "new", "store"), "build", "lab", "--from", src, check=False)
+    assert p.returncode == 1 and "is full" in p.stderr, p.stderr
+    assert os.listdir(disk) == []
+
+
+MISSING_STORE_COMMANDS = [["list", "lab"], ["publish", "lab"], ["rollback", "lab"], ["gc", "lab"],
+                          ["diff", "lab", "a", "b"], ["flatten", "lab", "a"],
+                          ["boot", "lab", "--out", "OUT", "--server", "h:1"]]
+
+
+def test_commands_on_a_missing_store(tmp_path):
+    missing = tmp_path / "nowhere"
+    out = tmp_path / "out"
+    for args in MISSING_STORE_COMMANDS:
+        p = ib(missing, *[out if a == "OUT" else a for a in args], check=False)
+        assert p.returncode == 1, (args, p.stderr)
+        assert f"no store at {missing}: the first `imagebuilder --store {missing} build IMAGE " \
+               "--from SRCDIR` creates it" in p.stderr, (args, p.stderr)
+    assert not missing.exists() and not out.exists()
+
+
+def test_store_that_is_a_file(tmp_path, small_src):
+    store = tmp_path / "store"
+    store.write_text("not a store")
+    out = tmp_path / "out"
+    for args in [["build", "lab", "--from", small_src]] + MISSING_STORE_COMMANDS:
+        p = ib(store, *[out if a == "OUT" else a for a in args], check=False)
+        assert p.returncode == 1, (args, p.stderr)
+        assert f"store {store} exists but is not a directory" in p.stderr, (args, p.stderr)
+    assert store.read_text() == "not a store" and not out.exists()
+
+
 # ---------------------------------------------------------------- boot artifacts
 
 FAKE_MKINITRD = """#!/bin/sh
