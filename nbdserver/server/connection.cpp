@@ -12,6 +12,7 @@ void SendQueue::prepare(msghdr* msg) {
       skip -= len;
       return;
     }
+    if (n == iov_.size()) iov_.resize(std::min(kMaxIov, std::max<size_t>(16, 2 * n)));
     iov_[n].iov_base = const_cast<uint8_t*>(static_cast<const uint8_t*>(p) + skip);
     iov_[n].iov_len = len - skip;
     skip = 0;
@@ -28,7 +29,7 @@ void SendQueue::prepare(msghdr* msg) {
     }
   }
   *msg = {};
-  msg->msg_iov = iov_;
+  msg->msg_iov = iov_.data();
   msg->msg_iovlen = n;
 }
 

@@ -66,9 +66,10 @@ class SendQueue {
   // Drops `n` sent bytes from the front, freeing finished messages.
   void consume(size_t n);
 
-  static constexpr size_t kMaxIov = 128;
-  // The most payload parts one message may have (so that it always fits).
-  static constexpr size_t kMaxParts = 64;
+  static constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
+  // The most payload parts one message may have (so that it always fits):
+  // a 1 MiB read of 4 KiB blocks that alternate between sources.
+  static constexpr size_t kMaxParts = 256;
   static_assert(kMaxParts + 2 <= kMaxIov);
 
  private:
@@ -76,7 +77,7 @@ class SendQueue {
   size_t front_sent_ = 0;  // bytes of q_.front() already sent
   size_t bytes_ = 0;       // unsent bytes in all of q_
   size_t mapped_bytes_ = 0;
-  iovec iov_[kMaxIov];
+  std::vector<iovec> iov_;  // grown to what the queue needs, up to kMaxIov
 };
 
 struct Connection {

@@ -921,7 +921,7 @@ def test_page_cached_reads_of_mixed_views_match_the_model(nbdserver, tmp_path):
     """Reads of a view in runs of changed, zeroed and clean blocks, once all
     of it is in the page cache: such replies are sent straight from the
     mappings as one iovec list (diff, image, zero pages). Up to
-    SendQueue::kMaxParts (64) pieces per read go that way, more the normal
+    SendQueue::kMaxParts (256) pieces per read go that way, more the normal
     way. Simple replies (a raw client) and structured ones (libnbd) alike."""
     import nbdraw as N
     size = 8 * MiB
@@ -930,22 +930,26 @@ def test_page_cached_reads_of_mixed_views_match_the_model(nbdserver, tmp_path):
     m = Model(base, BS)
     h = connect(srv, "lab/n1")
     rnd = random.Random(9)
-    run = 8 * BS  # one piece per run of 8 blocks
-    for off in range(0, size, run):
-        kind = (off // run) % 3
+    # One piece per block in the first 2 MiB, per run of 8 blocks after it.
+    run = 8 * BS
+    runs = [(off, BS) for off in range(0, 2 * MiB, BS)]
+    runs += [(off, run) for off in range(2 * MiB, size, run)]
+    for i, (off, n) in enumerate(runs):
+        kind = i % 3
         if kind == 0:
-            data = rnd.randbytes(run)
+            data = rnd.randbytes(n)
             h.pwrite(data, off)
             m.write(off, data)
         elif kind == 1:
-            h.zero(run, off)
-            m.zero_range(off, run)
+            h.zero(n, off)
+            m.zero_range(off, n)
     h.flush()
     read_all(h, size)  # the diff and the image in the page cache
     host, port = srv.addresses[0].rsplit(":", 1)
     raw = N.RawClient((host, int(port))).connect_export("lab/n1", structured=False)
-    spans = [(0, MiB), (3 * BS, MiB + 5 * BS), (run, 64 * run), (run, 65 * run),
-             (5 * run, 2 * BS), (run + BS, run), (size - 3 * run, 3 * run)]
+    spans = [(0, MiB), (3 * BS, MiB + 5 * BS), (BS, 256 * BS), (BS, 257 * BS),
+             (2 * MiB, 192 * run), (5 * BS, 2 * BS), (2 * MiB + run + BS, run),
+             (size - 3 * run, 3 * run), (2 * MiB - 3 * BS, 6 * run)]
     spans += [(rnd.randrange(0, size - MiB) // 512 * 512, rnd.randrange(1, MiB // 512) * 512)
               for _ in range(40)]
     for off, n in spans:
