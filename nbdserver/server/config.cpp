@@ -54,6 +54,9 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "seconds a half-received request may stall before the connection is closed")
       ("shutdown-timeout", po::value(&o->shutdown_timeout)->default_value(30),
        "seconds to let in-flight requests finish after SIGTERM")
+      ("bind-retry", po::value(&o->bind_retry)->default_value(5),
+       "seconds to keep trying a --listen address that is in use (the socket of a killed "
+       "server lingers briefly) before giving up")
       ("ready-file", po::value(&o->ready_file),
        "once listening, write the bound addresses to PATH, one per line")
       ("store", po::value(&o->store),
@@ -85,6 +88,8 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
   if (o->poll_us > 10000) return fail("--poll-us must be at most 10000");
   if (!(o->handshake_timeout > 0) || !(o->request_timeout > 0) || !(o->shutdown_timeout >= 0))
     return fail("timeouts must be positive numbers of seconds");
+  if (!(o->bind_retry >= 0 && o->bind_retry <= 3600))
+    return fail("--bind-retry must be from 0 to 3600 seconds");
   for (const std::string& e : exports) {
     exports::ExportSpec spec;
     std::string err;

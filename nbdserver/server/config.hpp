@@ -23,6 +23,7 @@ struct ServerOptions {
   double handshake_timeout = 10;
   double request_timeout = 60;
   double shutdown_timeout = 30;
+  double bind_retry = 5;  // seconds to retry a TCP address in use (a killed server's lingers)
   std::string ready_file;
   std::string store;  // --store DIR: serve images and node views from it
   exports::StoreOptions store_opts;

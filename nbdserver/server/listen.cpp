@@ -9,8 +9,12 @@
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
+
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 namespace server {
 namespace {
@@ -43,7 +47,28 @@ std::string bound_address(int fd) {
   return describe(reinterpret_cast<sockaddr*>(&ss));
 }
 
-bool open_tcp(const std::string& spec, std::vector<Listener>* out, std::string* err) {
+// Binds and listens on one resolved address. Returns the socket, or -1
+// with errno set.
+int bind_listen(const addrinfo* ai) {
+  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+  if (fd < 0) return -1;
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (ai->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, kBacklog) == 0) return fd;
+  const int e = errno;
+  close(fd);
+  errno = e;
+  return -1;
+}
+
+// Listens on the first address `spec` resolves to that works. An address
+// in use is tried again for up to `retry` seconds: SO_REUSEADDR does not
+// cover a socket still in LISTEN state, and a server killed with SIGKILL
+// keeps its listening socket until the kernel has torn down its io_uring,
+// a moment after the process is gone.
+bool open_tcp(const std::string& spec, double retry, std::vector<Listener>* out,
+              std::string* err) {
   std::string host, port;
   if (!split_host_port(spec, &host, &port)) {
     *err = "--listen '" + spec + "': expected HOST:PORT or [IPV6]:PORT";
@@ -59,24 +84,35 @@ bool open_tcp(const std::string& spec, std::vector<Listener>* out, std::string* 
     *err = "--listen '" + spec + "': " + gai_strerror(rc);
     return false;
   }
-  bool ok = false;
-  for (addrinfo* ai = res; ai && !ok; ai = ai->ai_next) {
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-    if (fd < 0) continue;
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (ai->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-    if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, kBacklog) == 0) {
-      out->push_back({fd, bound_address(fd), {}});
-      ok = true;
-    } else {
-      *err = "cannot listen on " + spec + ": " + strerror(errno);
-      close(fd);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(retry);
+  bool waited = false;
+  int fd = -1, e = 0;
+  for (;;) {
+    bool in_use = false;
+    for (addrinfo* ai = res; ai && fd < 0; ai = ai->ai_next) {
+      fd = bind_listen(ai);
+      if (fd < 0) {
+        e = errno;
+        in_use = in_use || e == EADDRINUSE;
+      }
     }
+    if (fd >= 0 || !in_use || std::chrono::steady_clock::now() >= deadline) break;
+    if (!waited) {
+      spdlog::info("{}: address in use; waiting up to {} s for it to be free", spec, retry);
+      waited = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   freeaddrinfo(res);
-  if (!ok && err->empty()) *err = "cannot listen on " + spec;
-  return ok;
+  if (fd < 0) {
+    *err = "cannot listen on " + spec + ": " + (e ? strerror(e) : "no usable address");
+    if (e == EADDRINUSE)
+      *err += fmt::format(" (still in use after {:g} s of --bind-retry: another process "
+                          "listens there)", retry);
+    return false;
+  }
+  out->push_back({fd, bound_address(fd), {}});
+  return true;
 }
 
 bool open_unix(const std::string& path, std::vector<Listener>* out, std::string* err) {
@@ -149,7 +185,7 @@ bool open_listeners(const ServerOptions& o, std::vector<Listener>* out, std::str
     return true;
   }
   for (const std::string& l : o.listen)
-    if (!open_tcp(l, out, err)) return false;
+    if (!open_tcp(l, o.bind_retry, out, err)) return false;
   if (!o.socket.empty() && !open_unix(o.socket, out, err)) return false;
   return true;
 }

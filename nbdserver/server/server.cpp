@@ -41,6 +41,8 @@ bool write_ready_file(const std::string& path, const std::vector<Listener>& ls) 
 
 int run_server(const ServerOptions& opts) {
   raise_fd_limit();
+  // A ready file left by a killed server must not announce this one early.
+  if (!opts.ready_file.empty()) unlink(opts.ready_file.c_str());
   exports::Registry registry;
   for (const exports::ExportSpec& spec : opts.exports) {
     std::string err;
