@@ -11,7 +11,8 @@
 // for the map log to hold every map change made up to its own.
 //
 // View flush steps (ViewState::step): 1 fdatasync of the diff, 2 writing the
-// map snapshot taken before step 1, 3 fdatasync of the bitmap file.
+// map snapshot taken before step 1, 3 fdatasync of the bitmap file, 4 noting
+// the map as durable in the diff's trailer (not synced; see layer_file.hpp).
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <spdlog/spdlog.h>
@@ -527,7 +528,10 @@ void Loop::submit_view_flush(uint32_t slot) {
       io_uring_prep_write(q, vs.view->map_fd(), vs.snap.slot.data(), unsigned(vs.snap.slot.size()),
                           vs.snap.offset);
       break;
-    default: io_uring_prep_fsync(q, vs.view->map_fd(), IORING_FSYNC_DATASYNC);
+    case 3: io_uring_prep_fsync(q, vs.view->map_fd(), IORING_FSYNC_DATASYNC); break;
+    default:
+      io_uring_prep_write(q, vs.view->diff_fd(), vs.snap.trailer.data(),
+                          unsigned(vs.snap.trailer.size()), vs.snap.trailer_at);
   }
 }
 
@@ -535,16 +539,20 @@ void Loop::on_view_flush(uint32_t slot, unsigned step, int res) {
   ViewState& vs = views_[slot];
   assert(vs.in_flight && step == vs.step);
   if (res == -EAGAIN || res == -EINTR) return submit_view_flush(slot);
+  if (step == 4) {
+    // Only evidence for a later attach: the map is durable either way.
+    if (res != int(vs.snap.trailer.size()))
+      spdlog::warn("node '{}': cannot note map {} in its diff's trailer: {}", vs.view->node(),
+                   vs.snap.seq, res < 0 ? errno_text(-res) : "short write");
+    return view_flush_done(slot, 0);
+  }
   if (step == 2 && res >= 0 && size_t(res) != vs.snap.slot.size()) res = -ENOSPC;
   // A map write that did not happen (no space) leaves the durable map as it
   // was, in the other slot: fail this flush, but not the view.
   if (step == 2 && res == -ENOSPC) return view_flush_done(slot, ENOSPC);
   if (res < 0) return view_flush_done(slot, -res);
   if (step == 1 && !vs.has_snap) return view_flush_done(slot, 0);
-  if (step == 3) {
-    vs.view->persisted(vs.snap);
-    return view_flush_done(slot, 0);
-  }
+  if (step == 3) vs.view->persisted(vs.snap);
   vs.step = step + 1;
   submit_view_flush(slot);
 }

@@ -207,14 +207,26 @@ bool decode_map_slot(const uint8_t* p, size_t n, const LayerId& expect, BlockMap
   return true;
 }
 
-std::string encode_diff_trailer(const LayerId& id) {
+std::string trailer_header(const LayerId& id, uint64_t durable_seq) {
   std::string t = encode_header(kDiffMagic, id);
+  put<uint64_t>(t, kOffSeq, durable_seq);
   put<uint32_t>(t, kOffCrc, crc32(t.data(), t.size(), nullptr, 0));
+  return t;
+}
+
+std::string encode_diff_trailer(const LayerId& id, uint64_t durable_seq) {
+  std::string t = trailer_header(id, durable_seq);
   t.resize(kDiffTrailerSize, '\0');
   return t;
 }
 
-bool decode_diff_trailer(const uint8_t* p, size_t n, const LayerId& expect, std::string* why) {
+bool note_durable_map(int diff_fd, const LayerId& id, uint64_t seq) {
+  // 64 bytes at a block-aligned offset: inside one sector, so never torn.
+  return write_all(diff_fd, trailer_header(id, seq), trailer_offset(id));
+}
+
+bool decode_diff_trailer(const uint8_t* p, size_t n, const LayerId& expect, std::string* why,
+                         uint64_t* durable_seq) {
   if (n < kMapHeaderSize) {
     *why = "diff file is truncated (no trailer)";
     return false;
@@ -226,6 +238,7 @@ bool decode_diff_trailer(const uint8_t* p, size_t n, const LayerId& expect, std:
     *why = "diff trailer fails its checksum";
     return false;
   }
+  if (durable_seq) *durable_seq = get<uint64_t>(p, kOffSeq);
   return true;
 }
 
@@ -264,7 +277,7 @@ bool create_layer(const std::string& diff_path, const std::string& map_path, con
 }
 
 bool load_map(int map_fd, const LayerId& expect, BlockMap* out, LayerId* found,
-              std::string* err) {
+              std::string* err, OtherSlot* other) {
   const uint64_t stride = slot_stride(expect.blocks());
   // The file is created with both slots allocated; a shorter one lost its
   // tail, and with it maybe the newest map: refuse rather than fall back.
@@ -280,16 +293,22 @@ bool load_map(int map_fd, const LayerId& expect, BlockMap* out, LayerId* found,
   }
   std::vector<uint8_t> buf(stride);
   std::string why[2];
+  bool written[2] = {false, false}, valid[2] = {false, false};
   bool have = false;
+  int served = 0;
   for (int slot = 0; slot < 2; ++slot) {
     size_t got = 0;
     if (!read_all(map_fd, buf.data(), buf.size(), uint64_t(slot) * stride, &got)) {
       *err = "cannot read the bitmap: " + errno_text(errno);
       return false;
     }
+    written[slot] = std::any_of(buf.begin(), buf.begin() + std::min<size_t>(got, kMapHeaderSize),
+                                [](uint8_t b) { return b != 0; });
     BlockMap m;
     if (!decode_map_slot(buf.data(), got, expect, &m, &why[slot])) continue;
+    valid[slot] = true;
     if (!have || m.seq > out->seq) {
+      served = slot;
       *out = std::move(m);
       if (found) {
         *found = expect;
@@ -299,10 +318,15 @@ bool load_map(int map_fd, const LayerId& expect, BlockMap* out, LayerId* found,
     }
   }
   if (!have) *err = "no valid bitmap: slot A: " + why[0] + "; slot B: " + why[1];
+  if (have && other) {
+    const int o = 1 - served;
+    *other = {char('A' + served), char('A' + o), written[o], valid[o], valid[o] ? "" : why[o]};
+  }
   return have;
 }
 
-bool load_layer(int diff_fd, int map_fd, const LayerId& expect, BlockMap* out, std::string* err) {
+bool load_layer(int diff_fd, int map_fd, const LayerId& expect, BlockMap* out, std::string* err,
+                uint64_t* durable_seq) {
   struct stat st;
   if (fstat(diff_fd, &st) != 0) {
     *err = "cannot stat the diff: " + errno_text(errno);
@@ -320,7 +344,8 @@ bool load_layer(int diff_fd, int map_fd, const LayerId& expect, BlockMap* out, s
     return false;
   }
   std::string why;
-  if (!decode_diff_trailer(reinterpret_cast<const uint8_t*>(t.data()), got, expect, &why)) {
+  if (!decode_diff_trailer(reinterpret_cast<const uint8_t*>(t.data()), got, expect, &why,
+                           durable_seq)) {
     *err = why;
     return false;
   }

@@ -25,6 +25,13 @@
 // durable map, is used. Loading reads both slots, checks the header against
 // what the caller expects, verifies the CRC, deserialises with
 // Roaring::readSafe and checks every block number against the geometry.
+//
+// The diff trailer's sequence field (0 in layers written before it existed)
+// names a map that was durable when the trailer was written: it is updated
+// after each map's fdatasync and not synced itself, so it never names a map
+// newer than the newest durable one. A bitmap whose newest valid map is
+// older than that has lost a map (node_view.cpp refuses it); a slot torn by
+// a crash never has, since the trailer still names the map before it.
 #pragma once
 
 #include <roaring/roaring.hh>
@@ -51,6 +58,14 @@ struct BlockMap {
   uint64_t seq = 0;  // sequence number of the slot it came from
 };
 
+// What load_map saw in the slot it did not serve.
+struct OtherSlot {
+  char served = 'A', name = 'B';  // slot letters
+  bool written = false;  // false: never written (a new layer's first map)
+  bool valid = false;
+  std::string why;  // why it was rejected, when written and not valid
+};
+
 // A stable 64-bit tag for "<image>@<gen>" (FNV-1a).
 uint64_t generation_tag(const std::string& image, const std::string& gen);
 // A random non-zero layer tag.
@@ -68,9 +83,14 @@ std::string encode_map_slot(const LayerId& id, uint64_t seq, const Roaring& dirt
 // for `expect` (unwritten, torn, foreign or corrupt). Pure.
 bool decode_map_slot(const uint8_t* p, size_t n, const LayerId& expect, BlockMap* out,
                      std::string* why);
-// The diff trailer for `id`. Pure.
-std::string encode_diff_trailer(const LayerId& id);
-bool decode_diff_trailer(const uint8_t* p, size_t n, const LayerId& expect, std::string* why);
+// The diff trailer for `id`, naming map `durable_seq` as durable (0: none).
+// Pure.
+std::string encode_diff_trailer(const LayerId& id, uint64_t durable_seq = 0);
+bool decode_diff_trailer(const uint8_t* p, size_t n, const LayerId& expect, std::string* why,
+                         uint64_t* durable_seq = nullptr);
+// Where the trailer's header goes in the diff, and its bytes for map `seq`.
+inline uint64_t trailer_offset(const LayerId& id) { return id.size; }
+std::string trailer_header(const LayerId& id, uint64_t durable_seq);
 
 // Synchronous helpers for attach, admin commands and imagebuilder; never on
 // a loop's data path. All return false and set *err with the path and cause.
@@ -81,11 +101,18 @@ bool decode_diff_trailer(const uint8_t* p, size_t n, const LayerId& expect, std:
 bool create_layer(const std::string& diff_path, const std::string& map_path, const LayerId& id,
                   std::string* err);
 // Reads the newest valid map from `map_fd` and checks the diff's size and
-// trailer. On failure the layer must not be served.
-bool load_layer(int diff_fd, int map_fd, const LayerId& expect, BlockMap* out, std::string* err);
+// trailer, whose durable sequence goes to *durable_seq. On failure the
+// layer must not be served.
+bool load_layer(int diff_fd, int map_fd, const LayerId& expect, BlockMap* out, std::string* err,
+                uint64_t* durable_seq = nullptr);
 // Reads only the bitmap file. `expect` must carry geometry and base_tag;
-// layer_tag 0 accepts any layer tag and returns it in *found.
-bool load_map(int map_fd, const LayerId& expect, BlockMap* out, LayerId* found, std::string* err);
+// layer_tag 0 accepts any layer tag and returns it in *found. *other says
+// what the slot not served held.
+bool load_map(int map_fd, const LayerId& expect, BlockMap* out, LayerId* found, std::string* err,
+              OtherSlot* other = nullptr);
+// Records in the diff's trailer that map `seq` is durable; call only after
+// the bitmap's fdatasync. Not synced: the diff's next fdatasync carries it.
+bool note_durable_map(int diff_fd, const LayerId& id, uint64_t seq);
 // Writes `map` with sequence map.seq + 1 into the slot it does not occupy,
 // then fdatasyncs. On success map->seq is the new sequence.
 bool store_map(int map_fd, const LayerId& id, BlockMap* map, std::string* err);

@@ -107,6 +107,22 @@ bool apply_change(BlockMap* map, const MapChange& c, uint64_t blocks) {
   return false;
 }
 
+uint64_t newest_log_seq(int fd, uint64_t layer_tag) {
+  std::vector<uint8_t> region(kLogRegionSize);
+  uint64_t newest = 0;
+  for (uint64_t k : {0, 1}) {
+    const ssize_t n = pread(fd, region.data(), region.size(), off_t(k * kLogRegionSize));
+    for (size_t off = 0; n > 0 && off + kLogRecordSize <= size_t(n); off += kLogRecordSize) {
+      MapChange c;
+      uint64_t rs, rl, rb;
+      if (decode_log_record(region.data() + off, &c, &rs, &rl, &rb) && rl == layer_tag &&
+          rs > newest)
+        newest = rs;
+    }
+  }
+  return newest;
+}
+
 std::vector<MapChange> read_map_log(int fd, uint64_t seq, uint64_t layer_tag, uint64_t boot) {
   std::vector<MapChange> out;
   std::vector<uint8_t> region(kLogRegionSize);

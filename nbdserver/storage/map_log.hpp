@@ -74,6 +74,12 @@ bool reset_map_log(int fd, const std::string& path, std::string* err);
 // range (a record that cannot be ours).
 bool apply_change(BlockMap* map, const MapChange& c, uint64_t blocks);
 
+// The highest seq of any valid record of layer `layer_tag` in the log,
+// from any boot; 0 if none. A record with seq S was written after map S
+// was snapshotted, which a view does only once map S - 1 is durable: so
+// map S - 1 was durable once, whatever became of the log's other records.
+uint64_t newest_log_seq(int fd, uint64_t layer_tag);
+
 // The records to replay over durable map `seq` of layer `layer_tag`, in
 // order (see above). A log that cannot be read yields none.
 std::vector<MapChange> read_map_log(int fd, uint64_t seq, uint64_t layer_tag, uint64_t boot);

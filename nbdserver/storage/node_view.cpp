@@ -23,6 +23,48 @@ bool parse_mode(const std::string& s, NodeMode* m) {
   return true;
 }
 
+namespace {
+
+// The newest valid map (seq `served`) must be the newest the node ever had
+// durable. Evidence of a newer one: the diff trailer's durable seq, and map
+// log records that followed a later snapshot (map_log.hpp). With evidence
+// the node is refused: serving the older map would roll back flushed
+// writes. Without, a rejected slot is what a crash in the middle of a map
+// write leaves, and is logged.
+bool check_newest_map(const std::string& node, const std::string& log_path, const LayerId& id,
+                      uint64_t served, const OtherSlot& other, uint64_t trailer_seq,
+                      std::string* err) {
+  uint64_t log_seq = 0;
+  int lfd = ::open(log_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (lfd >= 0) {
+    log_seq = newest_log_seq(lfd, id.layer_tag);
+    ::close(lfd);
+  }
+  std::string evidence;
+  if (trailer_seq > served) {
+    evidence = "the diff's trailer records map " + std::to_string(trailer_seq) + " as durable";
+  } else if (log_seq > served + 1) {
+    evidence = "its map log holds changes logged after map " + std::to_string(log_seq) +
+               " was begun, so map " + std::to_string(log_seq - 1) + " was durable";
+  }
+  const std::string slot = std::string("slot ") + other.name;
+  if (!evidence.empty()) {
+    *err = (other.written && !other.valid
+                ? "bitmap " + slot + " is not valid (" + other.why + ") and "
+                : "the bitmap holds no map newer than " + std::to_string(served) + " but ") +
+           evidence + "; serving map " + std::to_string(served) + " from slot " + other.served +
+           " would roll back flushed writes";
+    return false;
+  }
+  if (other.written && !other.valid)
+    spdlog::warn("node '{}': bitmap {} rejected ({}); serving map {} from slot {} (a crash "
+                 "while a map was written leaves this)",
+                 node, slot, other.why, served, other.served);
+  return true;
+}
+
+}  // namespace
+
 NodeView::NodeView(std::shared_ptr<Generation> gen, LayerId id, BlockMap map, bool writable)
     : gen_(std::move(gen)),
       overlay_(id, std::move(map), gen_->stack(), writable) {}
@@ -83,11 +125,14 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
   }
   BlockMap map;
   LayerId found;
-  bool ok = load_map(mfd, id, &map, &found, err);
+  OtherSlot other;
+  uint64_t trailer_seq = 0;
+  bool ok = load_map(mfd, id, &map, &found, err, &other);
   if (ok) {
     id.layer_tag = found.layer_tag;
-    ok = load_layer(dfd, mfd, id, &map, err);
+    ok = load_layer(dfd, mfd, id, &map, err, &trailer_seq);
   }
+  if (ok) ok = check_newest_map(node, prefix + ".log", id, map.seq, other, trailer_seq, err);
   if (!ok) {
     *err = prefix + ": " + *err;
     ::close(dfd);
@@ -113,6 +158,7 @@ std::unique_ptr<NodeView> NodeView::open(const std::string& node, const std::str
       // Into the slot after the durable one (never over it).
       saved = fdatasync(dfd) == 0 && store_map(mfd, id, &map, err);
       if (!saved && err->empty()) *err = strerror(errno);
+      if (saved) note_durable_map(dfd, id, map.seq);
     }
     saved = saved && reset_map_log(lfd, log_path, err);
     if (!saved) {
@@ -178,6 +224,7 @@ NodeView::~NodeView() {
                                                  off_t(s.offset)) == ssize_t(s.slot.size()) &&
               fdatasync(map_fd_) == 0;
     if (!ok) spdlog::error("node '{}': cannot save its block map at detach: {}", node_, strerror(errno));
+    if (ok) note_durable_map(diff_fd_, overlay_.id(), s.seq);
   }
   if (diff_map_) munmap(diff_map_, overlay_.id().size);
   for (int fd : {diff_fd_, map_fd_, log_fd_, lock_fd_})
@@ -206,6 +253,8 @@ NodeView::Snapshot NodeView::snapshot() const {
   s.version = overlay_.version();
   s.slot = encode_map_slot(overlay_.id(), s.seq, overlay_.map().dirty, overlay_.map().zero);
   s.offset = (s.seq % 2) * slot_stride(overlay_.id().blocks());
+  s.trailer = trailer_header(overlay_.id(), s.seq);
+  s.trailer_at = trailer_offset(overlay_.id());
   return s;
 }
 

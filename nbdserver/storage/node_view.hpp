@@ -73,10 +73,11 @@ class NodeView {
   const uint8_t* diff_mapping() const { return diff_map_; }
 
   // Persisting the map: the loop encodes a snapshot with snapshot(), writes
-  // it at slot_offset() and fdatasyncs, then calls persisted().
+  // `slot` at `offset` and fdatasyncs, calls persisted(), then writes
+  // `trailer` at `trailer_at` in the diff (layer_file.hpp: the durable seq).
   struct Snapshot {
-    std::string slot;
-    uint64_t seq = 0, version = 0, offset = 0;
+    std::string slot, trailer;
+    uint64_t seq = 0, version = 0, offset = 0, trailer_at = 0;
   };
   bool map_changed() const { return overlay_.version() != persisted_version_; }
   Snapshot snapshot() const;

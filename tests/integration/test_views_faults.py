@@ -163,20 +163,49 @@ def test_bitmap_corrupt_in_both_slots_is_refused(two_nodes):
     assert_refused(srv, root, "n1", ["no valid bitmap", "checksum"], models)
 
 
-@pytest.mark.parametrize("log", ["same boot", "no log"])
-def test_newest_slot_corrupt_falls_back_to_the_previous_flush(nbdserver, tmp_path, log):
-    root, base = make_store(tmp_path)
-    srv = serve_store(nbdserver, root)
+def trailer(diff):
+    """The 64-byte header of a diff's trailer (at the view's size)."""
+    with open(diff, "rb") as f:
+        f.seek(SIZE)
+        return f.read(64)
+
+
+def trailer_seq(diff):
+    """The map the trailer records as durable (0: none, as older servers left it)."""
+    return struct.unpack_from("<Q", trailer(diff), 40)[0]
+
+
+def put_trailer(diff, header=None, seq=None):
+    """Writes back a saved trailer header, or sets its durable seq (with a
+    valid CRC), as a crash or an older server would have left it."""
+    h = bytearray(header if header is not None else trailer(diff))
+    if seq is not None:
+        struct.pack_into("<Q", h, 40, seq)
+        struct.pack_into("<I", h, 56, 0)
+        struct.pack_into("<I", h, 56, zlib.crc32(bytes(h)))
+    with open(diff, "r+b") as f:
+        f.seek(SIZE)
+        f.write(bytes(h))
+
+
+def two_flushes(srv, root, base):
+    """n1: A written and flushed, then B in other blocks and flushed, then
+    detached. Returns (model after A, the trailer as it was after A's flush)."""
+    diff = node_files(root, "n1")[0]
     h = connect(srv, "lab/n1")
     a_state = Model(base)
     h.pwrite(b"A" * 3000, 10 * BS + 7)
     a_state.write(10 * BS + 7, b"A" * 3000)
     h.flush()
+    after_a = trailer(diff)
     h.pwrite(b"B" * 3000, 20 * BS + 7)  # other blocks: A-state keeps them clean
     h.flush()
     h.shutdown()
     wait_detached(root, "n1")
-    bitmap = node_files(root, "n1")[1]
+    return a_state, after_a
+
+
+def newest_and_older(bitmap):
     ss = slots(bitmap)
     newest = max(ss, key=lambda s: s[1])
     older = min(ss, key=lambda s: s[1])
@@ -184,7 +213,29 @@ def test_newest_slot_corrupt_falls_back_to_the_previous_flush(nbdserver, tmp_pat
     # The slot a map with sequence s lives in: offset (s % 2) * stride.
     stride = max(s[0] for s in ss)
     assert newest[0] == (newest[1] % 2) * stride
+    return newest, older
+
+
+def slot_name(pos):
+    return "A" if pos == 0 else "B"
+
+
+@pytest.mark.parametrize("log", ["same boot", "no log"])
+def test_newest_slot_torn_by_a_crash_falls_back_to_the_previous_flush(nbdserver, tmp_path, log):
+    """A crash while the newest map was written: its slot fails its CRC and
+    the diff's trailer still names the map before it. The node is served
+    from the older slot, and a warning names the slot, the reason and the
+    map served."""
+    root, base = make_store(tmp_path)
+    srv = serve_store(nbdserver, root)
+    a_state, after_a = two_flushes(srv, root, base)
+    diff, bitmap = node_files(root, "n1")
+    newest, older = newest_and_older(bitmap)
+    assert trailer_seq(diff) == newest[1]
+    # What the crash left: the slot half written, the trailer not yet updated.
     flip(bitmap, newest[0] + 64 + newest[2] // 2)
+    put_trailer(diff, after_a)
+    assert trailer_seq(diff) == older[1]
     expect = Model(base)
     expect.data[:] = a_state.data
     if log == "same boot":
@@ -199,6 +250,59 @@ def test_newest_slot_corrupt_falls_back_to_the_previous_flush(nbdserver, tmp_pat
     assert read_all(h, SIZE) == bytes(expect.data)
     h.shutdown()
     srv.assert_alive()
+    # At each opening of the view (the handshake may open it more than once)
+    # until a flush rewrites the slot.
+    warn = [l for l in srv.stderr().splitlines() if "bitmap slot" in l and "rejected" in l]
+    assert warn, srv.stderr()[-3000:]
+    assert "warning" in warn[0], warn
+    assert f"node 'n1': bitmap slot {slot_name(newest[0])} rejected" in warn[0], warn
+    assert "checksum" in warn[0], warn
+    assert f"serving map {older[1]} from slot {slot_name(older[0])}" in warn[0], warn
+
+
+def test_newest_slot_corrupt_after_its_flush_is_refused(two_nodes):
+    """The newest slot goes bad after its flush completed: the diff's
+    trailer says that map was durable, so falling back would lose flushed
+    writes. Refused, files untouched, other nodes served."""
+    srv, root, models = two_nodes
+    diff, bitmap = node_files(root, "n1")
+    newest, older = newest_and_older(bitmap)
+    flip(bitmap, newest[0] + 64 + newest[2] // 2)
+    assert_refused(srv, root, "n1", [
+        f"bitmap slot {slot_name(newest[0])} is not valid", "checksum",
+        f"the diff's trailer records map {newest[1]} as durable",
+        f"serving map {older[1]} from slot {slot_name(older[0])} would roll back flushed writes"],
+        models)
+
+
+def test_bitmap_older_than_the_map_log_is_refused(nbdserver, tmp_path):
+    """Both slots valid but old (the bitmap restored from an earlier copy),
+    in a store whose trailer names no map (as older servers left it): the
+    map log's records show that newer maps were durable. Refused."""
+    root, base = make_store(tmp_path)
+    srv = serve_store(nbdserver, root)
+    models = {"n2": Model(base)}
+    write_flush_detach(srv, root, "n2", [(0, b"n2" * 100)])
+    models["n2"].write(0, b"n2" * 100)
+    diff, bitmap = node_files(root, "n1")
+    h = connect(srv, "lab/n1")
+    h.pwrite(b"A" * BS, 10 * BS)
+    h.flush()
+    with open(bitmap, "rb") as f:
+        old_bitmap = f.read()
+    old_seq = max(s[1] for s in slots(bitmap))
+    for i, c in enumerate(b"BCD"):
+        h.pwrite(bytes([c]) * BS, (20 + i) * BS)  # a map change, logged
+        if c != ord("D"):
+            h.flush()
+    h.shutdown()
+    wait_detached(root, "n1")
+    with open(bitmap, "wb") as f:
+        f.write(old_bitmap)
+    put_trailer(diff, seq=0)
+    assert_refused(srv, root, "n1", [
+        f"the bitmap holds no map newer than {old_seq} but its map log holds changes",
+        f"so map {old_seq + 1} was durable", "would roll back flushed writes"], models)
 
 
 def array_bitmap(values):

@@ -2,6 +2,7 @@
 // files. Every corrupt, torn, truncated or foreign input must be refused
 // with a reason; none may decode to a different map.
 #include "storage/layer_file.hpp"
+#include "storage/map_log.hpp"
 
 #include <fcntl.h>
 #include <stdlib.h>
@@ -332,6 +333,24 @@ TEST(LayerDiffTrailer, RoundTripAndRefusals) {
   }
 }
 
+TEST(LayerDiffTrailer, DurableSeqRoundTripsAndIsChecksummed) {
+  const LayerId id = test_id();
+  std::string why;
+  uint64_t seq = 99;
+  const std::string old = encode_diff_trailer(id);  // as layers before the field
+  ASSERT_TRUE(decode_diff_trailer(u8(old), old.size(), id, &why, &seq)) << why;
+  EXPECT_EQ(seq, 0u);
+  const std::string t = encode_diff_trailer(id, 12345);
+  ASSERT_TRUE(decode_diff_trailer(u8(t), t.size(), id, &why, &seq)) << why;
+  EXPECT_EQ(seq, 12345u);
+  EXPECT_EQ(get_le<uint64_t>(t, kOffSeq), 12345u);
+  EXPECT_EQ(trailer_header(id, 12345), t.substr(0, kMapHeaderSize));
+  std::string bad = t;
+  put_le<uint64_t>(bad, kOffSeq, 12346);
+  EXPECT_FALSE(decode_diff_trailer(u8(bad), bad.size(), id, &why));
+  EXPECT_NE(why.find("checksum"), std::string::npos) << why;
+}
+
 TEST(LayerTags, GenerationTagIsStableAndNewLayerTagIsNonZero) {
   EXPECT_EQ(generation_tag("a", "b"), generation_tag("a", "b"));
   EXPECT_NE(generation_tag("a", "b"), generation_tag("a", "c"));
@@ -496,8 +515,12 @@ TEST_F(LayerFileTest, LoadFallsBackWhenNewestSlotIsTorn) {
   const uint64_t newest_at = (newest.seq % 2) * stride, older_at = (older.seq % 2) * stride;
 
   BlockMap got;
+  OtherSlot other;
   ASSERT_TRUE(load_layer(l.dfd, l.mfd, id, &got, &err)) << err;
   EXPECT_EQ(got.seq, newest.seq);
+  ASSERT_TRUE(load_map(l.mfd, id, &got, nullptr, &err, &other)) << err;
+  EXPECT_TRUE(other.written && other.valid);
+  EXPECT_EQ(other.served, newest_at ? 'B' : 'A');
 
   // Tear the newest: only its first half reached the disk over older bytes.
   const std::string slot = encode_map_slot(id, newest.seq, newest.dirty, newest.zero);
@@ -506,6 +529,13 @@ TEST_F(LayerFileTest, LoadFallsBackWhenNewestSlotIsTorn) {
   ASSERT_TRUE(load_layer(l.dfd, l.mfd, id, &got, &err)) << err;
   EXPECT_EQ(got.seq, older.seq);
   EXPECT_TRUE(got.dirty == older.dirty && got.zero == older.zero);
+  // The caller learns which slot was rejected, and why.
+  ASSERT_TRUE(load_map(l.mfd, id, &got, nullptr, &err, &other)) << err;
+  EXPECT_EQ(other.name, newest_at ? 'B' : 'A');
+  EXPECT_EQ(other.served, older_at ? 'B' : 'A');
+  EXPECT_TRUE(other.written);
+  EXPECT_FALSE(other.valid);
+  EXPECT_NE(other.why.find("bitmap slot"), std::string::npos) << other.why;
 
   // One flipped payload byte in the newest.
   pwrite_all(l.mfd, slot, newest_at);
@@ -526,6 +556,47 @@ TEST_F(LayerFileTest, LoadFallsBackWhenNewestSlotIsTorn) {
   EXPECT_NE(err.find("slot A"), std::string::npos) << err;
   EXPECT_NE(err.find("slot B"), std::string::npos) << err;
   EXPECT_NE(err.find("checksum"), std::string::npos) << err;
+}
+
+TEST_F(LayerFileTest, NewLayerHasANeverWrittenSlotAndDurableSeqInTrailer) {
+  const LayerId id = test_id(100);
+  Layer l = create("n", id);
+  BlockMap m;
+  OtherSlot other;
+  std::string err;
+  ASSERT_TRUE(load_map(l.mfd, id, &m, nullptr, &err, &other)) << err;
+  EXPECT_EQ(m.seq, 1u);
+  EXPECT_FALSE(other.written);  // the first map goes to B; A is blank
+  uint64_t durable = 7;
+  ASSERT_TRUE(load_layer(l.dfd, l.mfd, id, &m, &err, &durable)) << err;
+  EXPECT_EQ(durable, 0u);
+  ASSERT_TRUE(note_durable_map(l.dfd, id, 5));
+  ASSERT_TRUE(load_layer(l.dfd, l.mfd, id, &m, &err, &durable)) << err;
+  EXPECT_EQ(durable, 5u);
+}
+
+TEST_F(LayerFileTest, NewestLogSeqSeesBothRegionsOfItsLayerOnly) {
+  const std::string path = dir_ + "/n.log";
+  std::string err;
+  const int fd = open_map_log(path, &err);
+  ASSERT_GE(fd, 0) << err;
+  fds_.push_back(fd);
+  ASSERT_TRUE(reset_map_log(fd, path, &err)) << err;
+  const uint64_t tag = 0x77, boot = 1;
+  EXPECT_EQ(newest_log_seq(fd, tag), 0u);
+  const MapChange c{MapChange::kDirty, 3, 9};
+  // Region 0: seq 4, then an older record of seq 2 behind it.
+  pwrite_all(fd, encode_log_record(c, 4, tag, boot) + encode_log_record(c, 2, tag, boot), 0);
+  // Region 1: seq 5 of the layer (another boot), behind a record of another layer.
+  pwrite_all(fd, encode_log_record(c, 9, tag + 1, boot) + encode_log_record(c, 5, tag, boot + 1),
+             kLogRegionSize);
+  EXPECT_EQ(newest_log_seq(fd, tag), 5u);
+  EXPECT_EQ(newest_log_seq(fd, tag + 1), 9u);
+  // A torn record counts for nothing.
+  std::string torn = encode_log_record(c, 7, tag, boot);
+  torn[20] ^= 1;
+  pwrite_all(fd, torn, kLogRegionSize + 2 * kLogRecordSize);
+  EXPECT_EQ(newest_log_seq(fd, tag), 5u);
 }
 
 TEST_F(LayerFileTest, LoadPicksHighestSequenceEitherWay) {
