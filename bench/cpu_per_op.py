@@ -62,10 +62,10 @@ def taskset(cpus):
     return NICE + (["taskset", "-c", cpus] if cpus else [])
 
 
-def start_ours(args, image, readonly):
+def start_ours(args, image, readonly, exe=None):
     ready = tempfile.mktemp(prefix="cpo-", suffix=".ready")
     spec = f"bench={image}" + (",ro" if readonly else "")
-    argv = taskset(args.server_cpus) + [args.nbdserver, "--listen", "127.0.0.1:0",
+    argv = taskset(args.server_cpus) + [exe or args.nbdserver, "--listen", "127.0.0.1:0",
                                         "--ready-file", ready, "--export", spec,
                                         "--log-level", "warn"] + args.ours_arg
     proc = subprocess.Popen(argv)
@@ -102,7 +102,12 @@ def start_nbdkit(args, image, readonly):
 
 def one(args, name, image):
     readonly = args.op == "read"
-    proc, uri = (start_ours if name == "ours" else start_nbdkit)(args, image, readonly)
+    if name == "ours":
+        proc, uri = start_ours(args, image, readonly)
+    elif name == "base":
+        proc, uri = start_ours(args, image, readonly, args.base_nbdserver)
+    else:
+        proc, uri = start_nbdkit(args, image, readonly)
     try:
         cmd = taskset(args.client_cpus) + [
             args.blast, "--uri", uri, "--op", args.op, "--bs", str(args.bs), "--qd", str(args.qd),
@@ -138,7 +143,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nbdserver", default=os.path.join(REPO, "build", "nbdserver", "nbdserver"))
     ap.add_argument("--blast", default=os.path.join(REPO, "build", "bench", "nbdblast"))
-    ap.add_argument("--servers", default="ours,nbdkit")
+    ap.add_argument("--servers", default="ours,nbdkit",
+                    help="any of ours, nbdkit, base (another nbdserver: --base-nbdserver)")
+    ap.add_argument("--base-nbdserver", help="an nbdserver to compare with, e.g. before a change")
     ap.add_argument("--image", help="file to serve (default: a 1 GiB file in /dev/shm, removed after)")
     ap.add_argument("--image-size", default=1 << 30, type=int)
     ap.add_argument("--op", default="read", choices=["read", "write"])
@@ -196,10 +203,11 @@ def main():
         spread = " ".join(f"{r['iops'] / 1000:.1f}k" for r in runs[s])
         print(f"{s:8} {m['iops']:9.0f} {m['server_us_per_op']:10.2f} {m['client_us_per_op']:10.2f}"
               f" {m['p50_us']:8.1f} {m['p99_us']:8.1f}  {spread}")
-    if "ours" in med and "nbdkit" in med:
-        o, k = med["ours"], med["nbdkit"]
-        print(f"ours/nbdkit: IOPS {o['iops'] / k['iops']:.2f}x,"
-              f" server CPU per op {o['server_us_per_op'] / k['server_us_per_op']:.2f}x")
+    for other in ("nbdkit", "base"):
+        if "ours" in med and other in med:
+            o, k = med["ours"], med[other]
+            print(f"ours/{other}: IOPS {o['iops'] / k['iops']:.2f}x,"
+                  f" server CPU per op {o['server_us_per_op'] / k['server_us_per_op']:.2f}x")
 
 
 if __name__ == "__main__":
