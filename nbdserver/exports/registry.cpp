@@ -55,7 +55,7 @@ bool Registry::add(const ExportSpec& spec, uint32_t max_block, unsigned loops,
   }
   std::string why;
   auto file = storage::ImageFile::open(spec.path, spec.read_only, &why);
-  if (!file || !file->open_per_loop(loops, &why)) {
+  if (!file || !file->open_per_loop(loops, storage::kSyncersPerLoop, &why)) {
     *err = "export '" + spec.name + "': " + why;
     return false;
   }

@@ -21,7 +21,7 @@ enum class Kind : uint8_t {
   kTimer,
   kWake,
   kCancel,  // completions of cancel requests: ignored
-  kFlush,   // an fdatasync shared by several requests; slot = export index
+  kFlush,   // an fdatasync shared by several requests; slot = export index, gen = descriptor k
   kSub,     // one piece of a node-view request; slot = Sub index
   kViewFlush,  // a node view's flush; slot = view slot, gen = step
   kViewLog,    // a write of a node view's map log; slot = view slot

@@ -195,7 +195,7 @@ void Loop::dispatch(const io_uring_cqe* cqe) {
       break;
     case io::Kind::kFlush:
       --file_ops_;
-      on_flush(slot, cqe->res);
+      on_flush(slot, gen, cqe->res);
       break;
     case io::Kind::kSub:
       --file_ops_;
@@ -979,38 +979,43 @@ void Loop::on_file(uint32_t op, int res) {
 void Loop::request_flush(uint32_t op) {
   const exports::ServedExport& e = *conns_[ops_[op].conn]->exp;
   Flusher& fl = flushers_[e.index];
-  if (fl.in_flight) {
-    fl.waiting.push_back(op);
-    return;
+  if (!fl.file) {
+    fl.file = e.file.get();
+    fl.running.resize(fl.file->syncers());
   }
-  fl.running.push_back(op);
-  fl.file = e.file.get();
-  submit_flush(e.index);
+  fl.waiting.push_back(op);
+  start_flush(e.index);
 }
 
-void Loop::submit_flush(unsigned exp) {
+// Starts an fdatasync for the waiting requests if a descriptor is idle.
+void Loop::start_flush(unsigned exp) {
   Flusher& fl = flushers_[exp];
-  io_uring_prep_fsync(file_sqe(io::make_tag(io::Kind::kFlush, exp, 0)),
-                      fl.file->fd_for(index_), IORING_FSYNC_DATASYNC);
-  fl.in_flight = true;
+  if (fl.waiting.empty()) return;
+  for (unsigned k = 0; k < fl.running.size(); ++k) {
+    if (!fl.running[k].empty()) continue;
+    fl.running[k].swap(fl.waiting);
+    return submit_flush(exp, k);
+  }
 }
 
-void Loop::on_flush(unsigned exp, int res) {
+void Loop::submit_flush(unsigned exp, unsigned k) {
   Flusher& fl = flushers_[exp];
-  if (retryable(res)) return submit_flush(exp);
-  fl.in_flight = false;
-  // Every error is sticky: the kernel reports a writeback error only once,
-  // and the pages it could not write may already be gone.
+  io_uring_prep_fsync(file_sqe(io::make_tag(io::Kind::kFlush, exp, k)),
+                      fl.file->sync_fd(index_, k), IORING_FSYNC_DATASYNC);
+}
+
+void Loop::on_flush(unsigned exp, unsigned k, int res) {
+  Flusher& fl = flushers_[exp];
+  if (retryable(res)) return submit_flush(exp, k);
+  // Every error is sticky: the kernel reports a writeback error only once
+  // per open file, and the pages it could not write may already be gone.
   if (res < 0) fl.file->set_sticky_error(-res);
   const int err = fl.file->sticky_error();
   std::vector<uint32_t> done;
-  done.swap(fl.running);
+  done.swap(fl.running[k]);
   for (uint32_t op : done)
     finish(op, err ? nbd::kEIO : nbd::kOk, err ? "fdatasync failed: " + errno_text(err) : "");
-  if (!fl.waiting.empty()) {
-    fl.running.swap(fl.waiting);
-    submit_flush(exp);
-  }
+  start_flush(exp);
 }
 
 void Loop::reply_block_status(uint32_t op) {

@@ -173,18 +173,21 @@ class Loop {
   std::vector<nbd::Extent> view_extents(const storage::NodeView& v, std::string_view context,
                                         uint64_t off, uint64_t len, size_t max);
   bool backpressured(const Connection& c) const;
-  // FLUSH and the fdatasync after FUA trims and zeroes: at most one
-  // fdatasync per export is in flight on a loop; requests that arrive while
-  // it runs share the next one.
+  // FLUSH and the fdatasync after FUA writes, trims and zeroes: a loop runs
+  // up to ImageFile::syncers() fdatasyncs per export at once, each on its own
+  // descriptor (see ImageFile::sync_fd). A request starts one if a descriptor
+  // is idle; otherwise it waits, and the waiting requests share the next one.
   void request_flush(uint32_t op);
-  void submit_flush(unsigned exp);
-  void on_flush(unsigned exp, int res);
+  void start_flush(unsigned exp);
+  void submit_flush(unsigned exp, unsigned k);
+  void on_flush(unsigned exp, unsigned k, int res);
 
   struct Flusher {
     storage::ImageFile* file = nullptr;
-    bool in_flight = false;
-    std::vector<uint32_t> running;  // answered by the fdatasync in flight
-    std::vector<uint32_t> waiting;  // arrived after it was submitted
+    // By descriptor: the requests its fdatasync in flight answers (empty:
+    // idle). Every one of them was written before that fdatasync started.
+    std::vector<std::vector<uint32_t>> running;
+    std::vector<uint32_t> waiting;  // no descriptor was idle when they came
   };
 
   Shared& shared_;

@@ -45,9 +45,10 @@ std::unique_ptr<ImageFile> ImageFile::open(const std::string& path, bool read_on
   return f;
 }
 
-bool ImageFile::open_per_loop(unsigned loops, std::string* err) {
+bool ImageFile::open_per_loop(unsigned loops, unsigned syncers, std::string* err) {
   const std::string self = "/proc/self/fd/" + std::to_string(fd_);
-  for (unsigned i = 0; i < loops; ++i) {
+  syncers_ = read_only_ ? 1 : std::max(syncers, 1u);
+  for (unsigned i = 0; i < loops * syncers_; ++i) {
     int fd = ::open(self.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (fd < 0) {
       *err = "cannot reopen " + path_ + ": " + strerror(errno);

@@ -36,6 +36,9 @@ namespace storage {
 bool pages_resident(const uint8_t* map, uint64_t off, uint64_t len,
                     std::vector<unsigned char>* scratch);
 
+// fdatasyncs of a writable file that one loop may run at the same time.
+inline constexpr unsigned kSyncersPerLoop = 4;
+
 class ImageFile {
  public:
   // Opens `path` read-only or read-write. On failure returns nullptr and sets
@@ -50,9 +53,20 @@ class ImageFile {
   // The descriptor loop `loop` uses. Each loop has its own open file, so
   // that a writeback error reaches every loop's next fdatasync: the kernel
   // reports such an error once per open file.
-  int fd_for(unsigned loop) const { return loop < loop_fds_.size() ? loop_fds_[loop] : fd_; }
-  // Opens one descriptor per loop. Call once, before the loops start.
-  bool open_per_loop(unsigned loops, std::string* err);
+  int fd_for(unsigned loop) const { return sync_fd(loop, 0); }
+  // Descriptor `k` (< syncers()) of loop `loop`, each its own open file, for
+  // fdatasyncs that run at the same time. Two fdatasyncs in flight on one
+  // open file could see a writeback error only once between them, and the
+  // one that misses it could answer requests whose data was lost; so a loop
+  // runs at most one fdatasync per descriptor. Descriptor 0 is fd_for().
+  int sync_fd(unsigned loop, unsigned k) const {
+    const size_t i = size_t(loop) * syncers_ + k;
+    return i < loop_fds_.size() ? loop_fds_[i] : fd_;
+  }
+  unsigned syncers() const { return syncers_; }
+  // Opens one descriptor per loop, and for a writable file `syncers` per
+  // loop. Call once, before the loops start.
+  bool open_per_loop(unsigned loops, unsigned syncers, std::string* err);
   uint64_t size() const { return size_; }
   bool read_only() const { return read_only_; }
   bool is_block_device() const { return block_device_; }
@@ -84,7 +98,8 @@ class ImageFile {
 
   std::string path_;
   int fd_ = -1;
-  std::vector<int> loop_fds_;
+  std::vector<int> loop_fds_;  // syncers_ per loop
+  unsigned syncers_ = 1;
   uint64_t size_ = 0;
   bool read_only_ = false;
   bool block_device_ = false;

@@ -165,6 +165,35 @@ def test_many_parallel_aio_requests(rw_server, image):
     h.shutdown()
 
 
+def test_many_concurrent_fua_writes_and_flushes_all_answered(rw_server, image):
+    """More FUA writes and FLUSHes in flight than a loop runs fdatasyncs at
+    once (four per export): those that find no idle one wait and share the
+    next, and every one is answered with its data in the file."""
+    h = nbd_handle(rw_server.uri("disk"))
+    other = nbd_handle(rw_server.uri("disk"))
+    writes = [(i * 80 * KiB + 512 * (i % 5), rand(4096 + 512 * (i % 3), 100 + i))
+              for i in range(48)]
+    assert writes[-1][0] + len(writes[-1][1]) <= image.size
+    cookies, bufs = [], []
+    for i, (off, data) in enumerate(writes):
+        conn = h if i % 2 == 0 else other
+        buf = nbd.Buffer.from_bytearray(bytearray(data))
+        bufs.append(buf)  # alive until the writes complete
+        cookies.append((conn, conn.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA)))
+        if i % 6 == 0:
+            cookies.append((conn, conn.aio_flush()))
+    for conn in (h, other):
+        while conn.aio_in_flight() > 0:
+            conn.poll(-1)
+    # aio_command_completed raises the request's error, if it had one.
+    for conn, cookie in cookies:
+        assert conn.aio_command_completed(cookie)
+    for off, data in writes:
+        assert image.read(off, len(data)) == data
+    h.shutdown()
+    other.shutdown()
+
+
 def test_cache(rw_server, image):
     h = nbd_handle(rw_server.uri("disk"))
     h.cache(1 * MiB, 0)
