@@ -62,12 +62,13 @@ def taskset(cpus):
     return NICE + (["taskset", "-c", cpus] if cpus else [])
 
 
-def start_ours(args, image, readonly, exe=None):
+def start_ours(args, image, readonly, exe=None, extra=None):
     ready = tempfile.mktemp(prefix="cpo-", suffix=".ready")
     spec = f"bench={image}" + (",ro" if readonly else "")
     argv = taskset(args.server_cpus) + [exe or args.nbdserver, "--listen", "127.0.0.1:0",
                                         "--ready-file", ready, "--export", spec,
-                                        "--log-level", "warn"] + args.ours_arg
+                                        "--log-level", "warn"]
+    argv += args.ours_arg if extra is None else extra
     proc = subprocess.Popen(argv)
     deadline = time.monotonic() + 20
     while True:
@@ -105,7 +106,8 @@ def one(args, name, image):
     if name == "ours":
         proc, uri = start_ours(args, image, readonly)
     elif name == "base":
-        proc, uri = start_ours(args, image, readonly, args.base_nbdserver)
+        proc, uri = start_ours(args, image, readonly, args.base_nbdserver or args.nbdserver,
+                               args.base_arg)
     else:
         proc, uri = start_nbdkit(args, image, readonly)
     try:
@@ -145,7 +147,9 @@ def main():
     ap.add_argument("--blast", default=os.path.join(REPO, "build", "bench", "nbdblast"))
     ap.add_argument("--servers", default="ours,nbdkit",
                     help="any of ours, nbdkit, base (another nbdserver: --base-nbdserver)")
-    ap.add_argument("--base-nbdserver", help="an nbdserver to compare with, e.g. before a change")
+    ap.add_argument("--base-nbdserver", help="an nbdserver to compare with, e.g. before a change"
+                    " (default: --nbdserver)")
+    ap.add_argument("--base-arg", action="append", default=[], help="extra argument for base")
     ap.add_argument("--image", help="file to serve (default: a 1 GiB file in /dev/shm, removed after)")
     ap.add_argument("--image-size", default=1 << 30, type=int)
     ap.add_argument("--op", default="read", choices=["read", "write"])
