@@ -120,6 +120,8 @@ class LayerWriter : public BlockDevice {
   // Makes the diff and then the map durable.
   Status commit();
   uint64_t blocks_stored() const { return map_.dirty.cardinality() + map_.zero.cardinality(); }
+  // The blocks this layer changed (dirty or zero).
+  const storage::BlockMap& map() const { return map_; }
   GenerationChain& below() { return *below_; }
 
  private:

@@ -2,6 +2,7 @@
 
 #include "block_device.hpp"
 #include "device_io.hpp"
+#include "digests.hpp"
 #include "file_index.hpp"
 #include "fs_writer.hpp"
 #include "lifecycle.hpp"
@@ -21,6 +22,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -217,6 +219,7 @@ Status explain(const Status& s, const Store& store, bool fs_full, uint64_t size)
 struct Built {
   uint64_t blocks_stored = 0;
   bool fs_full = false;
+  std::unique_ptr<LayerWriter> layer;  // a delta's committed layer, read for its digests
 };
 
 Status populate_full(const std::string& path, const SourceTree& tree, int64_t epoch,
@@ -278,6 +281,32 @@ Status apply_delta(const Store& store, const std::string& image, const std::stri
   if (s) s = dev->commit();
   if (s) progress->end();
   out->blocks_stored = dev->blocks_stored();
+  if (s) out->layer = std::move(*writer);
+  return s;
+}
+
+// Writes the new generation's chunks.sha256 into `tmp` (digests.hpp).
+Status write_digests(const Store& store, const std::string& image, const std::string& gen,
+                     const std::string& tmp, const std::optional<std::string>& parent,
+                     Built* built, Progress* progress) {
+  DigestStats ds;
+  Status s;
+  if (built->layer) {
+    LayerWriter& layer = *built->layer;
+    s = write_chunk_digests(store, image, gen, tmp, layer, parent, &layer.map(),
+                            layer.below().block_size(), progress, &ds);
+    built->layer.reset();
+  } else {
+    auto dev = FileDevice::open(tmp + "/image.ext4", false);
+    if (!dev) return dev.status();
+    s = write_chunk_digests(store, image, gen, tmp, **dev, std::nullopt, nullptr, kBlock, progress,
+                            &ds);
+  }
+  if (!s) return s;
+  char line[160];
+  snprintf(line, sizeof line, "digests: %llu chunks hashed, %llu from the parent, %.2f s",
+           (unsigned long long)ds.hashed, (unsigned long long)ds.reused, ds.seconds);
+  progress->note(line);
   return s;
 }
 
@@ -459,6 +488,9 @@ Result<std::string> build(const Store& store, const BuildOptions& opt, Progress*
   }
 
   pause_point("image");
+  s = write_digests(store, opt.image, gen, tmp, plan.parent, &built, progress);
+  if (!s) return explain(s, store, false, m.size);
+  pause_point("digests");
 
   std::vector<IndexRecord> records;
   records.reserve(tree.entries.size());

@@ -16,13 +16,15 @@
 // opened with libext2fs through device_io; FsWriter applies only the
 // ChangeSet between the parent's files.idx and the new scan. When the tree
 // no longer fits the parent's size, or the chain would get longer than
-// max_depth, the result is a full generation instead (see docs).
+// max_depth, the result is a full generation instead (see docs). Either
+// way the chunk digests (chunks.sha256, digests.hpp) are written next.
 //
 // Test stops (pause_point, $NBDROOT_IB_PAUSE_AT): "tmp" the temporary is
 // made and empty; "copy" half the entries (full) or changes (delta) are
-// written; "image" the image or layer is complete and synced; "manifest"
-// files.idx and manifest.json are synced, not yet renamed; "renamed" the
-// generation is in generations/ and synced.
+// written; "image" the image or layer is complete and synced; "digests"
+// chunks.sha256 (digests.hpp) is written and synced; "manifest" files.idx
+// and manifest.json are synced, not yet renamed; "renamed" the generation
+// is in generations/ and synced.
 #pragma once
 
 #include "progress.hpp"

@@ -1,6 +1,7 @@
 #include "lifecycle.hpp"
 
 #include "block_device.hpp"
+#include "digests.hpp"
 #include "file_index.hpp"
 #include "fs_diff.hpp"
 #include "util.hpp"
@@ -47,13 +48,26 @@ bool all_zero(const char* p, size_t n) {
   return true;
 }
 
-// Copies every non-zero block of `chain` into `fd` (sparse).
-Status write_flat(GenerationChain& chain, int fd, const std::string& path) {
+// Copies every non-zero block of `chain` into `fd` (sparse). With
+// `digests`, every chunk copied is checked against them first, so damage
+// in the layers is reported instead of made permanent.
+Status write_flat(GenerationChain& chain, int fd, const std::string& path,
+                  const storage::ChunkDigests* digests) {
   const uint32_t bs = chain.block_size();
-  std::vector<char> buf(1 << 20);
+  const uint64_t chunk = digests ? digests->chunk_size() : bs;
+  std::vector<char> buf(std::max<uint64_t>(1 << 20, chunk));  // powers of two: whole chunks
+  std::string err;
   for (uint64_t off = 0; off < chain.size(); off += buf.size()) {
     size_t n = size_t(std::min<uint64_t>(buf.size(), chain.size() - off));
     if (int e = chain.read(off, buf.data(), n)) return Status::fail(chain.error().empty() ? errno_message("read", e) : chain.error());
+    for (size_t c = 0; digests && c < n; c += chunk) {
+      auto v = digests->verify((off + c) / chunk, buf.data() + c, std::min<uint64_t>(chunk, n - c), &err);
+      if (v == storage::ChunkDigests::Verdict::kError) return Status::fail(err);
+      if (v == storage::ChunkDigests::Verdict::kMismatch)
+        return Status::fail("chunk " + std::to_string((off + c) / chunk) + " (offset " +
+                            std::to_string(off + c) + ") does not match " + digests->path() +
+                            ": the generation is damaged (imagebuilder verify); not flattened");
+    }
     for (size_t b = 0; b < n; b += bs) {
       if (all_zero(buf.data() + b, bs)) continue;
       size_t run = bs;
@@ -194,6 +208,11 @@ Status flatten_locked(const Store& store, const std::string& image, const std::s
   if (!m->is_delta() && exists(dir + "/image.ext4")) return Status();  // already full
   auto chain = GenerationChain::open(store, image, gen);
   if (!chain) return chain.status();
+  // The content does not change, so chunks.sha256 stays as it is; it is
+  // checked on the way. A generation built before digests has none.
+  bool missing = false;
+  auto digests = open_chunk_digests(store, image, gen, (*chain)->size(), &missing);
+  if (!digests && !missing) return digests.status().context("cannot check the chunks to flatten");
   const std::string tmp = dir + "/.image.ext4.tmp";
   const std::string final_path = dir + "/image.ext4";
   ::chmod(dir.c_str(), 0755);
@@ -201,7 +220,7 @@ Status flatten_locked(const Store& store, const std::string& image, const std::s
   if (fd < 0) return Status::fail(errno_message(tmp, errno));
   progress->begin("flatten", 0, m->size);
   Status s = ftruncate(fd, off_t(m->size)) == 0 ? Status() : Status::fail(errno_message(tmp, errno));
-  if (s) s = write_flat(**chain, fd, tmp);
+  if (s) s = write_flat(**chain, fd, tmp, digests ? digests->get() : nullptr);
   if (s && fsync(fd) != 0) s = Status::fail(errno_message("fsync " + tmp, errno));
   ::close(fd);
   if (s && ::rename(tmp.c_str(), final_path.c_str()) != 0)

@@ -7,11 +7,13 @@
 //   imagebuilder --store DIR list IMAGE | rollback IMAGE | gc IMAGE
 //   imagebuilder --store DIR diff [--index] IMAGE GEN1 GEN2
 //   imagebuilder --store DIR flatten IMAGE GEN
+//   imagebuilder --store DIR verify IMAGE [GEN]
 //   imagebuilder --store DIR boot IMAGE --out DIR --server HOST:PORT [--generation GEN]
 //
 // Exit status: 0 success, 1 failure (message on stderr), 2 usage error.
 #include "boot.hpp"
 #include "build.hpp"
+#include "digests.hpp"
 #include "lifecycle.hpp"
 #include "progress.hpp"
 #include "store.hpp"
@@ -41,6 +43,8 @@ const char* kUsageText =
     "  diff [--index] IMAGE GEN1 GEN2         changed paths (+ added, - removed, M modified)\n"
     "  flatten [--wait] IMAGE GEN             make a delta generation full (builds do it\n"
     "                                         in the background past --max-depth)\n"
+    "  verify IMAGE [GEN]                     check every chunk against chunks.sha256\n"
+    "                                         (default: current, else the newest)\n"
     "  boot IMAGE --out DIR --server HOST:PORT [--generation GEN] [--mkinitrd SCRIPT]\n"
     "global options: --store DIR (or $NBDROOT_STORE), --quiet\n";
 
@@ -130,6 +134,21 @@ int cmd_boot(const ib::Store& store, const std::vector<std::string>& args) {
   return 0;
 }
 
+// Prints each bad chunk and a summary; exit 1 when any chunk is bad.
+int cmd_verify(const ib::Store& store, const std::vector<std::string>& a, bool quiet) {
+  ib::Progress progress(quiet);
+  auto r = ib::verify(store, a[0], a.size() > 1 ? std::optional(a[1]) : std::nullopt, &progress);
+  if (!r) return fail(r.status());
+  for (uint64_t c : r->bad)
+    printf("bad chunk %llu at offset %llu\n", (unsigned long long)c,
+           (unsigned long long)(c * r->chunk_size));
+  printf("%s@%s: %llu chunks of %llu bytes checked, %zu bad\n", a[0].c_str(), r->gen.c_str(),
+         (unsigned long long)r->checked, (unsigned long long)r->chunk_size, r->bad.size());
+  if (r->bad.empty()) return 0;
+  return fail(ib::Status::fail(a[0] + "@" + r->gen + ": " + std::to_string(r->bad.size()) +
+                               " chunks do not match their digests"));
+}
+
 int run(const ib::Store& store, const std::string& cmd, const std::vector<std::string>& a,
         bool quiet) {
   auto need = [&](size_t lo, size_t hi) { return a.size() >= lo && a.size() <= hi; };
@@ -178,6 +197,7 @@ int run(const ib::Store& store, const std::string& cmd, const std::vector<std::s
     printf("%s\n", a[o + 1].c_str());
     return 0;
   }
+  if (cmd == "verify" && need(1, 2)) return cmd_verify(store, a, quiet);
   return usage("unknown command or wrong arguments: " + cmd);
 }
 

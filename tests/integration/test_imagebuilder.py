@@ -21,8 +21,10 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import time
+import zlib
 
 import pytest
 
@@ -463,8 +465,9 @@ def test_flatten_and_auto_flatten(store, tmp_path):
     m = manifest(store, "lab", gens[-1])
     assert m["format"] == "full" and m["parent"] is None and m["flattened_from"] == gens[-2]
     d = gen_dir(store, "lab", gens[-1])
-    assert sorted(os.listdir(d)) == ["files.idx", "image.ext4", "manifest.json"]
+    assert sorted(os.listdir(d)) == ["chunks.sha256", "files.idx", "image.ext4", "manifest.json"]
     e2fsck(os.path.join(d, "image.ext4"))
+    ib(store, "verify", "lab", gens[-1])               # flattening kept the content
     # explicit flatten gives the same bytes as a copy made through the chain
     before = flat_image(store, "lab", gens[2], tmp_path)
     ib(store, "flatten", "lab", gens[2])
@@ -530,7 +533,7 @@ def test_publish_rollback_list_gc(store, tmp_path):
 
 # Where a build can be stopped (NBDROOT_IB_PAUSE_AT, see imagebuilder/build.hpp)
 # before its generation is renamed into generations/.
-STAGES_BEFORE_RENAME = ["tmp", "copy", "image", "manifest"]
+STAGES_BEFORE_RENAME = ["tmp", "copy", "image", "digests", "manifest"]
 
 
 def build_stopped_at(store, image, src, stage, log, *extra, timeout=120):
@@ -579,7 +582,8 @@ def test_interrupted_build_leaves_only_a_temporary(store, tmp_path, kind):
     listing = ib(store, "list", "lab").stdout
     before = store_snapshot(store)
     data = {"full": ["image.ext4"], "delta": ["layer.bitmap", "layer.diff"]}[kind]
-    expect_files = {"tmp": [], "image": data, "manifest": sorted(data + ["files.idx", "manifest.json"])}
+    expect_files = {"tmp": [], "image": data, "digests": sorted(data + ["chunks.sha256"]),
+                    "manifest": sorted(data + ["chunks.sha256", "files.idx", "manifest.json"])}
 
     for stage in STAGES_BEFORE_RENAME:
         proc = build_stopped_at(store, "lab", src, stage, tmp_path / f"{stage}.log", *extra)
@@ -608,6 +612,7 @@ def test_interrupted_build_leaves_only_a_temporary(store, tmp_path, kind):
     assert g2 in ib(store, "list", "lab").stdout
     assert current(store, "lab") == f"generations/{g1}"
     e2fsck(flat_image(store, "lab", g2, tmp_path))
+    ib(store, "verify", "lab", g2)
 
     g3 = build(store, "lab", src, *extra)
     assert temporaries(img_dir) == []
@@ -807,6 +812,225 @@ def test_generations_served_byte_for_byte(store, tmp_path, nbdserver):
     out = tmp_path / "current.img"
     run(["nbdcopy", srv.uri("lab"), str(out)])
     assert sha256_file(out) == sha256_file(flat_image(store, "lab", g3, tmp_path))
+
+
+# ---------------------------------------------------------------- chunk digests
+
+CHUNK = 64 * 1024
+
+
+def fnv1a(s):
+    h = 1469598103934665603
+    for c in s.encode():
+        h = ((h ^ c) * 1099511628211) % (1 << 64)
+    return h
+
+
+def read_digests(store, image, gen):
+    """Parses chunks.sha256 (nbdserver/storage/chunk_digests.hpp) on its own
+    and checks its header; returns (size, [digest per chunk])."""
+    with open(os.path.join(gen_dir(store, image, gen), "chunks.sha256"), "rb") as f:
+        data = f.read()
+    (magic, version, hsize, algo, dsize, csize, reserved, size, count, tag) = \
+        struct.unpack_from("<8sIIIIIIQQQ", data, 0)
+    assert (magic, version, hsize, algo, dsize, csize, reserved) == \
+        (b"NBDRCHKS", 1, 128, 1, 32, CHUNK, 0)
+    assert data[88:124] == bytes(36)
+    assert struct.unpack_from("<I", data, 124)[0] == zlib.crc32(data[:124])
+    assert tag == fnv1a(f"{image}@{gen}")
+    assert size == manifest(store, image, gen)["size"]
+    assert count == (size + CHUNK - 1) // CHUNK and len(data) == 128 + 32 * count
+    table = data[128:]
+    assert hashlib.sha256(table).digest() == data[56:88]
+    return size, [table[i * 32:(i + 1) * 32] for i in range(count)]
+
+
+def chunk_hashes(path, size):
+    """SHA-256 of each 64 KiB of the first `size` bytes of a file (the last
+    chunk may be short)."""
+    out = []
+    with open(path, "rb") as f:
+        for off in range(0, size, CHUNK):
+            out.append(hashlib.sha256(f.read(min(CHUNK, size - off))).digest())
+    return out
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5a]))
+
+
+def verify_fails(store, gen, *needles):
+    p = ib(store, "verify", "lab", gen, check=False)
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    for n in needles:
+        assert n in p.stdout + p.stderr, f"{n!r} not in: {p.stdout}{p.stderr}"
+    return p
+
+
+def test_full_build_digests_match_the_image(store, tmp_path):
+    """Every 64 KiB of image.ext4, hashed by hashlib, is what the build
+    recorded (the size is not a multiple of 64 KiB: the last chunk is
+    short); verify passes, then names a chunk with one byte flipped."""
+    src = str(tmp_path / "src")
+    make_data_tree(src, files=20, total=6 * MiB, seed=31)
+    size = 33 * MiB + 12 * 1024
+    gen = build(store, "lab", src, "--size", size)
+    img = os.path.join(gen_dir(store, "lab", gen), "image.ext4")
+    got_size, digests = read_digests(store, "lab", gen)
+    assert got_size == size == os.path.getsize(img)
+    assert digests == chunk_hashes(img, size)
+    assert len(digests) == 529 and size - 528 * CHUNK == 12 * 1024
+    p = ib(store, "verify", "lab", gen)
+    assert f"lab@{gen}: 529 chunks of 65536 bytes checked, 0 bad" in p.stdout
+    for off in (200 * CHUNK + 777, size - 1):          # a middle chunk, the short last one
+        flip_byte(img, off)
+        p = verify_fails(store, gen, f"bad chunk {off // CHUNK} at offset {off // CHUNK * CHUNK}",
+                         "529 chunks of 65536 bytes checked, 1 bad", "do not match")
+        assert p.stdout.count("bad chunk") == 1, p.stdout
+        flip_byte(img, off)
+        ib(store, "verify", "lab", gen)
+    # GEN defaults to current, else the newest
+    g2 = build(store, "lab", src, "--full")
+    assert f"lab@{g2}:" in ib(store, "verify", "lab").stdout
+    ib(store, "publish", "lab", gen)
+    assert f"lab@{gen}:" in ib(store, "verify", "lab").stdout
+
+
+def changed_chunk_and_block(delta, parent, size):
+    """A chunk whose content the delta changed, and a block in it that the
+    delta holds in its diff (non-zero, and different from the parent's)."""
+    with open(delta, "rb") as d, open(parent, "rb") as p:
+        for off in range(0, size, 4096):
+            a, b = d.read(4096), p.read(4096)
+            if a != b and a != bytes(4096):
+                return off // CHUNK, off
+    pytest.fail("the delta changed nothing")
+
+
+@pytest.mark.skipif(not server_has_store(), reason="nbdserver --help does not list --store yet")
+def test_delta_digests_match_served_content(store, tmp_path, nbdserver):
+    """A delta's digests are those of its content as nbdserver serves it
+    (lab@GEN through the chain); unchanged chunks came from the parent's
+    file. A byte flipped in layer.diff is named by verify, and stops
+    flatten; flatten and gc keep the digests valid."""
+    src = str(tmp_path / "src")
+    make_data_tree(src, files=40, total=16 * MiB, seed=32)
+    g1 = build(store, "lab", src)
+    with open(os.path.join(src, "dir3", "new"), "wb") as f:
+        f.write(random.Random(1).randbytes(700_000))
+    d5 = os.path.join(src, "dir5")
+    os.unlink(os.path.join(d5, sorted(os.listdir(d5))[0]))
+    p = ib(store, "build", "lab", "--from", src)
+    g2 = p.stdout.strip().splitlines()[-1]
+    with open(os.path.join(src, "dir1", "new"), "wb") as f:
+        f.write(random.Random(2).randbytes(300_000))
+    p = ib(store, "build", "lab", "--from", src)
+    g3 = p.stdout.strip().splitlines()[-1]
+    assert manifest(store, "lab", g3)["format"] == "delta" and manifest(store, "lab", g3)["depth"] == 2
+    size = manifest(store, "lab", g3)["size"]
+    count = size // CHUNK
+    # the build hashed only the changed chunks and took the others from g2
+    line = [l for l in p.stderr.splitlines() if l.startswith("digests:")][-1]
+    hashed, reused = int(line.split()[1]), int(line.split()[4])
+    assert hashed + reused == count and 0 < hashed < count // 4, line
+
+    srv = nbdserver(args=["--store", store])
+    served = {}
+    for g in (g1, g2, g3):
+        served[g] = str(tmp_path / f"served-{g}.img")
+        run(["nbdcopy", srv.uri(f"lab@{g}"), served[g]])
+        assert read_digests(store, "lab", g) == (size, chunk_hashes(served[g], size)), g
+        ib(store, "verify", "lab", g)
+
+    # one byte of the delta's own diff: verify names its chunk, flatten refuses
+    chunk, block_off = changed_chunk_and_block(served[g3], served[g2], size)
+    diff = os.path.join(gen_dir(store, "lab", g3), "layer.diff")
+    flip_byte(diff, block_off + 100)
+    verify_fails(store, g3, f"bad chunk {chunk} at offset {chunk * CHUNK}", "1 bad")
+    ib(store, "verify", "lab", g2)                       # the parent is intact
+    before = store_snapshot(store)
+    p = ib(store, "flatten", "lab", g3, check=False)
+    assert p.returncode == 1 and f"chunk {chunk} (offset {chunk * CHUNK}) does not match" in p.stderr
+    assert store_snapshot(store) == before
+    flip_byte(diff, block_off + 100)
+
+    # flatten: same content, so the same digests file, and it still verifies
+    digests_file = os.path.join(gen_dir(store, "lab", g3), "chunks.sha256")
+    digest_bytes = open(digests_file, "rb").read()
+    ib(store, "flatten", "lab", g3)
+    assert manifest(store, "lab", g3)["format"] == "full"
+    assert open(digests_file, "rb").read() == digest_bytes
+    ib(store, "verify", "lab", g3)
+    # gc removes g1 and g2 (nothing needs them now); g3 stands alone
+    ib(store, "publish", "lab", g3)
+    assert sorted(ib(store, "gc", "lab").stdout.split()) == sorted(["removed", g1, "removed", g2])
+    ib(store, "verify", "lab", g3)
+    out = tmp_path / "after-gc.img"
+    run(["nbdcopy", srv.uri(f"lab@{g3}"), str(out)])
+    assert chunk_hashes(str(out), size) == read_digests(store, "lab", g3)[1]
+
+
+def test_corrupt_or_missing_digests(store, tmp_path, nbdserver):
+    """A damaged digest file is refused by verify with the reason; a
+    generation without one (built before digests) is said to have none,
+    is still served, and a delta over it hashes every chunk."""
+    src = str(tmp_path / "src")
+    make_data_tree(src, files=10, total=2 * MiB, seed=33)
+    g1 = build(store, "lab", src)
+    g2 = build(store, "lab", src, "--full")
+    path = os.path.join(gen_dir(store, "lab", g1), "chunks.sha256")
+    good = open(path, "rb").read()
+
+    def damaged(data, *needles):
+        os.chmod(path, 0o644)
+        with open(path, "wb") as f:
+            f.write(data)
+        p = verify_fails(store, g1, path, *needles)
+        assert "chunks of" not in p.stdout
+        return p
+
+    damaged(good[:100], "truncated header")
+    damaged(good[:-1], "truncated")
+    damaged(good + b"\0", "trailing bytes")
+    damaged(good[:130] + bytes([good[130] ^ 1]) + good[131:], "digest table does not match")
+    damaged(good[:33] + bytes([good[33] ^ 1]) + good[34:], "header checksum mismatch")
+    damaged(b"X" + good[1:], "bad magic")
+    damaged(open(os.path.join(gen_dir(store, "lab", g2), "chunks.sha256"), "rb").read(),
+            "another generation")
+    damaged(b"", "truncated header")
+    with open(path, "wb") as f:
+        f.write(good)
+    ib(store, "verify", "lab", g1)
+
+    # no digest file: said so, exit 1; still served, and builds go on
+    os.unlink(path)
+    verify_fails(store, g1, "has no chunk digests", "built before")
+    ib(store, "publish", "lab", g1)
+    srv = nbdserver(args=["--store", store])
+    out = tmp_path / "served.img"
+    run(["nbdcopy", srv.uri("lab"), str(out)])
+    assert sha256_file(out) == sha256_file(os.path.join(gen_dir(store, "lab", g1), "image.ext4"))
+    with open(os.path.join(src, "dir0", "more"), "wb") as f:
+        f.write(b"m" * 100_000)
+    p = ib(store, "build", "lab", "--from", src, "--parent", g1)
+    g3 = p.stdout.strip().splitlines()[-1]
+    assert manifest(store, "lab", g3)["format"] == "delta"
+    assert f"parent {g1} has no chunk digests: hashing every chunk" in p.stderr
+    size = manifest(store, "lab", g3)["size"]
+    assert f"digests: {size // CHUNK} chunks hashed, 0 from the parent" in p.stderr
+    ib(store, "verify", "lab", g3)
+    out = tmp_path / "served3.img"
+    run(["nbdcopy", srv.uri(f"lab@{g3}"), str(out)])
+    assert read_digests(store, "lab", g3)[1] == chunk_hashes(str(out), size)
+    # flatten of a delta without digests works, and writes none
+    os.unlink(os.path.join(gen_dir(store, "lab", g3), "chunks.sha256"))
+    ib(store, "flatten", "lab", g3)
+    assert manifest(store, "lab", g3)["format"] == "full"
+    assert not os.path.exists(os.path.join(gen_dir(store, "lab", g3), "chunks.sha256"))
 
 
 # ---------------------------------------------------------------- the store itself
