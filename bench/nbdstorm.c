@@ -1,0 +1,510 @@
+/* nbdstorm: a boot storm.  N simulated nodes each replay one recorded
+ * request trace (bench/boot-trace.txt.gz) at once, each over its own
+ * connection, and the time every node takes is reported.
+ *
+ * Every node connects at the same moment (libnbd's asynchronous connect, so
+ * the handshakes overlap as they would when a rack powers on), then issues
+ * the trace's requests in order with at most --qd in flight.  The order is
+ * kept where it matters, as a block layer keeps it:
+ *   - a FLUSH is issued once everything before it has completed, and
+ *     nothing after it is issued until it completes;
+ *   - a request that overlaps an earlier one still in flight, where either
+ *     of them writes (WRITE, TRIM, WRITE_ZEROES), waits for it.
+ * Otherwise requests go out as fast as the server answers them (the trace's
+ * times are not replayed).
+ *
+ * A node's time runs from the common start (before any connect) to the
+ * completion of its last request.  Nodes stay connected until every node is
+ * done, then disconnect.  Output: one JSON line on stdout with the wall time
+ * (the slowest node), p50/p99/min/max over the nodes, request and byte
+ * counts, and the client's CPU time.  --per-node FILE writes every node's
+ * connect and finish times.  Exit status: 0 ok, 1 on any error (a refused
+ * export, a failed request), 3 if the watchdog fires.
+ *
+ * Trace format (text, optionally gzip'd): '#' comment lines, then one
+ * request per line, "T_MS OP OFFSET LENGTH [fua]", OP one of R W F T Z.
+ *
+ * Build: see CMakeLists.txt (libnbd, zlib).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libnbd.h>
+#include <zlib.h>
+
+static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static void die(const char *fmt, ...)
+{
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("nbdstorm: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputc('\n', stderr);
+  exit(1);
+}
+
+static inline uint64_t now_ns(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ */
+/* The trace                                                           */
+
+enum op { OP_READ, OP_WRITE, OP_FLUSH, OP_TRIM, OP_ZERO };
+
+struct req {
+  uint64_t offset;
+  uint32_t length;
+  uint8_t op;
+  bool fua;
+};
+
+static struct req *trace;
+static size_t ntrace;
+static uint32_t max_length;
+static uint64_t trace_end; /* highest offset + length */
+
+static void load_trace(const char *path)
+{
+  gzFile f = gzopen(path, "rb");
+  if (!f)
+    die("%s: cannot open: %s", path, strerror(errno));
+  size_t cap = 4096;
+  trace = malloc(cap * sizeof *trace);
+  char line[256];
+  unsigned lineno = 0;
+  while (gzgets(f, line, sizeof line)) {
+    lineno++;
+    if (line[0] == '#' || line[0] == '\n')
+      continue;
+    double t;
+    char op[4], flag[8] = "";
+    uint64_t off;
+    uint32_t len;
+    int n = sscanf(line, "%lf %3s %" SCNu64 " %" SCNu32 " %7s", &t, op, &off, &len, flag);
+    if (n < 4 || op[1] != '\0' || strchr("RWFTZ", op[0]) == NULL ||
+        (n == 5 && strcmp(flag, "fua") != 0))
+      die("%s:%u: expected \"T_MS R|W|F|T|Z OFFSET LENGTH [fua]\"", path, lineno);
+    if (ntrace == cap)
+      trace = realloc(trace, (cap *= 2) * sizeof *trace);
+    struct req *r = &trace[ntrace++];
+    r->op = (uint8_t)(strchr("RWFTZ", op[0]) - "RWFTZ");
+    r->offset = off;
+    r->length = len;
+    r->fua = n == 5;
+    if ((r->op == OP_READ || r->op == OP_WRITE) && len > max_length)
+      max_length = len;
+    if (off + len > trace_end)
+      trace_end = off + len;
+  }
+  gzclose(f);
+  if (ntrace == 0)
+    die("%s: no requests", path);
+}
+
+/* ------------------------------------------------------------------ */
+/* Nodes                                                               */
+
+struct node {
+  unsigned index;
+  struct nbd_handle *h;
+  char uri[256];
+  size_t next;       /* next trace entry to issue */
+  size_t completed;
+  unsigned inflight;
+  bool flushing;     /* a FLUSH is in flight */
+  bool connected;
+  uint64_t t_connected, t_done;
+  size_t slot_of[64]; /* trace index of each in-flight request, by slot */
+  bool slot_used[64];
+  uint64_t bytes_read, bytes_written;
+  unsigned flushes;
+};
+
+struct completion {
+  struct node *node;
+  unsigned slot;
+};
+
+static struct {
+  const char *trace;
+  const char *uri;
+  unsigned nodes;
+  unsigned qd;
+  unsigned threads;
+  unsigned timeout;
+  const char *per_node;
+} cfg = { .nodes = 1, .qd = 4, .threads = 1, .timeout = 600 };
+
+static uint8_t *write_buf;
+static uint64_t t_start;
+
+struct worker {
+  pthread_t tid;
+  struct node **nodes;
+  unsigned nnodes;
+  uint8_t *read_buf; /* shared by all of this worker's reads: never checked */
+  const char *fatal;
+  char fatal_msg[1024];
+};
+
+static void worker_fail(struct worker *w, struct node *n, const char *what)
+{
+  const char *e = nbd_get_error();
+  snprintf(w->fatal_msg, sizeof w->fatal_msg, "node %u (%s): %s: %s (errno %d)", n->index,
+           n->uri, what, e ? e : "(no message)", nbd_get_errno());
+  w->fatal = w->fatal_msg;
+}
+
+static bool writes(uint8_t op) { return op == OP_WRITE || op == OP_TRIM || op == OP_ZERO; }
+
+/* May trace entry `i` be issued on node `n` now? */
+static bool may_issue(const struct node *n, size_t i)
+{
+  const struct req *r = &trace[i];
+  if (n->inflight >= cfg.qd || n->flushing)
+    return false;
+  if (r->op == OP_FLUSH)
+    return n->inflight == 0;
+  for (unsigned s = 0; s < cfg.qd; s++) {
+    if (!n->slot_used[s])
+      continue;
+    const struct req *o = &trace[n->slot_of[s]];
+    if ((writes(r->op) || writes(o->op)) && r->offset < o->offset + o->length &&
+        o->offset < r->offset + r->length)
+      return false;
+  }
+  return true;
+}
+
+static int completion_cb(void *user_data, int *error)
+{
+  struct completion *c = user_data;
+  struct node *n = c->node;
+  if (*error) {
+    fprintf(stderr, "nbdstorm: node %u: request %zu (%c %" PRIu64 "+%u) failed: %s\n", n->index,
+            n->slot_of[c->slot], "RWFTZ"[trace[n->slot_of[c->slot]].op],
+            trace[n->slot_of[c->slot]].offset, trace[n->slot_of[c->slot]].length,
+            strerror(*error));
+    exit(1);
+  }
+  if (trace[n->slot_of[c->slot]].op == OP_FLUSH)
+    n->flushing = false;
+  n->slot_used[c->slot] = false;
+  n->inflight--;
+  if (++n->completed == ntrace)
+    n->t_done = now_ns();
+  free(c);
+  return 1;
+}
+
+static bool issue(struct worker *w, struct node *n)
+{
+  const struct req *r = &trace[n->next];
+  unsigned slot = 0;
+  while (n->slot_used[slot])
+    slot++;
+  struct completion *c = malloc(sizeof *c);
+  c->node = n;
+  c->slot = slot;
+  nbd_completion_callback cb = { .callback = completion_cb, .user_data = c, .free = NULL };
+  uint32_t flags = r->fua ? LIBNBD_CMD_FLAG_FUA : 0;
+  int64_t cookie = -1;
+  switch (r->op) {
+  case OP_READ:
+    cookie = nbd_aio_pread(n->h, w->read_buf, r->length, r->offset, cb, 0);
+    n->bytes_read += r->length;
+    break;
+  case OP_WRITE:
+    cookie = nbd_aio_pwrite(n->h, write_buf, r->length, r->offset, cb, flags);
+    n->bytes_written += r->length;
+    break;
+  case OP_FLUSH:
+    cookie = nbd_aio_flush(n->h, cb, 0);
+    n->flushing = true;
+    n->flushes++;
+    break;
+  case OP_TRIM:
+    cookie = nbd_aio_trim(n->h, r->length, r->offset, cb, flags);
+    break;
+  case OP_ZERO:
+    cookie = nbd_aio_zero(n->h, r->length, r->offset, cb, flags);
+    break;
+  }
+  if (cookie == -1) {
+    free(c);
+    worker_fail(w, n, "issuing a request");
+    return false;
+  }
+  n->slot_of[slot] = n->next++;
+  n->slot_used[slot] = true;
+  n->inflight++;
+  return true;
+}
+
+static void *worker_main(void *arg)
+{
+  struct worker *w = arg;
+  struct pollfd *pfd = calloc(w->nnodes, sizeof *pfd);
+  const uint64_t t_hard = t_start + (uint64_t)cfg.timeout * 1000000000ull;
+
+  for (unsigned i = 0; i < w->nnodes; i++) {
+    struct node *n = w->nodes[i];
+    if (nbd_aio_connect_uri(n->h, n->uri) == -1) {
+      worker_fail(w, n, "nbd_aio_connect_uri");
+      goto out;
+    }
+  }
+  for (;;) {
+    if (now_ns() >= t_hard) {
+      w->fatal = "timed out (server not answering?)";
+      break;
+    }
+    unsigned busy = 0;
+    for (unsigned i = 0; i < w->nnodes; i++) {
+      struct node *n = w->nodes[i];
+      if (!n->connected) {
+        if (nbd_aio_is_ready(n->h)) {
+          n->connected = true;
+          n->t_connected = now_ns();
+          int64_t size = nbd_get_size(n->h);
+          if (size < 0 || (uint64_t)size < trace_end) {
+            snprintf(w->fatal_msg, sizeof w->fatal_msg,
+                     "node %u (%s): the export has %" PRId64 " bytes, the trace needs %" PRIu64,
+                     n->index, n->uri, size, trace_end);
+            w->fatal = w->fatal_msg;
+            goto out;
+          }
+        } else if (nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h)) {
+          worker_fail(w, n, "connect");
+          goto out;
+        }
+      }
+      if (n->connected)
+        while (n->next < ntrace && may_issue(n, n->next))
+          if (!issue(w, n))
+            goto out;
+      if (n->completed < ntrace)
+        busy++;
+    }
+    if (busy == 0)
+      break;
+    for (unsigned i = 0; i < w->nnodes; i++) {
+      struct nbd_handle *h = w->nodes[i]->h;
+      unsigned dir = nbd_aio_get_direction(h);
+      pfd[i].fd = w->nodes[i]->completed < ntrace ? nbd_aio_get_fd(h) : -1;
+      pfd[i].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                      ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
+      pfd[i].revents = 0;
+    }
+    int r = poll(pfd, w->nnodes, 100);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      snprintf(w->fatal_msg, sizeof w->fatal_msg, "poll: %s", strerror(errno));
+      w->fatal = w->fatal_msg;
+      break;
+    }
+    for (unsigned i = 0; i < w->nnodes && r > 0; i++) {
+      struct node *n = w->nodes[i];
+      short rev = pfd[i].revents;
+      if (rev & POLLNVAL) {
+        w->fatal = "poll: POLLNVAL";
+        goto out;
+      }
+      if ((rev & (POLLIN | POLLHUP | POLLERR)) && nbd_aio_notify_read(n->h) == -1) {
+        worker_fail(w, n, "connection lost");
+        goto out;
+      }
+      if (!(rev & (POLLIN | POLLHUP | POLLERR)) && (rev & POLLOUT) &&
+          nbd_aio_notify_write(n->h) == -1) {
+        worker_fail(w, n, "connection lost");
+        goto out;
+      }
+    }
+  }
+out:
+  free(pfd);
+  return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+
+static void on_alarm(int sig)
+{
+  (void)sig;
+  static const char msg[] = "nbdstorm: watchdog: run exceeded its time limit, aborting\n";
+  ssize_t r = write(2, msg, sizeof msg - 1);
+  (void)r;
+  _exit(3);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Nearest-rank percentile of sorted v[0..n). */
+static uint64_t percentile(const uint64_t *v, unsigned n, double p)
+{
+  unsigned rank = (unsigned)(p / 100.0 * n + 0.999999);
+  if (rank < 1)
+    rank = 1;
+  if (rank > n)
+    rank = n;
+  return v[rank - 1];
+}
+
+static void usage(FILE *f)
+{
+  fputs("Usage: nbdstorm --trace FILE --uri URI [options]\n"
+        "Replays a request trace for N nodes at once, each on its own connection.\n"
+        "  --trace FILE      the trace (text or gzip'd: T_MS OP OFFSET LENGTH [fua])\n"
+        "  --uri URI         NBD URI; \"%d\" in it becomes the node's number (0..N-1)\n"
+        "  --nodes N         nodes (default 1)\n"
+        "  --qd N            requests in flight per node (default 4, at most 64)\n"
+        "  --threads N       client threads; nodes are dealt round-robin (default 1)\n"
+        "  --timeout S       give up after S seconds (default 600)\n"
+        "  --per-node FILE   write \"node connect_s done_s\" lines to FILE\n",
+        f);
+}
+
+int main(int argc, char **argv)
+{
+  static const struct option longopts[] = {
+    { "trace", required_argument, 0, 't' },    { "uri", required_argument, 0, 'u' },
+    { "nodes", required_argument, 0, 'n' },    { "qd", required_argument, 0, 'q' },
+    { "threads", required_argument, 0, 'j' },  { "timeout", required_argument, 0, 'T' },
+    { "per-node", required_argument, 0, 'p' }, { "help", no_argument, 0, 'h' },
+    { 0, 0, 0, 0 },
+  };
+  int c;
+  while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+    switch (c) {
+    case 't': cfg.trace = optarg; break;
+    case 'u': cfg.uri = optarg; break;
+    case 'n': cfg.nodes = (unsigned)atoi(optarg); break;
+    case 'q': cfg.qd = (unsigned)atoi(optarg); break;
+    case 'j': cfg.threads = (unsigned)atoi(optarg); break;
+    case 'T': cfg.timeout = (unsigned)atoi(optarg); break;
+    case 'p': cfg.per_node = optarg; break;
+    case 'h': usage(stdout); return 0;
+    default: usage(stderr); return 2;
+    }
+  }
+  if (!cfg.trace || !cfg.uri || optind != argc) {
+    usage(stderr);
+    return 2;
+  }
+  if (cfg.nodes < 1 || cfg.qd < 1 || cfg.qd > 64 || cfg.threads < 1 || cfg.timeout < 1)
+    die("--nodes, --threads and --timeout must be at least 1, --qd from 1 to 64");
+  if (cfg.threads > cfg.nodes)
+    cfg.threads = cfg.nodes;
+  load_trace(cfg.trace);
+
+  write_buf = malloc(max_length ? max_length : 1);
+  uint64_t seed = 0x5eed;
+  for (uint32_t i = 0; i < max_length; i++) {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    write_buf[i] = (uint8_t)(seed >> 56);
+  }
+
+  struct node *nodes = calloc(cfg.nodes, sizeof *nodes);
+  for (unsigned i = 0; i < cfg.nodes; i++) {
+    struct node *n = &nodes[i];
+    n->index = i;
+    /* The URI is the user's format string with at most one %d. */
+    const char *pct = strstr(cfg.uri, "%d");
+    if (pct)
+      snprintf(n->uri, sizeof n->uri, "%.*s%u%s", (int)(pct - cfg.uri), cfg.uri, i, pct + 2);
+    else
+      snprintf(n->uri, sizeof n->uri, "%s", cfg.uri);
+    n->h = nbd_create();
+    if (!n->h)
+      die("nbd_create: %s", nbd_get_error());
+    nbd_set_pread_initialize(n->h, false);
+  }
+
+  struct worker *workers = calloc(cfg.threads, sizeof *workers);
+  for (unsigned t = 0; t < cfg.threads; t++) {
+    workers[t].nodes = calloc(cfg.nodes, sizeof(struct node *));
+    workers[t].read_buf = malloc(max_length ? max_length : 1);
+  }
+  for (unsigned i = 0; i < cfg.nodes; i++) {
+    struct worker *w = &workers[i % cfg.threads];
+    w->nodes[w->nnodes++] = &nodes[i];
+  }
+
+  signal(SIGALRM, on_alarm);
+  alarm(cfg.timeout + 30);
+  t_start = now_ns();
+  for (unsigned t = 0; t < cfg.threads; t++)
+    if (pthread_create(&workers[t].tid, NULL, worker_main, &workers[t]) != 0)
+      die("pthread_create failed");
+  for (unsigned t = 0; t < cfg.threads; t++)
+    pthread_join(workers[t].tid, NULL);
+  const uint64_t t_end = now_ns();
+  for (unsigned t = 0; t < cfg.threads; t++)
+    if (workers[t].fatal)
+      die("%s", workers[t].fatal);
+
+  for (unsigned i = 0; i < cfg.nodes; i++) {
+    nbd_shutdown(nodes[i].h, 0);
+    nbd_close(nodes[i].h);
+  }
+
+  uint64_t *done = malloc(cfg.nodes * sizeof *done);
+  uint64_t *conn = malloc(cfg.nodes * sizeof *conn);
+  uint64_t bytes_r = 0, bytes_w = 0, flushes = 0;
+  for (unsigned i = 0; i < cfg.nodes; i++) {
+    done[i] = nodes[i].t_done - t_start;
+    conn[i] = nodes[i].t_connected - t_start;
+    bytes_r += nodes[i].bytes_read;
+    bytes_w += nodes[i].bytes_written;
+    flushes += nodes[i].flushes;
+  }
+  if (cfg.per_node) {
+    FILE *f = fopen(cfg.per_node, "w");
+    if (!f)
+      die("%s: %s", cfg.per_node, strerror(errno));
+    for (unsigned i = 0; i < cfg.nodes; i++)
+      fprintf(f, "%u %.6f %.6f\n", i, conn[i] / 1e9, done[i] / 1e9);
+    fclose(f);
+  }
+  qsort(done, cfg.nodes, sizeof *done, cmp_u64);
+  qsort(conn, cfg.nodes, sizeof *conn, cmp_u64);
+
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  double cpu = ru.ru_utime.tv_sec + ru.ru_stime.tv_sec +
+               (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+  printf("{\"nodes\": %u, \"qd\": %u, \"requests_per_node\": %zu, \"wall_s\": %.4f, "
+         "\"p50_s\": %.4f, \"p99_s\": %.4f, \"min_s\": %.4f, \"max_s\": %.4f, "
+         "\"connect_p50_s\": %.4f, \"connect_max_s\": %.4f, \"run_s\": %.4f, "
+         "\"bytes_read\": %" PRIu64 ", \"bytes_written\": %" PRIu64 ", \"flushes\": %" PRIu64
+         ", \"client_cpu_s\": %.3f}\n",
+         cfg.nodes, cfg.qd, ntrace, done[cfg.nodes - 1] / 1e9,
+         percentile(done, cfg.nodes, 50) / 1e9, percentile(done, cfg.nodes, 99) / 1e9,
+         done[0] / 1e9, done[cfg.nodes - 1] / 1e9, percentile(conn, cfg.nodes, 50) / 1e9,
+         conn[cfg.nodes - 1] / 1e9, (t_end - t_start) / 1e9, bytes_r, bytes_w, flushes, cpu);
+  return 0;
+}
