@@ -49,7 +49,7 @@ bool query_matches(std::string_view query, std::string_view context, bool listin
 }  // namespace
 
 Handshake::Handshake(const ExportCatalog& catalog, HandshakeLimits limits)
-    : catalog_(catalog), limits_(limits) {
+    : catalog_(catalog), limits_(limits), options_allowed_(limits.max_options) {
   put64(out_, kNbdMagic);
   put64(out_, kOptMagic);
   put16(out_, kFlagFixedNewstyle | kFlagNoZeroes);
@@ -75,6 +75,7 @@ size_t Handshake::feed(const uint8_t* data, size_t len) {
       skip_left_ -= n;
       if (skip_left_ == 0) {
         state_ = State::kOptionHeader;
+        ++progress_;
         reply_error(cur_opt_, kRepErrTooBig, "option data too large");
       }
       continue;
@@ -113,6 +114,7 @@ void Handshake::on_client_flags(const uint8_t* p) {
   }
   no_zeroes_ = flags & kClientFlagNoZeroes;
   state_ = State::kOptionHeader;
+  ++progress_;
 }
 
 void Handshake::on_option_header(const uint8_t* p) {
@@ -120,7 +122,7 @@ void Handshake::on_option_header(const uint8_t* p) {
     close("bad option magic");
     return;
   }
-  if (++options_seen_ > limits_.max_options) {
+  if (++options_seen_ > options_allowed_) {
     close("too many options");
     return;
   }
@@ -149,6 +151,7 @@ void Handshake::on_option_header(const uint8_t* p) {
 }
 
 void Handshake::on_option(uint32_t opt, std::string_view data) {
+  ++progress_;
   if (shutting_down_ && opt != kOptAbort) {
     if (opt == kOptExportName) {
       close("shutting down");
@@ -200,7 +203,10 @@ void Handshake::opt_list(std::string_view data) {
     reply_error(kOptList, kRepErrInvalid, "NBD_OPT_LIST takes no data");
     return;
   }
-  for (const auto& e : catalog_.list()) {
+  const auto all = catalog_.list();
+  options_allowed_ = std::max<uint64_t>(
+      options_allowed_, limits_.max_options + uint64_t(limits_.options_per_listed) * all.size());
+  for (const auto& e : all) {
     std::string d;
     put32(d, uint32_t(e->name.size()));
     d += e->name;

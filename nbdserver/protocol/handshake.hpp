@@ -74,8 +74,12 @@ struct HandshakeLimits {
   // Larger option data up to this size is discarded and answered with
   // NBD_REP_ERR_TOO_BIG; beyond it the client is cut off as abusive.
   uint32_t max_skip = 16 * 1024 * 1024;
-  // Options per connection before the client is cut off as abusive.
+  // Options per connection before the client is cut off as abusive, plus
+  // options_per_listed for each export of the longest NBD_OPT_LIST reply
+  // sent: a client that asks about every export it was told of (nbdinfo
+  // --list: NBD_OPT_INFO and NBD_OPT_LIST_META_CONTEXT each) is not abuse.
   uint32_t max_options = 4096;
+  uint32_t options_per_listed = 4;
 };
 
 class Handshake {
@@ -102,6 +106,11 @@ class Handshake {
   void set_shutting_down() { shutting_down_ = true; }
   // How many bytes the state machine waits for before it can move on.
   size_t wanted() const;
+  // Client messages handled so far (the client flags, then each option,
+  // answered or refused). The connection times the handshake by the gaps
+  // between them, so a client that keeps finishing options is not cut off
+  // and one that trickles bytes of an option never finishing is.
+  uint64_t progress() const { return progress_; }
   // Option errors sent since the last call, one line each, for the log.
   std::vector<std::string> take_errors() { return std::exchange(errors_, {}); }
 
@@ -136,6 +145,8 @@ class Handshake {
   uint64_t cur_len_ = 0;
   uint64_t skip_left_ = 0;
   uint32_t options_seen_ = 0;
+  uint64_t options_allowed_ = 0;  // max_options, raised by NBD_OPT_LIST replies
+  uint64_t progress_ = 0;
   bool no_zeroes_ = false;
   bool aborted_ = false;
   bool shutting_down_ = false;

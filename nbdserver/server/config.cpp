@@ -49,7 +49,7 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
       ("poll-us", po::value(&o->poll_us)->default_value(50),
        "after activity, poll for this many microseconds before sleeping (0: never)")
       ("handshake-timeout", po::value(&o->handshake_timeout)->default_value(10),
-       "seconds a client may take to finish the handshake")
+       "seconds a client in the handshake may take to finish its next option")
       ("request-timeout", po::value(&o->request_timeout)->default_value(60),
        "seconds a half-received request may stall before the connection is closed")
       ("shutdown-timeout", po::value(&o->shutdown_timeout)->default_value(30),

@@ -120,6 +120,7 @@ struct Connection {
   bool disconnect = false;   // NBD_CMD_DISC seen, or fatal error
   bool send_queued = false;  // on the loop's list of connections to flush
 
+  // --handshake-timeout after the accept or the last finished option.
   Clock::time_point handshake_deadline;
   // Stall detection. A request header is tiny, so one must arrive whole
   // within the request timeout of its first byte; a payload only has to

@@ -277,7 +277,8 @@ void Loop::on_timer() {
     if (!cp || cp->fd < 0 || cp->phase == Connection::Phase::kClosing) continue;
     Connection& c = *cp;
     if (c.phase == Connection::Phase::kHandshake && now > c.handshake_deadline) {
-      close_connection(c, "handshake not finished in time", true);
+      close_connection(c, fmt::format("handshake: no option finished in {} s (--handshake-timeout)",
+                                      shared_.opts.handshake_timeout), true);
     } else if ((c.partial_header && now - c.header_since > request_limit) ||
                (c.partial && !c.partial_header && now - c.last_recv > request_limit)) {
       close_connection(c, "a request stalled half-received", true);
@@ -492,8 +493,13 @@ void Loop::on_recv(Connection& c, int res) {
 }
 
 void Loop::on_handshake_input(Connection& c) {
+  const uint64_t progress = c.hs->progress();
   size_t used = c.hs->feed(c.unparsed_data(), c.unparsed());
   c.rpos += used;
+  // Each finished option restarts the clock: a listing of thousands of
+  // exports takes as long as it takes, a message trickled in never finishes.
+  if (c.hs->progress() != progress)
+    c.handshake_deadline = Clock::now() + seconds(shared_.opts.handshake_timeout);
   for (const std::string& e : c.hs->take_errors()) spdlog::info("conn {}: {}", c.id, e);
   if (!c.hs->out().empty()) {
     OutMsg m;

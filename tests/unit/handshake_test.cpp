@@ -866,6 +866,62 @@ TEST(HandshakeLimits, TooManyOptionsCloses) {
   EXPECT_EQ(r.status, St::kTransmission) << "the third option is still allowed";
 }
 
+TEST(HandshakeLimits, ListingRaisesTheOptionLimitPerExport) {
+  // nbdinfo --list asks about each listed export with two options; a store
+  // of thousands of nodes must not look abusive.
+  Options o;
+  o.limits.max_options = 3;
+  o.limits.options_per_listed = 2;  // 3 exports listed: 3 + 2 * 3 = 9 options
+  std::string in = client_flags() + opt(OPT_LIST);
+  for (int i = 0; i < 7; ++i) in += opt(OPT_INFO, info_data("ro"));
+  Outcome r = drive(in + opt(OPT_GO, info_data("ro")), o);
+  EXPECT_EQ(r.status, St::kTransmission) << "the ninth option is still allowed";
+
+  r = drive(in + opt(OPT_INFO, info_data("ro")) + opt(OPT_GO, info_data("ro")), o);
+  EXPECT_EQ(r.status, St::kClosed) << "the tenth is one too many";
+
+  // A second, equal listing does not add to the allowance.
+  r = drive(client_flags() + opt(OPT_LIST) + opt(OPT_LIST) + opt(OPT_STARTTLS) + opt(OPT_STARTTLS) +
+                opt(OPT_STARTTLS) + opt(OPT_STARTTLS) + opt(OPT_STARTTLS) + opt(OPT_STARTTLS) +
+                opt(OPT_STARTTLS) + opt(OPT_STARTTLS),
+            o);
+  EXPECT_EQ(r.status, St::kClosed);
+}
+
+TEST(HandshakeProgress, CountsFinishedMessagesNotBytes) {
+  Handshake h(catalog());
+  auto feed = [&](const std::string& b) {
+    EXPECT_EQ(h.feed(reinterpret_cast<const uint8_t*>(b.data()), b.size()), b.size());
+  };
+  EXPECT_EQ(h.progress(), 0u);
+  const std::string flags = client_flags();
+  feed(flags.substr(0, 3));
+  EXPECT_EQ(h.progress(), 0u) << "part of the client flags";
+  feed(flags.substr(3));
+  EXPECT_EQ(h.progress(), 1u);
+  // An option trickled in byte by byte counts once, when it is whole.
+  const std::string info = opt(OPT_INFO, info_data("ro"));
+  for (size_t i = 0; i + 1 < info.size(); ++i) {
+    feed(info.substr(i, 1));
+    EXPECT_EQ(h.progress(), 1u) << "after byte " << i;
+  }
+  feed(info.substr(info.size() - 1));
+  EXPECT_EQ(h.progress(), 2u);
+  // Refused and zero-length options count too.
+  feed(opt(OPT_STARTTLS) + opt(99, "x"));
+  EXPECT_EQ(h.progress(), 4u);
+  // A skipped oversized option counts once its data is all read.
+  HandshakeLimits small;
+  small.max_option = 8;
+  Handshake s(catalog(), small);
+  const std::string big = client_flags() + opt(OPT_INFO, std::string(100, 'x'));
+  EXPECT_EQ(s.feed(reinterpret_cast<const uint8_t*>(big.data()), big.size() - 1), big.size() - 1);
+  EXPECT_EQ(s.progress(), 1u);
+  EXPECT_EQ(s.feed(reinterpret_cast<const uint8_t*>(big.data() + big.size() - 1), 1), 1u);
+  EXPECT_EQ(s.progress(), 2u);
+  EXPECT_EQ(s.status(), Handshake::Status::kContinue);
+}
+
 TEST(HandshakeShutdown, OptionsGetShutdownButAbortWorks) {
   Options o;
   o.shutting_down = true;
