@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -319,9 +320,34 @@ std::vector<std::string> Store::nodes() const { return list_dir(root_ + "/nodes"
 bool Store::create_node(const std::string& node, const std::string& image,
                         const std::string& gen_name, storage::NodeMode mode, uint32_t block_size,
                         std::string* err) {
-  if (!valid_store_name(node) || !valid_store_name(image)) {
-    *err = "bad node or image name (use letters, digits, '.', '_' and '-')";
+  size_t created = 0;
+  return create_nodes({node}, image, gen_name, mode, block_size, &created, err);
+}
+
+bool Store::create_nodes(const std::vector<std::string>& nodes, const std::string& image,
+                         const std::string& gen_name, storage::NodeMode mode,
+                         uint32_t block_size, size_t* created, std::string* err) {
+  *created = 0;
+  if (!valid_store_name(image)) {
+    *err = "bad image name (use letters, digits, '.', '_' and '-')";
     return false;
+  }
+  std::vector<std::string> sorted = nodes;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    if (!valid_store_name(sorted[i])) {
+      *err = "bad node name '" + sorted[i].substr(0, 256) +
+             "' (use letters, digits, '.', '_' and '-')";
+      return false;
+    }
+    if (i && sorted[i] == sorted[i - 1]) {
+      *err = "node '" + sorted[i] + "' is named twice";
+      return false;
+    }
+    if (access(node_dir(sorted[i]).c_str(), F_OK) == 0) {
+      *err = "node '" + sorted[i] + "' already exists";
+      return false;
+    }
   }
   std::string gen = gen_name;
   if (gen.empty() || gen == "current") {
@@ -330,13 +356,17 @@ bool Store::create_node(const std::string& node, const std::string& image,
   }
   if (!storage::Generation::open(root_, image, gen, err)) return false;
   if (!make_dir(root_ + "/nodes", err)) return false;
-  if (mkdir(node_dir(node).c_str(), 0750) != 0) {
-    *err = errno == EEXIST ? "node '" + node + "' already exists"
-                           : node_dir(node) + ": " + strerror(errno);
-    return false;
+  for (const std::string& node : nodes) {
+    if (mkdir(node_dir(node).c_str(), 0750) != 0) {
+      *err = errno == EEXIST ? "node '" + node + "' already exists"
+                             : node_dir(node) + ": " + strerror(errno);
+      return false;
+    }
+    NodeRecord r{node, image, gen, mode, block_size, now_iso8601(), "", 0};
+    if (!write_node(r, true, err)) return false;
+    ++*created;
   }
-  NodeRecord r{node, image, gen, mode, block_size, now_iso8601(), "", 0};
-  return write_node(r, true, err);
+  return true;
 }
 
 bool Store::reset_node(const std::string& node, const std::string& gen, std::string* err) {

@@ -104,6 +104,12 @@ class Store {
   // Creates a node pinned to `gen` ("" = current). Fails if it exists.
   bool create_node(const std::string& node, const std::string& image, const std::string& gen,
                    storage::NodeMode mode, uint32_t block_size, std::string* err);
+  // Creates several nodes alike, opening the generation once. Refuses the
+  // whole list, creating none, when a name is bad, repeated or taken; else
+  // stops at the first failure, and *created says how many were made.
+  bool create_nodes(const std::vector<std::string>& nodes, const std::string& image,
+                    const std::string& gen, storage::NodeMode mode, uint32_t block_size,
+                    size_t* created, std::string* err);
   // Drops a node's changes, optionally moving it to generation `gen`
   // ("" = keep; "current" = the current one). Refused while attached.
   bool reset_node(const std::string& node, const std::string& gen, std::string* err);

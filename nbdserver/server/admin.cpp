@@ -15,6 +15,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <vector>
 
 #include "exports/store.hpp"
 #include "storage/json_file.hpp"
@@ -30,8 +31,8 @@ constexpr const char* kAdminUsage =
     "Commands:\n"
     "  list [--json]                       nodes: image, generation, mode, dirty bytes,\n"
     "                                      connections, last seen\n"
-    "  create NODE --image IMAGE [--generation GEN] [--mode persistent|ephemeral]\n"
-    "         [--block-size N]             register a node (pinned to GEN, default: current)\n"
+    "  create NODE... --image IMAGE [--generation GEN] [--mode persistent|ephemeral]\n"
+    "         [--block-size N]             register nodes (pinned to GEN, default: current)\n"
     "  reset NODE [--generation GEN|current]   drop the node's changes; optionally move it\n"
     "  delete NODE                         remove the node and its changes\n"
     "  extents NODE [--json]               the node's changed blocks (at its last flush)\n";
@@ -154,7 +155,8 @@ int cmd_extents(exports::Store& st, const std::string& node, bool json) {
 }  // namespace
 
 int run_admin(int argc, const char* const* argv) {
-  std::string store, command, node, image, gen, mode = "persistent";
+  std::string store, command, image, gen, mode = "persistent";
+  std::vector<std::string> nodes;
   uint32_t block_size = 4096;
   bool json = false;
   po::options_description d("Admin options");
@@ -164,9 +166,9 @@ int run_admin(int argc, const char* const* argv) {
       "mode", po::value(&mode), "persistent or ephemeral")(
       "block-size", po::value(&block_size), "copy-on-write block size of a new node")(
       "json", po::bool_switch(&json), "machine-readable output")(
-      "command", po::value(&command), "")("node", po::value(&node), "");
+      "command", po::value(&command), "")("node", po::value(&nodes), "");
   po::positional_options_description pos;
-  pos.add("command", 1).add("node", 1);
+  pos.add("command", 1).add("node", -1);
   po::variables_map vm;
   try {
     po::store(po::command_line_parser(argc, argv).options(d).positional(pos).run(), vm);
@@ -192,7 +194,10 @@ int run_admin(int argc, const char* const* argv) {
     return 1;
   }
   const bool needs_node = command != "list";
-  if (needs_node && node.empty()) return usage_error(command + ": which node?");
+  if (needs_node && nodes.empty()) return usage_error(command + ": which node?");
+  if (!needs_node && !nodes.empty()) return usage_error(command + ": takes no node");
+  if (command != "create" && nodes.size() > 1) return usage_error(command + ": one node at a time");
+  const std::string node = nodes.empty() ? std::string() : nodes[0];
   bool ok = true;
   if (command == "list") return cmd_list(st, json);
   if (command == "extents") return cmd_extents(st, node, json);
@@ -202,7 +207,10 @@ int run_admin(int argc, const char* const* argv) {
     if (!storage::parse_mode(mode, &m)) return usage_error("--mode: persistent or ephemeral");
     if (block_size < 512 || block_size > (1u << 20) || (block_size & (block_size - 1)))
       return usage_error("--block-size must be a power of two from 512 to 1048576");
-    ok = st.create_node(node, image, gen, m, block_size, &err);
+    size_t created = 0;
+    ok = st.create_nodes(nodes, image, gen, m, block_size, &created, &err);
+    for (size_t i = 0; i < created; ++i) printf("created %s\n", nodes[i].c_str());
+    if (ok) return 0;
   } else if (command == "reset") {
     ok = st.reset_node(node, gen, &err);
   } else if (command == "delete") {
