@@ -148,6 +148,35 @@ std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
   return e;
 }
 
+std::shared_ptr<const nbd::ExportInfo> Registry::describe(std::string_view name,
+                                                          std::string* why) const {
+  StoreName sn;
+  std::string bad;
+  if (!store_ || by_name_.count(name) || name.empty() ||
+      !parse_store_name(std::string(name), &sn, &bad) || sn.node.empty())
+    return lookup(name, why);
+  if (access((store_->root() + "/images/" + sn.image).c_str(), F_OK) != 0) return nullptr;
+  NodeRecord rec;
+  uint64_t size = 0;
+  std::string err;
+  if (!store_->describe(sn.image, sn.node, sn.attach, &rec, &size, &err)) {
+    spdlog::error("export '{}': {}", name, err);
+    *why = "export '" + std::string(name) + "' cannot be served: " + err;
+    return nullptr;
+  }
+  auto e = std::make_shared<nbd::ExportInfo>();
+  e->name = std::string(name);
+  e->size = size;
+  e->max_block = max_block_;
+  e->description = "node " + sn.node + " on " + sn.image + "@" + rec.generation + " (" +
+                   storage::mode_name(rec.mode) + ")";
+  e->flags = nbd::kFlagSendFlush | nbd::kFlagSendFua | nbd::kFlagSendCache |
+             nbd::kFlagCanMultiConn | nbd::kFlagSendTrim | nbd::kFlagSendWriteZeroes |
+             nbd::kFlagSendFastZero;
+  e->contexts = {std::string(nbd::kContextBaseAllocation), std::string(kContextDirty)};
+  return e;
+}
+
 std::vector<std::shared_ptr<const nbd::ExportInfo>> Registry::list() const {
   std::vector<std::shared_ptr<const nbd::ExportInfo>> out(order_.begin(), order_.end());
   if (store_) {

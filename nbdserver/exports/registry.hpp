@@ -59,6 +59,10 @@ class Registry : public nbd::ExportCatalog {
   std::shared_ptr<const nbd::ExportInfo> find(std::string_view name) const override;
   std::shared_ptr<const nbd::ExportInfo> lookup(std::string_view name,
                                                 std::string* why) const override;
+  // A node's export as GO would serve it, from its record and generation
+  // size, without opening its view; other names as lookup().
+  std::shared_ptr<const nbd::ExportInfo> describe(std::string_view name,
+                                                  std::string* why) const override;
   std::vector<std::shared_ptr<const nbd::ExportInfo>> list() const override;
   size_t size() const { return order_.size(); }
 

@@ -196,29 +196,7 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
     return v;
   }
   NodeRecord rec;
-  if (access((node_dir(node) + "/node.json").c_str(), F_OK) != 0) {
-    if (how.resume) {
-      *err = "node '" + node + "' does not exist, so there is nothing to resume (deleted while "
-             "the node ran?); the node must reboot";
-      return nullptr;
-    }
-    if (opts_.nodes == NodePolicy::kRegistered) {
-      *err = "node '" + node + "' is not registered (the server runs with --nodes registered)";
-      return nullptr;
-    }
-    if (!create_node(node, image, "", how.has_mode ? how.mode : opts_.mode, opts_.block_size,
-                     err))
-      return nullptr;
-  }
-  if (!read_node(node, &rec, err)) return nullptr;
-  if (rec.image != image) {
-    *err = "node '" + node + "' belongs to image '" + rec.image + "', not '" + image + "'";
-    return nullptr;
-  }
-  if (how.has_mode && how.mode != rec.mode) {
-    wrong_mode(rec.mode);
-    return nullptr;
-  }
+  if (!existing_record(image, node, how, &rec, err)) return nullptr;
   int lock = lock_node(node, true, err);
   if (lock < 0) return nullptr;
   auto gen = generation_locked(image, rec.generation, err);
@@ -235,6 +213,54 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   std::string ignored;
   write_node(rec, false, &ignored);
   return v;
+}
+
+bool Store::existing_record(const std::string& image, const std::string& node,
+                            const AttachOptions& how, NodeRecord* rec, std::string* err) {
+  if (access((node_dir(node) + "/node.json").c_str(), F_OK) != 0) {
+    if (how.resume) {
+      *err = "node '" + node + "' does not exist, so there is nothing to resume (deleted while "
+             "the node ran?); the node must reboot";
+      return false;
+    }
+    if (opts_.nodes == NodePolicy::kRegistered) {
+      *err = "node '" + node + "' is not registered (the server runs with --nodes registered)";
+      return false;
+    }
+    if (!create_node(node, image, "", how.has_mode ? how.mode : opts_.mode, opts_.block_size,
+                     err))
+      return false;
+  }
+  if (!read_node(node, rec, err)) return false;
+  if (rec->image != image) {
+    *err = "node '" + node + "' belongs to image '" + rec->image + "', not '" + image + "'";
+    return false;
+  }
+  if (how.has_mode && how.mode != rec->mode) {
+    *err = "node '" + node + "' is " + storage::mode_name(rec->mode) + " but attached with mode=" +
+           storage::mode_name(how.mode) + " (nbdroot.mode=); change its mode with `nbdserver " +
+           "admin delete` and `create --mode`";
+    return false;
+  }
+  return true;
+}
+
+bool Store::describe(const std::string& image, const std::string& node, const AttachOptions& how,
+                     NodeRecord* rec, uint64_t* size, std::string* err) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!existing_record(image, node, how, rec, err)) return false;
+  const std::string key = rec->image + "@" + rec->generation;
+  auto it = gen_sizes_.find(key);
+  if (it == gen_sizes_.end()) {
+    auto gen = generation_locked(rec->image, rec->generation, err);
+    if (!gen) {
+      *err = "node '" + node + "': " + *err;
+      return false;
+    }
+    it = gen_sizes_.emplace(key, gen->size()).first;
+  }
+  *size = it->second;
+  return true;
 }
 
 namespace {

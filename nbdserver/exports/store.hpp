@@ -85,6 +85,12 @@ class Store {
   // --nodes auto) and shared by all its connections until the last one goes.
   std::shared_ptr<storage::NodeView> view(const std::string& image, const std::string& node,
                                           const AttachOptions& how, std::string* err);
+  // What a node's export would be, without opening its view (no lock, no
+  // layer files, no record update): for NBD_OPT_INFO and the meta-context
+  // options. Creates the node under --nodes auto, as an attach would.
+  // Sets *rec and *size (the generation's size) and returns true, or sets *err.
+  bool describe(const std::string& image, const std::string& node, const AttachOptions& how,
+                NodeRecord* rec, uint64_t* size, std::string* err);
   // Export names for NBD_OPT_LIST, each with a description: every image
   // with a current generation, every generation, every node.
   std::vector<std::pair<std::string, std::string>> list_exports() const;
@@ -120,11 +126,15 @@ class Store {
  private:
   std::shared_ptr<storage::Generation> generation_locked(const std::string& image,
                                                          const std::string& gen, std::string* err);
+  // The node's record, creating the node first if the rules allow.
+  bool existing_record(const std::string& image, const std::string& node,
+                       const AttachOptions& how, NodeRecord* rec, std::string* err);
   std::string root_;
   StoreOptions opts_;
   std::mutex mu_;
   std::map<std::string, std::weak_ptr<storage::Generation>> gens_;  // "image@gen"
   std::map<std::string, std::weak_ptr<storage::NodeView>> views_;   // node
+  std::map<std::string, uint64_t> gen_sizes_;  // "image@gen"; generations never change
 };
 
 std::string now_iso8601();

@@ -230,7 +230,7 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
     return;
   }
   std::string why;
-  auto e = catalog_.lookup(name, &why);
+  auto e = opt == kOptGo ? catalog_.lookup(name, &why) : catalog_.describe(name, &why);
   if (!e) {
     reply_error(opt, kRepErrUnknown,
                 why.empty() ? "unknown export '" + std::string(name.substr(0, 256)) + "'" : why);
@@ -327,7 +327,7 @@ void Handshake::opt_meta_context(uint32_t opt, std::string_view data) {
     return;
   }
   std::string why;
-  auto e = catalog_.lookup(name, &why);
+  auto e = catalog_.describe(name, &why);
   if (!e) {
     reply_error(opt, kRepErrUnknown,
                 why.empty() ? "unknown export '" + std::string(name.substr(0, 256)) + "'" : why);

@@ -50,6 +50,13 @@ class ExportCatalog {
     (void)why;
     return find(name);
   }
+  // What NBD_OPT_INFO and NBD_OPT_*_META_CONTEXT report: the export as
+  // lookup() would serve it, but without attaching anything (a store node's
+  // view is not opened). NBD_OPT_GO and NBD_OPT_EXPORT_NAME use lookup().
+  virtual std::shared_ptr<const ExportInfo> describe(std::string_view name,
+                                                     std::string* why) const {
+    return lookup(name, why);
+  }
   // Every export, in listing order.
   virtual std::vector<std::shared_ptr<const ExportInfo>> list() const = 0;
 };
