@@ -287,12 +287,33 @@ std::vector<std::pair<std::string, std::string>> Store::list_exports() const {
   }
   for (const std::string& node : nodes()) {
     NodeRecord r;
-    std::string err;
-    if (read_node(node, &r, &err))
+    if (read_node_cached(node, &r))
       out.push_back({r.image + "/" + node, "node " + node + " on " + r.image + "@" + r.generation +
                                                " (" + storage::mode_name(r.mode) + ")"});
   }
   return out;
+}
+
+bool Store::read_node_cached(const std::string& node, NodeRecord* r) const {
+  struct stat st;
+  if (stat((node_dir(node) + "/node.json").c_str(), &st) != 0) return false;
+  const int64_t mtime_ns = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  {
+    std::lock_guard<std::mutex> g(records_mu_);
+    auto it = records_.find(node);
+    if (it != records_.end() && it->second.dev == st.st_dev && it->second.ino == st.st_ino &&
+        it->second.size == st.st_size && it->second.mtime_ns == mtime_ns) {
+      *r = it->second.rec;
+      return true;
+    }
+  }
+  std::string err;
+  if (!read_node(node, r, &err)) return false;
+  // Keyed by the stat from before the read: if the file was replaced in
+  // between, the next listing sees another inode and reads it again.
+  std::lock_guard<std::mutex> g(records_mu_);
+  records_[node] = CachedRecord{st.st_dev, st.st_ino, st.st_size, mtime_ns, *r};
+  return true;
 }
 
 void Store::attached(const std::string& node, int delta) {

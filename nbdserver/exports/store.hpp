@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <sys/types.h>
 #include <string>
 #include <vector>
 
@@ -135,6 +136,18 @@ class Store {
   std::map<std::string, std::weak_ptr<storage::Generation>> gens_;  // "image@gen"
   std::map<std::string, std::weak_ptr<storage::NodeView>> views_;   // node
   std::map<std::string, uint64_t> gen_sizes_;  // "image@gen"; generations never change
+  // read_node() for listings: node.json as last parsed, while the file has
+  // the same inode, size and mtime (records are replaced by rename).
+  bool read_node_cached(const std::string& node, NodeRecord* r) const;
+  struct CachedRecord {
+    dev_t dev = 0;
+    ino_t ino = 0;
+    off_t size = 0;
+    int64_t mtime_ns = 0;
+    NodeRecord rec;
+  };
+  mutable std::mutex records_mu_;
+  mutable std::map<std::string, CachedRecord> records_;
 };
 
 std::string now_iso8601();

@@ -43,6 +43,22 @@ def test_nbdinfo_lists_1000_nodes(nbdserver, tmp_path, big_store):
     assert names == want, f"missing {sorted(want - names)[:5]}, extra {sorted(names - want)[:5]}"
     srv.assert_alive()
     print(f"nbdinfo --list of {len(names)} exports: {elapsed:.2f} s")
+    # Asking about a node (NBD_OPT_INFO, LIST_META_CONTEXT) does not attach
+    # it: no lock, no layer files, no "last seen".
+    nodes = os.path.join(big_store, "nodes")
+    touched = [n for n in os.listdir(nodes) if os.listdir(os.path.join(nodes, n)) != ["node.json"]]
+    assert not touched, f"listing touched {len(touched)} nodes, e.g. {touched[:3]}"
+    assert storeutil.node_record(big_store, "n0007")["last_seen"] == ""
+
+
+def test_admin_list_of_1000_nodes_changes_nothing(big_store):
+    before = {n: sorted(os.listdir(os.path.join(big_store, "nodes", n)))
+              for n in os.listdir(os.path.join(big_store, "nodes"))}
+    out = storeutil.admin(big_store, "list", "--json").stdout
+    assert sorted(r["node"] for r in json.loads(out)) == [f"n{i:04d}" for i in range(NODES)]
+    after = {n: sorted(os.listdir(os.path.join(big_store, "nodes", n)))
+             for n in os.listdir(os.path.join(big_store, "nodes"))}
+    assert after == before, "admin list created files"
 
 
 def test_nbdinfo_list_over_tcp_outlasts_the_timeout(nbdserver, tmp_path):
