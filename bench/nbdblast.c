@@ -43,6 +43,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loadgen.h"
+
 /* Protocol constants (NBD protocol document, "newstyle" negotiation). */
 #define NBD_MAGIC 0x4e42444d41474943ull         /* "NBDMAGIC" */
 #define NBD_IHAVEOPT 0x49484156454f5054ull      /* "IHAVEOPT" */
@@ -68,33 +70,6 @@
 /* ------------------------------------------------------------------ */
 /* Utilities                                                           */
 
-static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void die(const char *fmt, ...)
-{
-  va_list ap;
-  va_start(ap, fmt);
-  fputs("nbdblast: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  fputc('\n', stderr);
-  exit(1);
-}
-
-static inline uint64_t now_ns(void)
-{
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t splitmix64(uint64_t *s)
-{
-  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 static void put_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
 static void put_be32(uint8_t *p, uint32_t v)
 {
@@ -110,108 +85,6 @@ static uint32_t get_be32(const uint8_t *p)
   return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 static uint64_t get_be64(const uint8_t *p) { return (uint64_t)get_be32(p) << 32 | get_be32(p + 4); }
-
-static uint64_t parse_size(const char *opt, const char *s)
-{
-  char *end;
-  errno = 0;
-  unsigned long long v = strtoull(s, &end, 10);
-  if (errno || end == s)
-    die("%s: not a number: '%s'", opt, s);
-  uint64_t mul = 1;
-  switch (*end) {
-  case '\0': break;
-  case 'k': case 'K': mul = 1ull << 10; end++; break;
-  case 'm': case 'M': mul = 1ull << 20; end++; break;
-  case 'g': case 'G': mul = 1ull << 30; end++; break;
-  default: die("%s: bad suffix in '%s'", opt, s);
-  }
-  if (*end == 'i' || *end == 'I') end++;
-  if (*end == 'b' || *end == 'B') end++;
-  if (*end != '\0' || v > UINT64_MAX / mul)
-    die("%s: bad value '%s'", opt, s);
-  return v * mul;
-}
-
-static double parse_double(const char *opt, const char *s)
-{
-  char *end;
-  errno = 0;
-  double v = strtod(s, &end);
-  if (errno || end == s || *end != '\0' || !(v >= 0))
-    die("%s: not a non-negative number: '%s'", opt, s);
-  return v;
-}
-
-/* Log-linear latency histogram in ns, as in nbdload: values below 128 get
- * their own bucket, every power of two above is split in 64. */
-#define H_SUB 64u
-#define H_LIN 128u
-#define H_BUCKETS (H_LIN + 57u * H_SUB)
-
-struct hist {
-  uint64_t b[H_BUCKETS];
-  uint64_t count, max;
-  long double sum;
-};
-
-static inline unsigned h_index(uint64_t v)
-{
-  if (v < H_LIN)
-    return (unsigned)v;
-  unsigned msb = 63u - (unsigned)__builtin_clzll(v);
-  unsigned shift = msb - 6u;
-  unsigned top = (unsigned)(v >> shift);
-  return H_LIN + (msb - 7u) * H_SUB + (top - H_SUB);
-}
-
-static double h_value(unsigned idx)
-{
-  if (idx < H_LIN)
-    return idx;
-  unsigned k = idx - H_LIN;
-  unsigned msb = k / H_SUB + 7u;
-  uint64_t top = k % H_SUB + H_SUB;
-  unsigned shift = msb - 6u;
-  return ((double)(top << shift) + (double)((top + 1) << shift)) / 2;
-}
-
-static inline void h_add(struct hist *h, uint64_t v)
-{
-  h->b[h_index(v)]++;
-  h->count++;
-  h->sum += v;
-  if (v > h->max)
-    h->max = v;
-}
-
-static void h_merge(struct hist *d, const struct hist *s)
-{
-  for (unsigned i = 0; i < H_BUCKETS; i++)
-    d->b[i] += s->b[i];
-  d->count += s->count;
-  d->sum += s->sum;
-  if (s->max > d->max)
-    d->max = s->max;
-}
-
-static double h_pct(const struct hist *h, double p)
-{
-  if (h->count == 0)
-    return 0;
-  uint64_t rank = (uint64_t)(p / 100.0 * (double)h->count + 0.5);
-  if (rank < 1) rank = 1;
-  if (rank > h->count) rank = h->count;
-  uint64_t acc = 0;
-  for (unsigned i = 0; i < H_BUCKETS; i++) {
-    acc += h->b[i];
-    if (acc >= rank) {
-      double v = h_value(i);
-      return v > (double)h->max ? (double)h->max : v;
-    }
-  }
-  return (double)h->max;
-}
 
 /* ------------------------------------------------------------------ */
 /* Configuration                                                       */

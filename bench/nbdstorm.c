@@ -46,24 +46,7 @@
 #include <libnbd.h>
 #include <zlib.h>
 
-static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void die(const char *fmt, ...)
-{
-  va_list ap;
-  va_start(ap, fmt);
-  fputs("nbdstorm: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  fputc('\n', stderr);
-  exit(1);
-}
-
-static inline uint64_t now_ns(void)
-{
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+#include "loadgen.h"
 
 /* ------------------------------------------------------------------ */
 /* The trace                                                           */
