@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -779,13 +778,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    rb.libc.prctl(rb.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-    def on_term(sig, frame):
-        raise KeyboardInterrupt(f"signal {sig}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_term)
+    rb.adopt_orphans_and_stop_on_signals()
 
     if not os.access(args.nbdserver, os.X_OK):
         sys.exit(f"{args.nbdserver} not found (build it, or pass --nbdserver)")

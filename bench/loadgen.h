@@ -11,7 +11,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static inline void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static inline void die(const char *fmt, ...)
@@ -151,6 +153,18 @@ static inline double h_pct(const struct hist *h, double p)
     }
   }
   return (double)h->max;
+}
+
+/* SIGALRM handler of the run-time watchdog: says so and exits 3.  Only
+ * async-signal-safe calls. */
+static inline void watchdog_alarm(int sig)
+{
+  (void)sig;
+  static const char msg[] = ": watchdog: run exceeded its time limit, aborting\n";
+  ssize_t r = write(2, program_invocation_short_name, strlen(program_invocation_short_name));
+  r = write(2, msg, sizeof msg - 1);
+  (void)r;
+  _exit(3);
 }
 
 #endif

@@ -479,15 +479,6 @@ static void *worker_main(void *arg)
 
 /* ------------------------------------------------------------------ */
 
-static void on_alarm(int sig)
-{
-  (void)sig;
-  static const char msg[] = "nbdblast: watchdog: run exceeded its time limit, aborting\n";
-  ssize_t r = write(2, msg, sizeof msg - 1);
-  (void)r;
-  _exit(3);
-}
-
 static void usage(FILE *f)
 {
   fprintf(f,
@@ -554,7 +545,7 @@ int main(int argc, char **argv)
   if (cfg.seconds <= 0) die("--seconds must be > 0");
   if (cfg.fua && !cfg.write) die("--fua needs --op write");
   if (cfg.timeout == 0) cfg.timeout = cfg.seconds + cfg.warmup + 30;
-  signal(SIGALRM, on_alarm);
+  signal(SIGALRM, watchdog_alarm);
   alarm((unsigned)cfg.timeout + 15);
   signal(SIGPIPE, SIG_IGN);
 

@@ -321,15 +321,6 @@ static void json_str(FILE *f, const char *s)
   fputc('"', f);
 }
 
-static void on_alarm(int sig)
-{
-  (void)sig;
-  static const char msg[] = "nbdload: watchdog: run exceeded its time limit, aborting\n";
-  ssize_t r = write(2, msg, sizeof msg - 1);
-  (void)r;
-  _exit(3);
-}
-
 static void usage(FILE *f)
 {
   fprintf(f,
@@ -428,7 +419,7 @@ int main(int argc, char **argv)
     cfg.timeout = cfg.ops ? 300 : cfg.seconds + cfg.warmup + 30;
 
   /* Watchdog over everything, including connecting and draining. */
-  signal(SIGALRM, on_alarm);
+  signal(SIGALRM, watchdog_alarm);
   alarm((unsigned)cfg.timeout + 15);
   signal(SIGPIPE, SIG_IGN);
 

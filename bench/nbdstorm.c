@@ -331,15 +331,6 @@ out:
 
 /* ------------------------------------------------------------------ */
 
-static void on_alarm(int sig)
-{
-  (void)sig;
-  static const char msg[] = "nbdstorm: watchdog: run exceeded its time limit, aborting\n";
-  ssize_t r = write(2, msg, sizeof msg - 1);
-  (void)r;
-  _exit(3);
-}
-
 static int cmp_u64(const void *a, const void *b)
 {
   uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -437,7 +428,7 @@ int main(int argc, char **argv)
     w->nodes[w->nnodes++] = &nodes[i];
   }
 
-  signal(SIGALRM, on_alarm);
+  signal(SIGALRM, watchdog_alarm);
   alarm(cfg.timeout + 30);
   t_start = now_ns();
   for (unsigned t = 0; t < cfg.threads; t++)

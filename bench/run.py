@@ -793,16 +793,23 @@ def parse_args():
     return a
 
 
-def main():
-    args = parse_args()
+def adopt_orphans_and_stop_on_signals():
+    """Become the subreaper of every server a run starts (so none outlives
+    it), and turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt, so the
+    harness's cleanup runs. SIGINT too: a background job starts with SIGINT
+    ignored."""
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
     def on_term(sig, frame):
         raise KeyboardInterrupt(f"signal {sig}")
 
-    # SIGINT too: a background job starts with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_term)
+
+
+def main():
+    args = parse_args()
+    adopt_orphans_and_stop_on_signals()
 
     if "ours" in args.servers and not os.access(args.nbdserver, os.X_OK):
         log(f"ours: {args.nbdserver} not found, skipping it")

@@ -26,7 +26,6 @@ import gzip
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -290,13 +289,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    rb.libc.prctl(rb.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-    def on_term(sig, frame):
-        raise KeyboardInterrupt(f"signal {sig}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_term)
+    rb.adopt_orphans_and_stop_on_signals()
     for exe in (args.nbdserver, args.nbdstorm):
         if not os.access(exe, os.X_OK):
             sys.exit(f"{exe} not found (ninja -C build nbdserver nbdstorm, or pass the path)")
