@@ -94,6 +94,7 @@ struct Connection {
   nbd::Session session;
   const exports::ServedExport* exp = nullptr;
   int handoff_to = -1;   // after the handshake: the loop that owns exp's view
+  std::string handoff_reply;  // the handshake's last reply, for that loop to send
   bool view_attached = false;  // counted in the owner loop's ViewState
 
   // Receive buffer: bytes [rpos, rlen) are received and not yet parsed.
@@ -162,6 +163,7 @@ struct Handoff {
   std::string peer;
   nbd::Session session;
   std::string leftover;
+  std::string reply;  // the handshake's last reply, sent once attached
 };
 
 }  // namespace server

@@ -12,9 +12,11 @@
 
 #include <algorithm>
 #include <cassert>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 namespace server {
 namespace {
@@ -62,6 +64,11 @@ Loop::Loop(Shared& shared, unsigned index) : shared_(shared), index_(index) {
       log_delay_.tv_nsec = (ms % 1000) * 1000000;
       if (index == 0) spdlog::warn("fault injection: map log writes start {} ms late", ms);
     }
+  }
+  if (const char* d = getenv("NBDROOT_FAULT_HANDOFF_DELAY_MS")) {
+    handoff_delay_ms_ = std::max(0L, strtol(d, nullptr, 10));
+    if (handoff_delay_ms_ && index == 0)
+      spdlog::warn("fault injection: hand-offs to another loop start {} ms late", handoff_delay_ms_);
   }
 }
 
@@ -402,8 +409,10 @@ void Loop::hand_off(Connection& c) {
   h.peer = c.peer;
   h.session = std::move(c.session);
   h.leftover.assign(reinterpret_cast<const char*>(c.unparsed_data()), c.unparsed());
+  h.reply = std::move(c.handoff_reply);
   Loop* to = shared_.loops[size_t(c.handoff_to)];
   spdlog::debug("conn {}: handing off to loop {}", c.id, c.handoff_to);
+  if (handoff_delay_ms_) std::this_thread::sleep_for(std::chrono::milliseconds(handoff_delay_ms_));
   c.fd = -1;
   c.exp = nullptr;
   c.phase = Connection::Phase::kClosing;
@@ -423,7 +432,9 @@ void Loop::start_adopted(Handoff&& h) {
   memcpy(c.rbuf.data(), h.leftover.data(), h.leftover.size());
   c.rlen = h.leftover.size();
   attach_view(c);
-  queue(c, OutMsg());
+  OutMsg m;
+  m.extra = std::move(h.reply);
+  queue(c, std::move(m));
 }
 bool Loop::quiescent(const Connection& c) const {
   return c.inflight == 0 && c.out.empty() && !c.send_pending;
@@ -501,12 +512,8 @@ void Loop::on_handshake_input(Connection& c) {
   if (c.hs->progress() != progress)
     c.handshake_deadline = Clock::now() + seconds(shared_.opts.handshake_timeout);
   for (const std::string& e : c.hs->take_errors()) spdlog::info("conn {}: {}", c.id, e);
-  if (!c.hs->out().empty()) {
-    OutMsg m;
-    m.extra = std::move(c.hs->out());
-    c.hs->out().clear();
-    queue(c, std::move(m));
-  }
+  std::string out = std::move(c.hs->out());
+  c.hs->out().clear();
   switch (c.hs->status()) {
     case nbd::Handshake::Status::kContinue:
       break;
@@ -526,7 +533,13 @@ void Loop::on_handshake_input(Connection& c) {
         if (owner == int(index_)) {
           attach_view(c);
         } else {
+          // The client learns the handshake ended only once the owner has
+          // attached it: a node's next connection then always finds this
+          // one attached (a resume after it supersedes it, never the
+          // reverse; a boot after it joins the view, never drops it).
           c.handoff_to = owner;
+          c.handoff_reply = std::move(out);
+          out.clear();
         }
       }
       break;
@@ -539,6 +552,11 @@ void Loop::on_handshake_input(Connection& c) {
       c.close_after_send = true;
       c.rpos = c.rlen;
       break;
+  }
+  if (!out.empty()) {
+    OutMsg m;
+    m.extra = std::move(out);
+    queue(c, std::move(m));
   }
 }
 

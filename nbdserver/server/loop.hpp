@@ -199,6 +199,9 @@ class Loop {
   // Fault injection for tests (NBDROOT_FAULT_MAP_LOG_DELAY_MS): every map
   // log batch waits this long before its writes start. Zero normally.
   __kernel_timespec log_delay_{};
+  // Fault injection (NBDROOT_FAULT_HANDOFF_DELAY_MS): a connection handed to
+  // the loop that owns its view leaves this loop that late (this loop waits).
+  long handoff_delay_ms_ = 0;
   static constexpr uint32_t kLogDelayed = 0xffffff;  // tag gen of the delay's timeout
   bool accepting_ = true;
   std::vector<bool> accept_pending_;

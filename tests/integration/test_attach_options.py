@@ -423,6 +423,32 @@ def test_resume_keeps_ephemeral_changes_while_the_view_is_open(nbdserver, store)
     h.shutdown()
 
 
+def test_a_connection_handed_to_the_views_loop_is_attached_before_its_client_goes_on(
+        nbdserver, store):
+    """With two loops, a node's connection accepted by the loop that does
+    not own its view is handed over after the handshake. The client must
+    not see the handshake end before the owner attached it: else the node's
+    next connection (here a boot joining the resumed view) reaches the owner
+    first, drops the node's changes, and is then closed as superseded by the
+    late resume. NBDROOT_FAULT_HANDOFF_DELAY_MS widens that window."""
+    root, base = store
+    srv = nbdserver(args=["--store", root, "--threads", "2", "--node-mode", "ephemeral"],
+                    env=dict(os.environ, NBDROOT_FAULT_HANDOFF_DELAY_MS="150"))
+    h = attach(srv, "lab/n1")
+    h.pwrite(b"\x01" * BS, 9 * BS)
+    h.shutdown()
+    for i in range(2, 14):
+        h1 = attach(srv, "lab/n1?resume")
+        h2 = attach(srv, "lab/n1")
+        want = bytes([i - 1]) * BS
+        assert h2.pread(BS, 9 * BS) == want, f"round {i}: the boot dropped the resumed changes"
+        assert h1.pread(BS, 9 * BS) == want, f"round {i}: the resume lost its changes"
+        h2.pwrite(bytes([i]) * BS, 9 * BS)
+        h2.shutdown()
+        h1.shutdown()
+    assert "fault injection: hand-offs" in srv.stderr()
+
+
 @pytest.mark.parametrize("restart_first", [False, True])
 @pytest.mark.parametrize("query", ["nbdinfo --list", "NBD_OPT_INFO", "NBD_OPT_LIST_META_CONTEXT"])
 def test_queries_while_an_ephemeral_node_is_away_keep_its_changes(nbdserver, store, query,
