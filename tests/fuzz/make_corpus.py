@@ -2,8 +2,8 @@
 """Writes the seed corpora for the fuzz targets into tests/fuzz/corpus/.
 
 Run with /usr/bin/python3 tests/fuzz/make_corpus.py; the output is checked in.
-The input layouts are documented at the top of fuzz_handshake.cpp and
-fuzz_transmission.cpp.
+The input layouts are documented at the top of fuzz_handshake.cpp,
+fuzz_transmission.cpp and fuzz_client.cpp.
 """
 import os
 import struct
@@ -109,6 +109,50 @@ TRANSMISSION = {
     "bad_magic_tail": bytes([SIMPLE]) + req(READ, 0, 512) + b"\x13\x95\x60\x25" + b"\0" * 24,
 }
 
+# ---- Client (a server's bytes) ----
+OPT_REPLY_MAGIC = struct.pack(">Q", 0x3E889045565A9)
+ACK, REP_INFO, REP_META, ERR_UNSUP, ERR_UNKNOWN = 1, 3, 4, 0x80000001, 0x80000006
+GREETING = b"NBDMAGIC" + OPT_MAGIC + struct.pack(">H", 3)
+CLIENT_HS, CLIENT_READER, CLIENT_STRUCT = 0, 1, 2
+
+
+def rep(o, typ, data=b""):
+    return OPT_REPLY_MAGIC + struct.pack(">III", o, typ, len(data)) + data
+
+
+def sel(mode, step):
+    return bytes([mode | (step - 1) << 2])
+
+
+def chunk(fl, typ, cookie, payload):
+    return struct.pack(">IHHQI", 0x668E33EF, fl, typ, cookie, len(payload)) + payload
+
+
+def simple(cookie, err=0):
+    return struct.pack(">IIQ", 0x67446698, err, cookie)
+
+
+GO_OK = rep(GO, REP_INFO, struct.pack(">HQH", 0, 1 << 20, 1)) + rep(
+    GO, REP_INFO, struct.pack(">HIII", 3, 512, 4096, 1 << 20)) + rep(GO, ACK)
+CLIENT = {
+    "hs_full": sel(CLIENT_HS | CLIENT_STRUCT, 64) + GREETING + rep(STRUCTURED, ACK)
+    + rep(SET_META, REP_META, struct.pack(">I", 1) + b"base:allocation")
+    + rep(SET_META, REP_META, struct.pack(">I", 2) + b"nbdroot:dirty") + rep(SET_META, ACK) + GO_OK,
+    "hs_unsup": sel(CLIENT_HS | CLIENT_STRUCT, 3) + GREETING + rep(STRUCTURED, ERR_UNSUP) + GO_OK,
+    "hs_simple": sel(CLIENT_HS, 1) + GREETING + GO_OK,
+    "hs_refused": sel(CLIENT_HS | CLIENT_STRUCT, 20) + GREETING + rep(STRUCTURED, ACK)
+    + rep(SET_META, ERR_UNKNOWN, b"unknown export 'disk'"),
+    "reader_simple": sel(CLIENT_READER, 7) + simple(6) + simple(5) + simple(2) + b"B" * 16
+    + simple(1, 5),
+    "reader_structured": sel(CLIENT_READER | CLIENT_STRUCT, 13)
+    + chunk(0, 1, 1, struct.pack(">Q", 32) + b"D" * 32) + chunk(0, 2, 1, struct.pack(">QI", 0, 32))
+    + chunk(1, 0, 1, b"") + chunk(1, 1, 2, struct.pack(">Q", 4096) + b"E" * 16)
+    + chunk(1, 5, 3, struct.pack(">III", 1, 4096, 3))
+    + chunk(0, 5, 4, struct.pack(">IIIII", 1, 4096, 0, 8192, 1))
+    + chunk(1, 5, 4, struct.pack(">III", 2, 1 << 20, 0))
+    + chunk(1, 0x8001, 5, struct.pack(">IH", 5, 4) + b"oops") + simple(6),
+}
+
 
 def write(target, seeds):
     d = os.path.join(HERE, "corpus", target)
@@ -121,3 +165,4 @@ def write(target, seeds):
 if __name__ == "__main__":
     write("fuzz_handshake", HANDSHAKE)
     write("fuzz_transmission", TRANSMISSION)
+    write("fuzz_client", CLIENT)
