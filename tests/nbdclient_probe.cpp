@@ -24,6 +24,8 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
 #include <string>
 #include <thread>
 #include <vector>
@@ -182,6 +184,7 @@ json run_op(node::NbdClient& c, const std::vector<std::string>& a, size_t* i, in
 
 int main(int argc, char** argv) {
   std::vector<std::string> a(argv + 1, argv + argc);
+  spdlog::set_default_logger(spdlog::stderr_color_st("probe"));  // stdout is JSON
   int timeout = 10000;
   std::vector<std::string> contexts;
   size_t i = 0;
