@@ -7,7 +7,7 @@ packages=(
   # build
   build-essential cmake ninja-build pkg-config
   liburing-dev libboost-program-options-dev libspdlog-dev libroaring-dev
-  libgtest-dev libsystemd-dev libnbd-dev libgnutls28-dev
+  libgtest-dev libsystemd-dev libnbd-dev libgnutls28-dev libcpp-httplib-dev
   # fuzzing and sanitizers
   clang libclang-rt-14-dev
   # real NBD clients and peer servers for tests and benchmarks

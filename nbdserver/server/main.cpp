@@ -4,12 +4,14 @@
 
 #include <iostream>
 
+#include "node/agent.hpp"
 #include "server/admin.hpp"
 #include "server/config.hpp"
 #include "server/server.hpp"
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string_view(argv[1]) == "admin") return server::run_admin(argc - 1, argv + 1);
+  if (argc > 1 && std::string_view(argv[1]) == "node") return node::run_agent(argc - 1, argv + 1);
   server::ServerOptions opts;
   server::ParseResult r = server::parse_options(argc, argv, &opts);
   if (!r.run) {

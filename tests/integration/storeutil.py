@@ -225,3 +225,26 @@ class Model:
                 pass  # a partial edge is written with zeros (dirty, not zero)
             self.changed.add(b)
         self.data[off:off + n] = bytes(n)
+
+
+def write_chunk_digests(store, image, gen, data, chunk_size=64 * 1024):
+    """Writes generations/GEN/chunks.sha256 for `data` as imagebuilder does
+    (format: nbdserver/storage/chunk_digests.hpp): a 128-byte header, then
+    one SHA-256 per chunk. Returns the path."""
+    import hashlib
+    import struct
+    import zlib
+    table = b"".join(hashlib.sha256(data[o:o + chunk_size]).digest()
+                     for o in range(0, len(data), chunk_size))
+    tag = 1469598103934665603
+    for ch in f"{image}@{gen}".encode():
+        tag = ((tag ^ ch) * 1099511628211) & (2**64 - 1)
+    head = struct.pack("<8sIIIIII QQQ", b"NBDRCHKS", 1, 128, 1, 32, chunk_size, 0,
+                       len(data), (len(data) + chunk_size - 1) // chunk_size, tag)
+    head += hashlib.sha256(table).digest() + bytes(36)
+    head += struct.pack("<I", zlib.crc32(head))
+    assert len(head) == 128
+    path = os.path.join(store, "images", image, "generations", gen, "chunks.sha256")
+    with open(path, "wb") as f:
+        f.write(head + table)
+    return path

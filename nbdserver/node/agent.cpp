@@ -1,0 +1,915 @@
+#include "node/agent.hpp"
+
+#include <httplib.h>
+#include <signal.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <boost/program_options.hpp>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <shared_mutex>
+#include <thread>
+
+#include "node/chunk_cache.hpp"
+#include "node/nbd_client.hpp"
+#include "node/read_plan.hpp"
+#include "node/service.hpp"
+#include "storage/chunk_digests.hpp"
+#include "storage/layer_file.hpp"
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+namespace node {
+namespace {
+
+namespace po = boost::program_options;
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+constexpr uint32_t kBlock = 4096;  // granularity of the agent's changed-block map
+
+struct Options {
+  std::vector<Endpoint> servers;
+  std::string exp;  // IMAGE/NODE
+  std::string image, node_name;
+  std::string socket;
+  std::string peer_listen = "0.0.0.0:10809";
+  bool peers = true;
+  uint64_t cache = 64ull << 20;
+  uint64_t upload_limit = 0;  // bytes/s, 0: unlimited
+  size_t upload_connections = 16;
+  std::string tracker;        // HOST:PORT of the server's HTTP API
+  int peer_timeout_ms = 500;  // a peer's answer after this goes to the server instead
+  std::string ready_file;
+  std::string stats_file;
+  std::string log_level = "info";
+};
+
+// Size strings: 64M, 1G, 512K, 0, plain bytes.
+bool parse_size(const std::string& s, uint64_t* out) {
+  if (s.empty()) return false;
+  size_t i = 0;
+  uint64_t v = 0;
+  while (i < s.size() && isdigit(static_cast<unsigned char>(s[i]))) {
+    if (v > (UINT64_MAX - 9) / 10) return false;
+    v = v * 10 + uint64_t(s[i++] - '0');
+  }
+  if (i == 0) return false;
+  std::string unit = s.substr(i);
+  for (auto& ch : unit) ch = char(toupper(static_cast<unsigned char>(ch)));
+  unsigned shift = 0;
+  if (unit.empty() || unit == "B") shift = 0;
+  else if (unit == "K" || unit == "KIB") shift = 10;
+  else if (unit == "M" || unit == "MIB") shift = 20;
+  else if (unit == "G" || unit == "GIB") shift = 30;
+  else return false;
+  if (shift && v > (UINT64_MAX >> shift)) return false;
+  *out = v << shift;
+  return true;
+}
+
+// Counters, for the stats file, the log and tests.
+struct Stats {
+  std::atomic<uint64_t> view_read_bytes{0}, view_write_bytes{0};
+  std::atomic<uint64_t> gen_server_bytes{0}, gen_peer_bytes{0}, gen_cache_hits{0};
+  std::atomic<uint64_t> peer_failures{0}, peer_bad_chunks{0}, peer_timeouts{0};
+  std::atomic<uint64_t> served_bytes{0}, served_chunks{0}, served_refused{0};
+  std::atomic<uint64_t> reconnects{0};
+};
+
+// One export on the server list, reconnecting on its own: callers retry
+// what a broken connection lost. The node's view reattaches with ?resume.
+class Link {
+ public:
+  Link(const std::vector<Endpoint>& servers, std::string name, std::vector<std::string> contexts,
+       Stats& stats, std::atomic<bool>& stopping)
+      : servers_(servers), name_(std::move(name)), contexts_(std::move(contexts)),
+        stats_(stats), stopping_(stopping) {}
+
+  void set_resume_name(std::string n) { resume_name_ = std::move(n); }
+
+  // The first connection; false and *err when no server takes it.
+  bool connect_first(std::string* err) {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const Endpoint& s : servers_) {
+      auto c = std::make_shared<NbdClient>();
+      if (c->connect(s, name_, contexts_, 10000, err)) {
+        cur_ = std::move(c);
+        at_ = s.text();
+        return true;
+      }
+      *err = s.text() + ": " + *err;
+    }
+    return false;
+  }
+
+  std::shared_ptr<NbdClient> client() {
+    std::lock_guard<std::mutex> g(mu_);
+    if (cur_ && !cur_->broken()) return cur_;
+    std::string last;
+    auto lost = Clock::now();
+    int delay_ms = 20;
+    for (unsigned attempt = 0;; ++attempt) {
+      if (stopping_) return nullptr;
+      for (const Endpoint& s : servers_) {
+        auto c = std::make_shared<NbdClient>();
+        std::string err;
+        const std::string& name = resume_name_.empty() ? name_ : resume_name_;
+        if (c->connect(s, name, contexts_, 5000, &err)) {
+          double secs = std::chrono::duration<double>(Clock::now() - lost).count();
+          spdlog::info("upstream: '{}' reconnected to {} as '{}' after {:.2f} s", name_, s.text(),
+                       name, secs);
+          ++stats_.reconnects;
+          cur_ = std::move(c);
+          at_ = s.text();
+          return cur_;
+        }
+        if (err != last) spdlog::warn("upstream: '{}' on {}: {}", name_, s.text(), err);
+        last = err;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+      delay_ms = std::min(delay_ms * 2, 1000);
+    }
+  }
+
+  // Runs fn on a connection until it gets an answer (kOk, kNbdError or
+  // kTimeout); a broken connection is replaced and fn retried.
+  template <typename F>
+  Result call(F&& fn) {
+    for (;;) {
+      std::shared_ptr<NbdClient> c = client();
+      if (!c) return Result{Result::kBroken, 0, "agent stopping"};
+      Result r = fn(*c);
+      if (r.kind != Result::kBroken) return r;
+      spdlog::warn("upstream: '{}' on {}: {}", name_, at_, r.why);
+    }
+  }
+
+  uint64_t size() {
+    auto c = client();
+    return c ? c->size() : 0;
+  }
+
+  void close() {
+    std::lock_guard<std::mutex> g(mu_);
+    if (cur_) cur_->close();
+  }
+
+ private:
+  const std::vector<Endpoint>& servers_;
+  std::string name_, resume_name_;
+  std::vector<std::string> contexts_;
+  Stats& stats_;
+  std::atomic<bool>& stopping_;
+  std::mutex mu_;
+  std::shared_ptr<NbdClient> cur_;
+  std::string at_;
+};
+
+nbd::Error to_nbd(const Result& r, std::string* why) {
+  *why = r.why;
+  if (r.kind == Result::kNbdError) return nbd::Error(r.nbd_error ? r.nbd_error : nbd::kEIO);
+  return nbd::kEIO;
+}
+
+class Agent;
+
+// The kernel's export: the node's whole root.
+class KernelBackend final : public Backend {
+ public:
+  explicit KernelBackend(Agent& a) : a_(a) {}
+  nbd::Error read(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) override;
+  nbd::Error write(const uint8_t* buf, uint64_t len, uint64_t off, bool fua, std::string* why) override;
+  nbd::Error flush(std::string* why) override;
+  nbd::Error trim(uint64_t len, uint64_t off, bool fua, std::string* why) override;
+  nbd::Error zero(uint64_t len, uint64_t off, bool fua, std::string* why) override;
+
+ private:
+  Agent& a_;
+};
+
+// What other nodes read: chunks of the generation this agent holds.
+class PeerBackend final : public Backend {
+ public:
+  explicit PeerBackend(Agent& a) : a_(a) {}
+  nbd::Error read(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) override;
+  nbd::Error write(const uint8_t*, uint64_t, uint64_t, bool, std::string* why) override {
+    return refuse(why);
+  }
+  nbd::Error flush(std::string* why) override { return refuse(why); }
+  nbd::Error trim(uint64_t, uint64_t, bool, std::string* why) override { return refuse(why); }
+  nbd::Error zero(uint64_t, uint64_t, bool, std::string* why) override { return refuse(why); }
+
+ private:
+  static nbd::Error refuse(std::string* why) {
+    *why = "a peer serves its generation read-only";
+    return nbd::kEPERM;
+  }
+  Agent& a_;
+};
+
+// A catalog of fixed exports: `names` all answer with `info`.
+class FixedCatalog final : public nbd::ExportCatalog {
+ public:
+  FixedCatalog(std::shared_ptr<nbd::ExportInfo> info, std::vector<std::string> names, std::string refusal)
+      : info_(std::move(info)), names_(std::move(names)), refusal_(std::move(refusal)) {}
+  std::shared_ptr<const nbd::ExportInfo> find(std::string_view name) const override {
+    for (const auto& n : names_)
+      if (n == name) return info_;
+    return nullptr;
+  }
+  std::shared_ptr<const nbd::ExportInfo> lookup(std::string_view name, std::string* why) const override {
+    auto e = find(name);
+    if (!e && why) *why = refusal_ + " (asked for '" + std::string(name) + "')";
+    return e;
+  }
+  std::vector<std::shared_ptr<const nbd::ExportInfo>> list() const override { return {info_}; }
+
+ private:
+  std::shared_ptr<nbd::ExportInfo> info_;
+  std::vector<std::string> names_;
+  std::string refusal_;
+};
+
+class Agent {
+ public:
+  Agent(Options o)
+      : o_(std::move(o)),
+        view_(o_.servers, o_.exp, {"nbdroot:dirty"}, stats_, stopping_),
+        dirty_(kBlock),
+        cache_(o_.peers ? o_.cache : 0),
+        kernel_backend_(*this),
+        peer_backend_(*this) {
+    view_.set_resume_name(o_.exp + "?resume");
+    if (const char* f = getenv("NBDROOT_FAULT_PEER")) {
+      fault_ = f;
+      spdlog::warn("fault injection: this agent's peer service will {}", fault_);
+    }
+  }
+
+  int run();
+  void request_stop() { stopping_.store(true); }
+  void stop() {
+    stopping_ = true;
+    std::lock_guard<std::mutex> g(stop_mu_);
+    stop_cv_.notify_all();
+  }
+
+  // ---- the kernel's requests
+  nbd::Error read(uint8_t* buf, uint64_t len, uint64_t off, std::string* why);
+  nbd::Error mutate(uint16_t type, const uint8_t* buf, uint64_t len, uint64_t off, bool fua,
+                    std::string* why);
+  nbd::Error flush(std::string* why);
+  // ---- peers' requests
+  nbd::Error serve_peer(uint8_t* buf, uint64_t len, uint64_t off, std::string* why);
+
+ private:
+  bool setup_generation(std::string* err);
+  bool load_dirty(std::string* err);
+  nbd::Error read_view(uint8_t* buf, uint64_t len, uint64_t off, std::string* why);
+  // Fills `out` with chunk c of the generation: the cache, a peer or the server.
+  nbd::Error chunk(uint64_t c, ChunkBytes* out, std::string* why);
+  ChunkBytes fetch_from_peer(uint64_t c, int slot);
+  ChunkBytes fetch_from_server(uint64_t c, std::string* why);
+  int ask_tracker(uint64_t c);
+  void report(bool leaving, int bad_slot);
+  void housekeeping();
+  void write_stats();
+  void throttle_upload(uint64_t bytes);
+  uint64_t chunk_len(uint64_t c) const {
+    return std::min<uint64_t>(chunk_size_, gen_size_ - c * chunk_size_);
+  }
+
+  Options o_;
+  Stats stats_;
+  std::atomic<bool> stopping_{false};
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  Link view_;
+  std::unique_ptr<Link> gen_;
+  uint64_t size_ = 0;
+
+  std::shared_mutex dirty_mu_;
+  DirtyBlocks dirty_;
+
+  // The generation side (peers on).
+  bool chunked_ = false;  // clean reads go through chunks
+  std::string gen_name_;
+  uint64_t gen_size_ = 0;
+  uint32_t chunk_size_ = storage::kChunkSize;
+  std::unique_ptr<storage::ChunkDigests> digests_;
+  int digests_fd_ = -1;
+  ChunkCache cache_;
+  uint16_t peer_port_ = 0;
+  std::string tracker_host_;
+  int tracker_port_ = 0;
+
+  std::mutex peers_mu_;
+  std::map<int, std::string> peer_addr_;                    // slot -> HOST:PORT
+  std::map<int, std::shared_ptr<NbdClient>> peer_conn_;     // open connections
+  std::map<int, Clock::time_point> peer_backoff_;           // failed: not before
+
+  std::mutex upload_mu_;
+  double upload_tokens_ = 0;
+  Clock::time_point upload_at_ = Clock::now();
+
+  KernelBackend kernel_backend_;
+  PeerBackend peer_backend_;
+  // NBDROOT_FAULT_PEER (tests only): corrupt|hang|hangup|lack|othergen,
+  // how this agent misbehaves towards peers.
+  std::string fault_;
+};
+
+// ---------------------------------------------------------------- kernel side
+
+nbd::Error KernelBackend::read(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) {
+  return a_.read(buf, len, off, why);
+}
+nbd::Error KernelBackend::write(const uint8_t* buf, uint64_t len, uint64_t off, bool fua,
+                                std::string* why) {
+  return a_.mutate(nbd::kCmdWrite, buf, len, off, fua, why);
+}
+nbd::Error KernelBackend::flush(std::string* why) { return a_.flush(why); }
+nbd::Error KernelBackend::trim(uint64_t len, uint64_t off, bool fua, std::string* why) {
+  return a_.mutate(nbd::kCmdTrim, nullptr, len, off, fua, why);
+}
+nbd::Error KernelBackend::zero(uint64_t len, uint64_t off, bool fua, std::string* why) {
+  return a_.mutate(nbd::kCmdWriteZeroes, nullptr, len, off, fua, why);
+}
+nbd::Error PeerBackend::read(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) {
+  return a_.serve_peer(buf, len, off, why);
+}
+
+nbd::Error Agent::read_view(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) {
+  Result r = view_.call([&](NbdClient& c) { return c.pread(buf, uint32_t(len), off, 0); });
+  if (!r.ok()) return to_nbd(r, why);
+  stats_.view_read_bytes += len;
+  return nbd::kOk;
+}
+
+nbd::Error Agent::read(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) {
+  if (!chunked_) return read_view(buf, len, off, why);
+  std::vector<Piece> plan;
+  {
+    std::shared_lock<std::shared_mutex> g(dirty_mu_);
+    plan = dirty_.plan(off, len, chunk_size_);
+  }
+  for (const Piece& p : plan) {
+    uint8_t* dst = buf + (p.off - off);
+    if (p.src == Piece::kView) {
+      if (nbd::Error e = read_view(dst, p.len, p.off, why); e != nbd::kOk) return e;
+      continue;
+    }
+    ChunkBytes data;
+    if (nbd::Error e = chunk(p.chunk, &data, why); e != nbd::kOk) return e;
+    const uint64_t in = p.off - p.chunk * chunk_size_;
+    memcpy(dst, data->data() + in, p.len);
+  }
+  return nbd::kOk;
+}
+
+nbd::Error Agent::mutate(uint16_t type, const uint8_t* buf, uint64_t len, uint64_t off, bool fua,
+                         std::string* why) {
+  // Marked before the server has it: a read racing the write may then read
+  // the view (old or new bytes, both allowed), never a chunk that a later
+  // read would keep returning after the write was acknowledged.
+  {
+    std::unique_lock<std::shared_mutex> g(dirty_mu_);
+    dirty_.mark(off, len);
+  }
+  Result r = view_.call([&](NbdClient& c) {
+    switch (type) {
+      case nbd::kCmdWrite:
+        return c.pwrite(buf, uint32_t(len), off, fua, 0);
+      case nbd::kCmdTrim:
+        return c.trim(uint32_t(len), off, 0);
+      default:
+        return c.zero(uint32_t(len), off, 0);
+    }
+  });
+  if (!r.ok()) return to_nbd(r, why);
+  if (type == nbd::kCmdWrite) stats_.view_write_bytes += len;
+  if (fua && type != nbd::kCmdWrite) return flush(why);
+  return nbd::kOk;
+}
+
+nbd::Error Agent::flush(std::string* why) {
+  Result r = view_.call([&](NbdClient& c) { return c.flush(0); });
+  return r.ok() ? nbd::kOk : to_nbd(r, why);
+}
+
+// ---------------------------------------------------------------- chunks
+
+nbd::Error Agent::chunk(uint64_t c, ChunkBytes* out, std::string* why) {
+  for (int attempt = 0;; ++attempt) {
+    bool claimed = false;
+    ChunkBytes d = cache_.get_or_claim(c, 10000, &claimed);
+    if (d) {
+      if (!claimed) ++stats_.gen_cache_hits;
+      *out = std::move(d);
+      return nbd::kOk;
+    }
+    if (!claimed) continue;  // the fetch we waited for failed: try ourselves
+    int slot = ask_tracker(c);
+    if (slot > 0) d = fetch_from_peer(c, slot);
+    if (!d) d = fetch_from_server(c, why);
+    if (!d) {
+      cache_.abandon(c);
+      return nbd::kEIO;
+    }
+    cache_.put(c, d);
+    *out = std::move(d);
+    return nbd::kOk;
+  }
+}
+
+ChunkBytes Agent::fetch_from_server(uint64_t c, std::string* why) {
+  auto buf = std::make_shared<std::vector<uint8_t>>(chunk_len(c));
+  Result r = gen_->call(
+      [&](NbdClient& cl) { return cl.pread(buf->data(), uint32_t(buf->size()), c * chunk_size_, 0); });
+  if (!r.ok()) {
+    *why = "chunk " + std::to_string(c) + " of " + gen_name_ + " from the server: " + r.why;
+    return nullptr;
+  }
+  stats_.gen_server_bytes += buf->size();
+  return buf;
+}
+
+ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
+  std::shared_ptr<NbdClient> conn;
+  std::string addr;
+  {
+    std::lock_guard<std::mutex> g(peers_mu_);
+    auto b = peer_backoff_.find(slot);
+    if (b != peer_backoff_.end() && Clock::now() < b->second) return nullptr;
+    auto a = peer_addr_.find(slot);
+    if (a == peer_addr_.end()) return nullptr;
+    addr = a->second;
+    auto it = peer_conn_.find(slot);
+    if (it != peer_conn_.end() && !it->second->broken()) conn = it->second;
+  }
+  auto fail = [&](const std::string& what, bool bad) {
+    spdlog::warn("peer {} (slot {}): chunk {}: {}; reading it from the server{}", addr, slot, c, what,
+                 bad ? ", and dropping that peer" : "");
+    ++stats_.peer_failures;
+    std::lock_guard<std::mutex> g(peers_mu_);
+    peer_backoff_[slot] = Clock::now() + std::chrono::seconds(bad ? 600 : 5);
+    if (auto it = peer_conn_.find(slot); it != peer_conn_.end()) {
+      it->second->close();
+      peer_conn_.erase(it);
+    }
+    return nullptr;
+  };
+  if (!conn) {
+    Endpoint ep;
+    std::string err;
+    if (!parse_endpoint(addr, &ep, &err)) return fail("bad address: " + err, false);
+    conn = std::make_shared<NbdClient>();
+    if (!conn->connect(ep, gen_name_, {}, o_.peer_timeout_ms, &err)) return fail(err, false);
+    if (conn->size() != gen_size_)
+      return fail("it serves " + std::to_string(conn->size()) + " bytes, the generation has " +
+                      std::to_string(gen_size_),
+                  true);
+    std::lock_guard<std::mutex> g(peers_mu_);
+    peer_conn_[slot] = conn;
+  }
+  auto buf = std::make_shared<std::vector<uint8_t>>(chunk_len(c));
+  Result r = conn->pread(buf->data(), uint32_t(buf->size()), c * chunk_size_, o_.peer_timeout_ms);
+  if (!r.ok()) {
+    if (r.kind == Result::kTimeout) ++stats_.peer_timeouts;
+    // An error answer is a chunk the peer no longer holds: not a lie.
+    return fail(r.kind == Result::kNbdError ? "it does not hold it (" + r.why + ")" : r.why,
+                false);
+  }
+  std::string err;
+  auto v = digests_->verify(c, buf->data(), buf->size(), &err);
+  if (v != storage::ChunkDigests::Verdict::kMatch) {
+    ++stats_.peer_bad_chunks;
+    fail(v == storage::ChunkDigests::Verdict::kMismatch ? "wrong bytes (SHA-256 mismatch)"
+                                                        : "cannot check it: " + err,
+         v == storage::ChunkDigests::Verdict::kMismatch);
+    if (v == storage::ChunkDigests::Verdict::kMismatch) report(false, slot);
+    return nullptr;
+  }
+  stats_.gen_peer_bytes += buf->size();
+  return buf;
+}
+
+// Where to get chunk c: a peer's slot, or 0 for the server.
+int Agent::ask_tracker(uint64_t c) {
+  if (tracker_host_.empty()) return 0;
+  httplib::Client cli(tracker_host_, tracker_port_);
+  cli.set_connection_timeout(1, 0);
+  cli.set_read_timeout(2, 0);
+  json body = {{"node", o_.node_name}, {"peer_port", peer_port_}, {"chunks", json::array({c})}};
+  auto res = cli.Post(("/v1/tracker/" + gen_name_ + "/sources").c_str(), body.dump(),
+                      "application/json");
+  if (!res || res->status != 200) return 0;
+  try {
+    json j = json::parse(res->body);
+    int slot = j.at("sources").at(0).get<int>();
+    if (slot <= 0) return 0;
+    std::lock_guard<std::mutex> g(peers_mu_);
+    for (auto& [k, v] : j.at("peers").items()) peer_addr_[std::stoi(k)] = v.get<std::string>();
+    return slot;
+  } catch (const std::exception& e) {
+    spdlog::warn("tracker: bad answer: {}", e.what());
+    return 0;
+  }
+}
+
+void Agent::report(bool leaving, int bad_slot) {
+  if (tracker_host_.empty()) return;
+  httplib::Client cli(tracker_host_, tracker_port_);
+  cli.set_connection_timeout(1, 0);
+  cli.set_read_timeout(2, 0);
+  json body = {{"node", o_.node_name},
+               {"peer_port", peer_port_},
+               {"dropped", cache_.take_dropped()},
+               {"bad_peer", bad_slot > 0 ? json(bad_slot) : json(nullptr)},
+               {"leaving", leaving}};
+  auto res = cli.Post(("/v1/tracker/" + gen_name_ + "/report").c_str(), body.dump(),
+                      "application/json");
+  if (!res || res->status != 200)
+    spdlog::debug("tracker: report not taken ({})", res ? std::to_string(res->status) : "no answer");
+}
+
+// ---------------------------------------------------------------- peer side
+
+void Agent::throttle_upload(uint64_t bytes) {
+  if (!o_.upload_limit) return;
+  std::unique_lock<std::mutex> g(upload_mu_);
+  auto now = Clock::now();
+  double rate = double(o_.upload_limit);
+  upload_tokens_ = std::min(rate, upload_tokens_ + rate * std::chrono::duration<double>(now - upload_at_).count());
+  upload_at_ = now;
+  upload_tokens_ -= double(bytes);
+  if (upload_tokens_ < 0) {
+    auto wait = std::chrono::duration<double>(-upload_tokens_ / rate);
+    g.unlock();
+    std::this_thread::sleep_for(wait);
+  }
+}
+
+nbd::Error Agent::serve_peer(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) {
+  // Fault injection (tests): a lying or broken peer.
+  if (fault_ == "lack") {
+    ++stats_.served_refused;
+    *why = "fault injection: claims chunks it lacks";
+    return nbd::kEIO;
+  }
+  if (fault_ == "hang") {
+    std::unique_lock<std::mutex> lk(stop_mu_);
+    stop_cv_.wait_for(lk, std::chrono::seconds(60), [&] { return stopping_.load(); });
+    *why = "fault injection: hung";
+    return nbd::kEIO;
+  }
+  if (fault_ == "othergen") off = std::min(off + chunk_size_, gen_size_ - len);
+  const uint64_t end = off + len;
+  for (uint64_t pos = off; pos < end;) {
+    const uint64_t c = pos / chunk_size_;
+    const uint64_t next = std::min(end, (c + 1) * chunk_size_);
+    // A chunk on its way here is waited for: the tracker sends a node to
+    // whoever is fetching what it needs.
+    ChunkBytes d = cache_.get(c, 2000);
+    if (!d) {
+      ++stats_.served_refused;
+      *why = "chunk " + std::to_string(c) + " is not held here";
+      return nbd::kEIO;
+    }
+    memcpy(buf + (pos - off), d->data() + (pos - c * chunk_size_), next - pos);
+    pos = next;
+  }
+  if (fault_ == "corrupt") buf[len / 2] ^= 0x5a;
+  throttle_upload(len);
+  stats_.served_bytes += len;
+  ++stats_.served_chunks;
+  return nbd::kOk;
+}
+
+// ---------------------------------------------------------------- setup
+
+bool Agent::load_dirty(std::string* err) {
+  std::shared_ptr<NbdClient> c = view_.client();
+  uint32_t ctx = c ? c->context_id("nbdroot:dirty") : 0;
+  if (!ctx) {
+    *err = "the server did not agree to the nbdroot:dirty context";
+    return false;
+  }
+  for (uint64_t pos = 0; pos < size_;) {
+    uint64_t want = std::min<uint64_t>(size_ - pos, 1u << 30);
+    std::vector<nbd::Extent> ex;
+    Result r = c->block_status(uint32_t(want), pos, ctx, &ex, 30000);
+    if (!r.ok() || ex.empty()) {
+      *err = "reading the node's changed blocks: " + (r.ok() ? std::string("no extents") : r.why);
+      return false;
+    }
+    for (const nbd::Extent& e : ex) {
+      uint64_t n = std::min<uint64_t>(e.length, size_ - pos);
+      if (e.flags & 1) dirty_.mark(pos, n);
+      pos += n;
+      if (pos >= size_) break;
+    }
+  }
+  return true;
+}
+
+bool Agent::setup_generation(std::string* err) {
+  auto colon = o_.tracker.rfind(':');
+  tracker_host_ = o_.tracker.substr(0, colon);
+  tracker_port_ = std::stoi(o_.tracker.substr(colon + 1));
+  httplib::Client cli(tracker_host_, tracker_port_);
+  cli.set_connection_timeout(3, 0);
+  cli.set_read_timeout(10, 0);
+  auto res = cli.Get(("/v1/nodes/" + o_.exp).c_str());
+  if (!res || res->status != 200) {
+    *err = "tracker " + o_.tracker + ": node info: " +
+           (res ? std::to_string(res->status) + " " + res->body : httplib::to_string(res.error()));
+    return false;
+  }
+  try {
+    json j = json::parse(res->body);
+    gen_name_ = j.at("generation").get<std::string>();
+    gen_size_ = j.at("size").get<uint64_t>();
+    chunk_size_ = j.value("chunk_size", storage::kChunkSize);
+  } catch (const std::exception& e) {
+    *err = std::string("tracker: bad node info: ") + e.what();
+    return false;
+  }
+  if (gen_size_ != size_) {
+    *err = "tracker says the generation has " + std::to_string(gen_size_) + " bytes, the view " +
+           std::to_string(size_);
+    return false;
+  }
+  auto at = gen_name_.find('@');
+  if (at == std::string::npos) {
+    *err = "tracker: bad generation name '" + gen_name_ + "'";
+    return false;
+  }
+  // The digests, kept in memory (a memfd): about 0.05 % of the image.
+  auto dres = cli.Get(("/v1/generations/" + gen_name_ + "/chunks.sha256").c_str());
+  if (!dres || dres->status != 200) {
+    *err = "tracker: chunk digests of " + gen_name_ + ": " +
+           (dres ? std::to_string(dres->status) + " " + dres->body : httplib::to_string(dres.error()));
+    return false;
+  }
+  digests_fd_ = memfd_create("nbdroot-chunks", MFD_CLOEXEC);
+  if (digests_fd_ < 0 || ::write(digests_fd_, dres->body.data(), dres->body.size()) !=
+                             ssize_t(dres->body.size())) {
+    *err = std::string("keeping the chunk digests: ") + strerror(errno);
+    return false;
+  }
+  storage::ChunkDigestsId id{gen_size_,
+                             storage::generation_tag(gen_name_.substr(0, at), gen_name_.substr(at + 1))};
+  digests_ = storage::ChunkDigests::open("/proc/self/fd/" + std::to_string(digests_fd_), id, err);
+  if (!digests_) return false;
+  if (digests_->chunk_size() != chunk_size_) {
+    *err = "the digests' chunk size differs from the tracker's";
+    return false;
+  }
+  gen_ = std::make_unique<Link>(o_.servers, gen_name_, std::vector<std::string>{}, stats_, stopping_);
+  if (!gen_->connect_first(err)) return false;
+  if (gen_->size() != gen_size_) {
+    *err = "the server's " + gen_name_ + " has another size than the node's view";
+    return false;
+  }
+  chunked_ = true;
+  return true;
+}
+
+void Agent::write_stats() {
+  if (o_.stats_file.empty()) return;
+  json j = {{"view_read_bytes", stats_.view_read_bytes.load()},
+            {"view_write_bytes", stats_.view_write_bytes.load()},
+            {"gen_server_bytes", stats_.gen_server_bytes.load()},
+            {"gen_peer_bytes", stats_.gen_peer_bytes.load()},
+            {"gen_cache_hits", stats_.gen_cache_hits.load()},
+            {"peer_failures", stats_.peer_failures.load()},
+            {"peer_bad_chunks", stats_.peer_bad_chunks.load()},
+            {"peer_timeouts", stats_.peer_timeouts.load()},
+            {"served_bytes", stats_.served_bytes.load()},
+            {"served_chunks", stats_.served_chunks.load()},
+            {"served_refused", stats_.served_refused.load()},
+            {"reconnects", stats_.reconnects.load()},
+            {"cache_bytes", cache_.bytes()},
+            {"cache_limit", cache_.limit()},
+            {"generation", gen_name_}};
+  std::string tmp = o_.stats_file + ".tmp";
+  {
+    std::ofstream f(tmp);
+    f << j.dump() << "\n";
+  }
+  ::rename(tmp.c_str(), o_.stats_file.c_str());
+}
+
+void Agent::housekeeping() {
+  auto last_report = Clock::now();
+  std::unique_lock<std::mutex> lk(stop_mu_);
+  while (!stopping_) {
+    stop_cv_.wait_for(lk, std::chrono::milliseconds(250));
+    lk.unlock();
+    write_stats();
+    if (chunked_ && Clock::now() - last_report > std::chrono::seconds(5)) {
+      report(false, 0);
+      last_report = Clock::now();
+    }
+    lk.lock();
+  }
+}
+
+int Agent::run() {
+  std::string err;
+  if (!view_.connect_first(&err)) {
+    spdlog::error("cannot attach '{}': {}", o_.exp, err);
+    return 1;
+  }
+  size_ = view_.size();
+  if (!load_dirty(&err)) {
+    spdlog::error("'{}': {}", o_.exp, err);
+    return 1;
+  }
+  spdlog::info("node view '{}': {} bytes, {} blocks changed", o_.exp, size_, dirty_.count());
+
+  auto kinfo = std::make_shared<nbd::ExportInfo>();
+  kinfo->name = o_.exp;
+  kinfo->description = "node agent for " + o_.exp;
+  kinfo->size = size_;
+  kinfo->flags = nbd::kFlagSendFlush | nbd::kFlagSendFua | nbd::kFlagSendTrim |
+                 nbd::kFlagSendWriteZeroes | nbd::kFlagCanMultiConn;
+  kinfo->max_block = 32 << 20;
+  FixedCatalog kcat(kinfo, {"", o_.exp}, "this agent serves only the node's root");
+  ServiceOptions kopts;
+  kopts.what = "kernel";
+  kopts.workers = 32;
+  Service kernel(kcat, [&](const nbd::ExportInfo&) -> Backend* { return &kernel_backend_; }, kopts);
+
+  std::unique_ptr<Service> peers;
+  std::unique_ptr<FixedCatalog> pcat;
+  if (o_.peers && o_.cache && !o_.tracker.empty()) {
+    if (!setup_generation(&err)) {
+      spdlog::warn("peers off: {}", err);
+    } else {
+      auto pinfo = std::make_shared<nbd::ExportInfo>();
+      pinfo->name = gen_name_;
+      pinfo->description = "chunks of " + gen_name_ + " held by node " + o_.node_name;
+      pinfo->size = gen_size_;
+      pinfo->flags = nbd::kFlagReadOnly;
+      pinfo->max_block = chunk_size_ * 16;
+      pcat = std::make_unique<FixedCatalog>(
+          pinfo, std::vector<std::string>{gen_name_},
+          "this node serves only its generation " + gen_name_);
+      ServiceOptions popts;
+      popts.what = "peers";
+      popts.max_connections = o_.upload_connections;
+      popts.workers = 8;
+      popts.idle_timeout = 120;
+      popts.fault_hangup_mid_reply = fault_ == "hangup";
+      peers = std::make_unique<Service>(
+          *pcat, [&](const nbd::ExportInfo&) -> Backend* { return &peer_backend_; }, popts);
+      if (!peers->listen_tcp(o_.peer_listen, &err)) {
+        spdlog::error("{}", err);
+        return 1;
+      }
+      peer_port_ = uint16_t(std::stoi(peers->address().substr(peers->address().rfind(':') + 1)));
+      spdlog::info("peers: serving chunks of {} on {} (cache {} MiB, {} chunks of {} KiB)", gen_name_,
+                   peers->address(), o_.cache >> 20, digests_->chunks(), chunk_size_ >> 10);
+    }
+  } else if (o_.peers && o_.tracker.empty()) {
+    spdlog::info("peers off: no --tracker");
+  }
+
+  if (!kernel.listen_unix(o_.socket, &err)) {
+    spdlog::error("{}", err);
+    return 1;
+  }
+  kernel.start();
+  if (peers) peers->start();
+  if (!o_.ready_file.empty()) {
+    std::ofstream f(o_.ready_file + ".tmp");
+    f << "unix " << kernel.address() << "\n";
+    if (peers) f << "peer " << peers->address() << "\n";
+    f.close();
+    ::rename((o_.ready_file + ".tmp").c_str(), o_.ready_file.c_str());
+  }
+  spdlog::info("serving '{}' to the kernel on {}", o_.exp, kernel.address());
+  housekeeping();  // until stop()
+  spdlog::info("stopping");
+  stop();  // wakes whatever waits on stop_cv_
+  if (peers) peers->stop();
+  if (chunked_) report(true, 0);
+  kernel.stop();
+  view_.close();
+  if (gen_) gen_->close();
+  write_stats();
+  return 0;
+}
+
+Agent* g_agent = nullptr;
+
+void on_signal(int) {
+  if (g_agent) g_agent->request_stop();  // an atomic store: signal-safe
+}
+
+}  // namespace
+
+int run_agent(int argc, char** argv) {
+  Options o;
+  std::string servers, cache = "64M", upload = "0", peers = "on";
+  po::options_description desc(
+      "nbdserver node: the node agent. Serves the node's root to its kernel on a Unix socket\n"
+      "(nbd-client -unix PATH), keeps the node's view on the server, reads clean blocks from\n"
+      "peers or the server, and serves the chunks it holds to peers.\n\n"
+      "Usage: nbdserver node --server HOST:PORT[,HOST:PORT...] --export IMAGE/NODE --socket PATH [options]\n\nOptions");
+  desc.add_options()("help,h", "this help")(
+      "server", po::value(&servers)->required(), "NBD server(s), HOST:PORT or unix:PATH, comma-separated")(
+      "export", po::value(&o.exp)->required(), "the node's view, IMAGE/NODE")(
+      "socket", po::value(&o.socket)->required(), "Unix socket for the kernel's nbd-client")(
+      "tracker", po::value(&o.tracker), "the server's HTTP API (HOST:PORT); peers need it")(
+      "peer-listen", po::value(&o.peer_listen)->default_value(o.peer_listen), "where peers connect")(
+      "peers", po::value(&peers)->default_value(peers), "on|off: read from and serve to peers")(
+      "cache", po::value(&cache)->default_value(cache), "chunk cache size (0: no peer serving)")(
+      "upload-limit", po::value(&upload)->default_value(upload), "bytes/s served to peers (0: no limit)")(
+      "upload-connections", po::value(&o.upload_connections)->default_value(o.upload_connections),
+      "peer connections at once")(
+      "peer-timeout-ms", po::value(&o.peer_timeout_ms)->default_value(o.peer_timeout_ms),
+      "a peer slower than this is skipped for the server")(
+      "ready-file", po::value(&o.ready_file), "written once serving: 'unix PATH' and 'peer HOST:PORT'")(
+      "stats-file", po::value(&o.stats_file), "counters as JSON, rewritten every 250 ms")(
+      "log-level", po::value(&o.log_level)->default_value(o.log_level), "trace|debug|info|warn|error");
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, desc), vm);
+    if (vm.count("help")) {
+      std::cout << desc << "\n";
+      return 0;
+    }
+    po::notify(vm);
+  } catch (const std::exception& e) {
+    std::cerr << "nbdserver node: " << e.what() << "\n" << desc << "\n";
+    return 2;
+  }
+  auto bad = [](const std::string& m) {
+    std::cerr << "nbdserver node: " << m << "\n";
+    return 2;
+  };
+  for (size_t pos = 0; pos <= servers.size();) {
+    size_t comma = servers.find(',', pos);
+    if (comma == std::string::npos) comma = servers.size();
+    Endpoint ep;
+    std::string err;
+    if (!parse_endpoint(servers.substr(pos, comma - pos), &ep, &err)) return bad("--server: " + err);
+    o.servers.push_back(ep);
+    pos = comma + 1;
+  }
+  auto slash = o.exp.find('/');
+  if (slash == std::string::npos || slash == 0 || slash + 1 == o.exp.size() ||
+      o.exp.find_first_of("?@", 0) != std::string::npos)
+    return bad("--export must be IMAGE/NODE, got '" + o.exp + "'");
+  o.image = o.exp.substr(0, slash);
+  o.node_name = o.exp.substr(slash + 1);
+  if (peers != "on" && peers != "off") return bad("--peers must be on or off, got '" + peers + "'");
+  o.peers = peers == "on";
+  if (!parse_size(cache, &o.cache)) return bad("--cache: not a size: '" + cache + "'");
+  if (!parse_size(upload, &o.upload_limit)) return bad("--upload-limit: not a size: '" + upload + "'");
+  if (!o.tracker.empty() && o.tracker.rfind(':') == std::string::npos)
+    return bad("--tracker must be HOST:PORT, got '" + o.tracker + "'");
+
+  auto logger = spdlog::stderr_color_mt("nbdserver-node");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
+  spdlog::set_level(spdlog::level::from_str(o.log_level));
+
+  // In the root device's I/O path: never wait on that device's writeback
+  // for memory, and never have our own pages paged out to it.
+  if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0)
+    spdlog::warn("PR_SET_IO_FLUSHER: {} (needs CAP_SYS_RESOURCE)", strerror(errno));
+  if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0)
+    spdlog::warn("mlockall: {}", strerror(errno));
+
+  signal(SIGPIPE, SIG_IGN);
+  Agent agent(std::move(o));
+  g_agent = &agent;
+  struct sigaction sa{};
+  sa.sa_handler = on_signal;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  int rc = agent.run();
+  g_agent = nullptr;
+  return rc;
+}
+
+}  // namespace node

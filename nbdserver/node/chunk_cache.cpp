@@ -1,0 +1,106 @@
+#include "node/chunk_cache.hpp"
+
+#include <chrono>
+#include <utility>
+
+namespace node {
+
+uint64_t ChunkCache::bytes() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return bytes_;
+}
+
+size_t ChunkCache::chunks() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return held_.size();
+}
+
+ChunkBytes ChunkCache::get_or_claim(uint64_t chunk, int timeout_ms, bool* claimed) {
+  *claimed = false;
+  std::unique_lock<std::mutex> lk(mu_);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (auto it = held_.find(chunk); it != held_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second.lru);
+      return it->second.data;
+    }
+    if (!fetching_.count(chunk)) {
+      fetching_.insert(chunk);
+      *claimed = true;
+      return nullptr;
+    }
+    if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
+      if (auto it = held_.find(chunk); it != held_.end()) return it->second.data;
+      return nullptr;
+    }
+  }
+}
+
+ChunkBytes ChunkCache::get(uint64_t chunk, int timeout_ms) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (auto it = held_.find(chunk); it != held_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second.lru);
+      return it->second.data;
+    }
+    if (!fetching_.count(chunk)) return nullptr;
+    if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) return nullptr;
+  }
+}
+
+void ChunkCache::put(uint64_t chunk, ChunkBytes data) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    fetching_.erase(chunk);
+    if (limit_ && data && data->size() <= limit_ && !held_.count(chunk)) {
+      lru_.push_front(chunk);
+      bytes_ += data->size();
+      held_[chunk] = Entry{std::move(data), lru_.begin()};
+      evict_locked();
+    }
+  }
+  cv_.notify_all();
+}
+
+void ChunkCache::abandon(uint64_t chunk) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    fetching_.erase(chunk);
+  }
+  cv_.notify_all();
+}
+
+void ChunkCache::clear() {
+  std::lock_guard<std::mutex> g(mu_);
+  for (auto& [c, e] : held_) dropped_.push_back(c);
+  held_.clear();
+  lru_.clear();
+  bytes_ = 0;
+}
+
+void ChunkCache::evict_locked() {
+  while (bytes_ > limit_ && !lru_.empty()) {
+    uint64_t victim = lru_.back();
+    lru_.pop_back();
+    auto it = held_.find(victim);
+    bytes_ -= it->second.data->size();
+    held_.erase(it);
+    dropped_.push_back(victim);
+  }
+}
+
+std::vector<uint64_t> ChunkCache::take_dropped() {
+  std::lock_guard<std::mutex> g(mu_);
+  return std::exchange(dropped_, {});
+}
+
+std::vector<uint64_t> ChunkCache::held() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<uint64_t> out;
+  out.reserve(held_.size());
+  for (auto& [c, e] : held_) out.push_back(c);
+  return out;
+}
+
+}  // namespace node

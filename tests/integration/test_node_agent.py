@@ -1,0 +1,289 @@
+"""The node agent, `nbdserver node`: the kernel's side on a Unix socket
+(here libnbd stands in for nbd-client -unix), the node's view upstream,
+clean chunks from peers checked against the generation's SHA-256 digests,
+and serving peers.
+
+Every agent and server is the real binary; clients are libnbd. A peer that
+lies, hangs, hangs up or claims chunks it lacks is a real agent with
+NBDROOT_FAULT_PEER set (the fault-injection boundary)."""
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+import nbd
+import pytest
+
+from storeutil import BS, MiB, kill9, make_store, write_chunk_digests
+
+SIZE = 16 * MiB
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def store(tmp_path):
+    root, base = make_store(tmp_path, size=SIZE)
+    write_chunk_digests(root, "lab", "g1", base)
+    return root, base
+
+
+@pytest.fixture
+def sockdir():
+    d = tempfile.mkdtemp(prefix="nbdag", dir="/tmp")  # short: sun_path holds 108 bytes
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(nbdserver, root, port=None, http=True, extra=()):
+    listen = f"127.0.0.1:{port or 0}"
+    args = ["--listen", listen, "--store", root, "--threads", "2", *extra]
+    if http:
+        args += ["--http-listen", "127.0.0.1:0"]
+    return nbdserver(args=args, listen=False)
+
+
+class Agent:
+    def __init__(self, proc_server, sock, stats_path):
+        self.s = proc_server
+        self.sock = sock
+        self.stats_path = stats_path
+        self.peer = next((l.split()[1] for l in proc_server.addresses if l.startswith("peer ")), None)
+
+    def stats(self):
+        with open(self.stats_path) as f:
+            return json.load(f)
+
+    def wait_stats(self, pred, timeout=10):
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            if pred(st) or time.monotonic() > deadline:
+                return st
+            time.sleep(0.1)
+
+    def stderr(self):
+        return self.s.stderr()
+
+    def handle(self, name="lab/n1"):
+        h = nbd.NBD()
+        h.set_export_name(name)
+        h.connect_unix(self.sock)
+        return h
+
+
+def agent(nbdserver, srv, sockdir, node, *args, peers=True, env=None, servers=None):
+    sock = os.path.join(sockdir, f"{node}.sock")
+    stats = os.path.join(sockdir, f"{node}.stats")
+    host, port = srv.tcp
+    argv = ["node", "--server", servers or f"{host}:{port}", "--export", f"lab/{node}",
+            "--socket", sock, "--stats-file", stats]
+    if peers:
+        argv += ["--tracker", srv.http, "--peer-listen", "127.0.0.1:0"]
+    else:
+        argv += ["--peers", "off"]
+    argv += list(args)
+    p = nbdserver(args=argv, listen=False, env=env)
+    return Agent(p, sock, stats)
+
+
+def read_all(h, size=SIZE, step=256 * 1024):
+    return b"".join(h.pread(min(step, size - o), o) for o in range(0, size, step))
+
+
+def tracker(srv):
+    import urllib.request
+    with urllib.request.urlopen(f"http://{srv.http}/v1/tracker/lab@g1", timeout=10) as r:
+        return json.load(r)
+
+
+# ---------------------------------------------------------------- the kernel's side
+
+def test_agent_serves_the_nodes_view_and_writes_reach_the_server(nbdserver, store, sockdir):
+    root, base = store
+    srv = serve(nbdserver, root, http=False)
+    a = agent(nbdserver, srv, sockdir, "n1", peers=False)
+    h = a.handle()
+    assert h.get_size() == SIZE
+    assert read_all(h) == base
+    h.pwrite(b"A" * 3 * BS, 5 * BS)
+    h.pwrite(b"b" * 100, 9 * BS + 7)           # a partial block
+    h.zero(BS, 20 * BS)
+    h.trim(BS, 21 * BS)
+    h.flush()
+    want = bytearray(base)
+    want[5 * BS:8 * BS] = b"A" * 3 * BS
+    want[9 * BS + 7:9 * BS + 107] = b"b" * 100
+    want[20 * BS:21 * BS] = bytes(BS)
+    assert h.pread(22 * BS, 0)[:21 * BS] == bytes(want[:21 * BS])
+    h.shutdown()
+    # Straight from the server: the node's view holds the writes.
+    assert a.s.terminate() == 0
+    d = nbd.NBD()
+    d.set_export_name("lab/n1?resume")
+    d.connect_tcp(*map(str, srv.tcp))
+    assert d.pread(21 * BS, 0) == bytes(want[:21 * BS])
+    d.shutdown()
+
+
+def test_other_export_names_are_refused(nbdserver, store, sockdir):
+    root, _ = store
+    srv = serve(nbdserver, root, http=False)
+    a = agent(nbdserver, srv, sockdir, "n1", peers=False)
+    h = nbd.NBD()
+    h.set_export_name("lab/n2")
+    with pytest.raises(nbd.Error):
+        h.connect_unix(a.sock)
+    h = a.handle("")  # the default name is the node's root
+    assert h.get_size() == SIZE
+    h.shutdown()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_server_restart_is_invisible_to_the_kernel(nbdserver, store, sockdir, how):
+    """The agent reconnects (?resume) by itself: the client's socket never
+    breaks, and no request fails, acknowledged writes are all there."""
+    root, base = store
+    port = free_port()
+    srv = serve(nbdserver, root, port=port, http=False)
+    a = agent(nbdserver, srv, sockdir, "n1", peers=False)
+    h = a.handle()
+    want = bytearray(base)
+    for r in range(6):
+        off = (r * 37 % 200) * BS
+        h.pwrite(bytes([r + 1]) * 2 * BS, off)
+        want[off:off + 2 * BS] = bytes([r + 1]) * 2 * BS
+        if how == "sigkill":
+            kill9(srv)
+        else:
+            assert srv.terminate() == 0
+        srv = serve(nbdserver, root, port=port, http=False)
+        # Issued while the server may still be coming up: it waits, then works.
+        assert h.pread(2 * BS, off) == bytes([r + 1]) * 2 * BS
+    assert read_all(h) == bytes(want)
+    st = a.stats()
+    assert st["reconnects"] >= 6
+    assert "reconnected to" in a.stderr()
+    h.shutdown()
+
+
+# ---------------------------------------------------------------- peers
+
+def test_a_second_node_reads_clean_chunks_from_the_first(nbdserver, store, sockdir):
+    root, base = store
+    srv = serve(nbdserver, root)
+    a = agent(nbdserver, srv, sockdir, "n1")
+    ha = a.handle()
+    assert read_all(ha) == base
+    b = agent(nbdserver, srv, sockdir, "n2")
+    hb = b.handle("lab/n2")
+    assert read_all(hb) == base
+    sb = b.stats()
+    assert sb["gen_peer_bytes"] >= SIZE // 2, sb
+    assert sb["peer_bad_chunks"] == 0
+    sa = a.wait_stats(lambda s: s["served_bytes"] >= sb["gen_peer_bytes"])
+    assert sa["served_bytes"] >= sb["gen_peer_bytes"]
+    ha.shutdown()
+    hb.shutdown()
+
+
+def test_changed_blocks_are_never_served_to_peers(nbdserver, store, sockdir):
+    root, base = store
+    srv = serve(nbdserver, root)
+    a = agent(nbdserver, srv, sockdir, "n1")
+    ha = a.handle()
+    # Written before and after the chunk was read: either way the node
+    # reads its own bytes, and a peer reads the generation's.
+    ha.pwrite(b"W" * BS, 3 * BS)
+    assert ha.pread(CHUNK, 0)[3 * BS:4 * BS] == b"W" * BS
+    ha.pread(CHUNK, CHUNK)
+    ha.pwrite(b"V" * BS, CHUNK + BS)
+    assert ha.pread(BS, CHUNK + BS) == b"V" * BS
+    b = agent(nbdserver, srv, sockdir, "n2")
+    hb = b.handle("lab/n2")
+    assert hb.pread(2 * CHUNK, 0) == base[:2 * CHUNK]
+    assert b.stats()["gen_peer_bytes"] >= CHUNK, "the test did not read from the peer"
+    ha.shutdown()
+    hb.shutdown()
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "hang", "hangup", "lack", "othergen"])
+def test_a_bad_peer_costs_correct_data_nothing(nbdserver, store, sockdir, fault):
+    root, base = store
+    srv = serve(nbdserver, root)
+    a = agent(nbdserver, srv, sockdir, "n1", env=dict(os.environ, NBDROOT_FAULT_PEER=fault))
+    ha = a.handle()
+    assert read_all(ha, size=2 * MiB) == base[:2 * MiB]
+    b = agent(nbdserver, srv, sockdir, "n2", "--peer-timeout-ms", "300")
+    hb = b.handle("lab/n2")
+    assert read_all(hb, size=2 * MiB) == base[:2 * MiB]
+    st = b.stats()
+    assert st["gen_peer_bytes"] == 0 and st["peer_failures"] >= 1, st
+    log = b.stderr()
+    expect = {"corrupt": "SHA-256 mismatch", "othergen": "SHA-256 mismatch",
+              "lack": "does not hold it", "hang": "peer", "hangup": "peer"}[fault]
+    assert expect in log, log[-3000:]
+    if fault in ("corrupt", "othergen"):
+        assert st["peer_bad_chunks"] >= 1
+        assert "dropping that peer" in log
+    ha.shutdown()
+    hb.shutdown()
+
+
+def test_the_upload_limit_holds(nbdserver, store, sockdir):
+    root, base = store
+    srv = serve(nbdserver, root)
+    limit = 2 * MiB
+    a = agent(nbdserver, srv, sockdir, "n1", "--upload-limit", "2M")
+    ha = a.handle()
+    assert read_all(ha) == base
+    b = agent(nbdserver, srv, sockdir, "n2", "--peer-timeout-ms", "2000")
+    hb = b.handle("lab/n2")
+    t0 = time.monotonic()
+    assert read_all(hb, size=6 * MiB) == base[:6 * MiB]
+    elapsed = time.monotonic() - t0
+    served = a.stats()["served_bytes"]
+    assert served > 0
+    # One second's worth may go out at once (the bucket starts full).
+    assert served <= limit * (elapsed + 1.0) * 1.05, (served, elapsed)
+    ha.shutdown()
+    hb.shutdown()
+
+
+# ---------------------------------------------------------------- bad flags
+
+@pytest.mark.parametrize("args,msg", [
+    (["--export", "lab", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1"], "IMAGE/NODE"),
+    (["--export", "lab/n1?resume", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1"],
+     "IMAGE/NODE"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "nohost"], "--server"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
+      "--cache", "lots"], "--cache"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
+      "--peers", "maybe"], "--peers"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock"], "server"),
+])
+def test_bad_flags_are_refused_with_a_message(args, msg):
+    import subprocess
+    from conftest import NBDSERVER
+    r = subprocess.run([NBDSERVER, "node", *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r
+    assert msg in r.stderr, r.stderr
+
+
+def test_an_unreachable_server_fails_the_start_with_a_message(nbdserver, sockdir):
+    import subprocess
+    from conftest import NBDSERVER
+    r = subprocess.run([NBDSERVER, "node", "--server", f"127.0.0.1:{free_port()}",
+                        "--export", "lab/n1", "--socket", os.path.join(sockdir, "x.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "cannot attach 'lab/n1'" in r.stderr

@@ -1,0 +1,147 @@
+// The node agent's pure parts: the read planner against a model, and the
+// chunk cache's claims, waiters and bound.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "node/chunk_cache.hpp"
+#include "node/read_plan.hpp"
+
+namespace {
+
+using node::ChunkBytes;
+using node::ChunkCache;
+using node::DirtyBlocks;
+using node::Piece;
+
+ChunkBytes bytes(size_t n, uint8_t v) { return std::make_shared<std::vector<uint8_t>>(n, v); }
+
+// Every byte of a read comes from the view exactly when its block is
+// changed; chunk pieces never cross a chunk; pieces tile the range in order.
+TEST(ReadPlan, MatchesAModelOfChangedBlocks) {
+  std::mt19937_64 rng(20261204);
+  for (uint32_t bs : {512u, 4096u}) {
+    const uint32_t cs = 65536;
+    const uint64_t size = 4 << 20;
+    for (int round = 0; round < 300; ++round) {
+      DirtyBlocks d(bs);
+      std::vector<bool> model(size / bs);
+      int marks = int(rng() % 20);
+      for (int i = 0; i < marks; ++i) {
+        uint64_t off = rng() % size;
+        uint64_t len = 1 + rng() % std::min<uint64_t>(size - off, 300000);
+        d.mark(off, len);
+        for (uint64_t b = off / bs; b <= (off + len - 1) / bs; ++b) model[b] = true;
+      }
+      for (int q = 0; q < 20; ++q) {
+        uint64_t off = rng() % size;
+        uint64_t len = 1 + rng() % std::min<uint64_t>(size - off, 1 << 20);
+        auto plan = d.plan(off, len, cs);
+        uint64_t pos = off;
+        bool any = false;
+        for (const Piece& p : plan) {
+          ASSERT_EQ(p.off, pos);
+          ASSERT_GT(p.len, 0u);
+          if (p.src == Piece::kChunk) {
+            ASSERT_EQ(p.chunk, p.off / cs);
+            ASSERT_LE(p.off + p.len, (p.chunk + 1) * cs) << "a chunk piece crosses its chunk";
+          }
+          for (uint64_t b = p.off / bs; b <= (p.off + p.len - 1) / bs; ++b) {
+            ASSERT_EQ(model[b], p.src == Piece::kView) << "block " << b;
+            any |= model[b];
+          }
+          pos += p.len;
+        }
+        ASSERT_EQ(pos, off + len);
+        ASSERT_EQ(d.any(off, len), any);
+      }
+    }
+  }
+}
+
+TEST(ReadPlan, AdjacentChangedRunsMergeAcrossChunks) {
+  DirtyBlocks d(4096);
+  d.mark(60 * 1024, 8192);  // blocks 15 and 16: the end of chunk 0, the start of chunk 1
+  auto plan = d.plan(0, 131072, 65536);
+  ASSERT_EQ(plan.size(), 3u);
+  EXPECT_EQ(plan[0].src, Piece::kChunk);
+  EXPECT_EQ(plan[0].len, 60u * 1024);
+  EXPECT_EQ(plan[1].src, Piece::kView);
+  EXPECT_EQ(plan[1].off, 60u * 1024);
+  EXPECT_EQ(plan[1].len, 8192u);
+  EXPECT_EQ(plan[2].src, Piece::kChunk);
+  EXPECT_EQ(plan[2].chunk, 1u);
+}
+
+TEST(ChunkCache, FirstReaderClaimsLaterOnesWaitForIt) {
+  ChunkCache cache(1 << 20);
+  bool claimed = false;
+  EXPECT_EQ(cache.get_or_claim(7, 1000, &claimed), nullptr);
+  EXPECT_TRUE(claimed);
+  std::atomic<int> got{0};
+  std::vector<std::thread> waiters;
+  for (int i = 0; i < 4; ++i)
+    waiters.emplace_back([&] {
+      bool c2 = true;
+      ChunkBytes b = cache.get_or_claim(7, 10000, &c2);
+      if (b && !c2 && (*b)[0] == 0xab) ++got;
+    });
+  std::thread peer([&] {
+    ChunkBytes b = cache.get(7, 10000);  // a peer's request waits too
+    if (b && (*b)[0] == 0xab) ++got;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  cache.put(7, bytes(65536, 0xab));
+  for (auto& t : waiters) t.join();
+  peer.join();
+  EXPECT_EQ(got, 5);
+}
+
+TEST(ChunkCache, AnAbandonedFetchLetsAWaiterClaim) {
+  ChunkCache cache(1 << 20);
+  bool claimed = false;
+  cache.get_or_claim(3, 1000, &claimed);
+  ASSERT_TRUE(claimed);
+  std::thread t([&] { cache.abandon(3); });
+  bool c2 = false;
+  ChunkBytes b;
+  for (int i = 0; i < 100 && !c2; ++i) b = cache.get_or_claim(3, 5000, &c2);
+  t.join();
+  EXPECT_TRUE(c2);
+  EXPECT_EQ(b, nullptr);
+  EXPECT_EQ(cache.get(3, 0), nullptr);  // a peer is never told a chunk it lacks
+}
+
+TEST(ChunkCache, StaysWithinItsLimitAndReportsWhatItDropped) {
+  ChunkCache cache(4 * 65536);
+  for (uint64_t c = 0; c < 10; ++c) {
+    bool claimed = false;
+    cache.get_or_claim(c, 0, &claimed);
+    ASSERT_TRUE(claimed);
+    cache.put(c, bytes(65536, uint8_t(c)));
+    bool again = false;
+    if (c == 5) cache.get_or_claim(2, 0, &again);  // 2 was dropped already
+    if (c >= 1 && c <= 3) cache.get(0, 0);        // keeps 0 recent
+    EXPECT_LE(cache.bytes(), 4u * 65536);
+  }
+  auto held = cache.held();
+  EXPECT_EQ(held.size(), 4u);
+  auto dropped = cache.take_dropped();
+  EXPECT_EQ(dropped.size() + held.size(), 10u);
+  EXPECT_TRUE(cache.take_dropped().empty());
+}
+
+TEST(ChunkCache, ZeroLimitKeepsNothing) {
+  ChunkCache cache(0);
+  bool claimed = false;
+  cache.get_or_claim(1, 0, &claimed);
+  cache.put(1, bytes(100, 1));
+  EXPECT_EQ(cache.bytes(), 0u);
+  EXPECT_EQ(cache.get(1, 0), nullptr);
+}
+
+}  // namespace
