@@ -1,6 +1,5 @@
 #include "node/agent.hpp"
 
-#include <httplib.h>
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -26,6 +25,7 @@
 #include "node/nbd_client.hpp"
 #include "node/read_plan.hpp"
 #include "node/service.hpp"
+#include "node/tracker_client.hpp"
 #include "storage/chunk_digests.hpp"
 #include "storage/layer_file.hpp"
 
@@ -283,9 +283,11 @@ class Agent {
   nbd::Error read_view(uint8_t* buf, uint64_t len, uint64_t off, std::string* why);
   // Fills `out` with chunk c of the generation: the cache, a peer or the server.
   nbd::Error chunk(uint64_t c, ChunkBytes* out, std::string* why);
+  bool fetch_chunks(const std::vector<uint64_t>& chunks, std::map<uint64_t, ChunkBytes>* have,
+                    std::string* why);
   ChunkBytes fetch_from_peer(uint64_t c, int slot);
-  ChunkBytes fetch_from_server(uint64_t c, std::string* why);
-  int ask_tracker(uint64_t c);
+  bool fetch_run_from_server(uint64_t first, size_t n, std::vector<ChunkBytes>* out, std::string* why);
+  std::vector<int> ask_tracker(const std::vector<uint64_t>& chunks);
   void report(bool leaving, int bad_slot);
   void housekeeping();
   void write_stats();
@@ -315,8 +317,7 @@ class Agent {
   int digests_fd_ = -1;
   ChunkCache cache_;
   uint16_t peer_port_ = 0;
-  std::string tracker_host_;
-  int tracker_port_ = 0;
+  std::unique_ptr<TrackerClient> tracker_;  // set when peers are on
 
   std::mutex peers_mu_;
   std::map<int, std::string> peer_addr_;                    // slot -> HOST:PORT
@@ -368,18 +369,92 @@ nbd::Error Agent::read(uint8_t* buf, uint64_t len, uint64_t off, std::string* wh
     std::shared_lock<std::shared_mutex> g(dirty_mu_);
     plan = dirty_.plan(off, len, chunk_size_);
   }
+  // The chunks this read needs: held, claimed here (to fetch), or being
+  // fetched by another request (waited for below, one at a time).
+  std::map<uint64_t, ChunkBytes> have;
+  std::vector<uint64_t> claimed, others;
+  for (const Piece& p : plan) {
+    if (p.src != Piece::kChunk || have.count(p.chunk)) continue;
+    bool mine = false;
+    ChunkBytes d = cache_.get_or_claim(p.chunk, 0, &mine);
+    if (d) {
+      ++stats_.gen_cache_hits;
+      have[p.chunk] = std::move(d);
+    } else if (mine) {
+      claimed.push_back(p.chunk);
+      have[p.chunk] = nullptr;
+    } else {
+      others.push_back(p.chunk);
+      have[p.chunk] = nullptr;
+    }
+  }
+  if (!claimed.empty() && !fetch_chunks(claimed, &have, why)) return nbd::kEIO;
+  for (uint64_t c : others)
+    if (nbd::Error e = chunk(c, &have[c], why); e != nbd::kOk) return e;
   for (const Piece& p : plan) {
     uint8_t* dst = buf + (p.off - off);
     if (p.src == Piece::kView) {
       if (nbd::Error e = read_view(dst, p.len, p.off, why); e != nbd::kOk) return e;
       continue;
     }
-    ChunkBytes data;
-    if (nbd::Error e = chunk(p.chunk, &data, why); e != nbd::kOk) return e;
-    const uint64_t in = p.off - p.chunk * chunk_size_;
-    memcpy(dst, data->data() + in, p.len);
+    const ChunkBytes& data = have[p.chunk];
+    memcpy(dst, data->data() + (p.off - p.chunk * chunk_size_), p.len);
   }
   return nbd::kOk;
+}
+
+// Fetches chunks this thread claimed (in order): one tracker question for
+// all, each from its peer if it names one, the rest from the server in
+// runs of consecutive chunks. Every claim ends (put or abandon).
+bool Agent::fetch_chunks(const std::vector<uint64_t>& chunks, std::map<uint64_t, ChunkBytes>* have,
+                         std::string* why) {
+  std::vector<int> slots = ask_tracker(chunks);
+  std::vector<uint64_t> from_server;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    ChunkBytes d = slots[i] > 0 ? fetch_from_peer(chunks[i], slots[i]) : nullptr;
+    if (d) {
+      cache_.put(chunks[i], d);
+      (*have)[chunks[i]] = std::move(d);
+    } else {
+      from_server.push_back(chunks[i]);
+    }
+  }
+  bool ok = true;
+  for (size_t i = 0; i < from_server.size();) {
+    size_t j = i + 1;
+    while (j < from_server.size() && from_server[j] == from_server[j - 1] + 1 &&
+           (j - i) * chunk_size_ < (4u << 20))
+      ++j;
+    std::vector<ChunkBytes> got;
+    if (ok) ok = fetch_run_from_server(from_server[i], j - i, &got, why);
+    for (size_t k = i; k < j; ++k) {
+      if (!ok) {
+        cache_.abandon(from_server[k]);
+        continue;
+      }
+      cache_.put(from_server[k], got[k - i]);
+      (*have)[from_server[k]] = got[k - i];
+    }
+    i = j;
+  }
+  return ok;
+}
+
+nbd::Error Agent::chunk(uint64_t c, ChunkBytes* out, std::string* why) {
+  for (;;) {
+    bool claimed = false;
+    ChunkBytes d = cache_.get_or_claim(c, 10000, &claimed);
+    if (d) {
+      ++stats_.gen_cache_hits;
+      *out = std::move(d);
+      return nbd::kOk;
+    }
+    if (!claimed) continue;  // the fetch we waited for failed: try ourselves
+    std::map<uint64_t, ChunkBytes> have;
+    if (!fetch_chunks({c}, &have, why)) return nbd::kEIO;
+    *out = have[c];
+    return nbd::kOk;
+  }
 }
 
 nbd::Error Agent::mutate(uint16_t type, const uint8_t* buf, uint64_t len, uint64_t off, bool fua,
@@ -414,39 +489,24 @@ nbd::Error Agent::flush(std::string* why) {
 
 // ---------------------------------------------------------------- chunks
 
-nbd::Error Agent::chunk(uint64_t c, ChunkBytes* out, std::string* why) {
-  for (int attempt = 0;; ++attempt) {
-    bool claimed = false;
-    ChunkBytes d = cache_.get_or_claim(c, 10000, &claimed);
-    if (d) {
-      if (!claimed) ++stats_.gen_cache_hits;
-      *out = std::move(d);
-      return nbd::kOk;
-    }
-    if (!claimed) continue;  // the fetch we waited for failed: try ourselves
-    int slot = ask_tracker(c);
-    if (slot > 0) d = fetch_from_peer(c, slot);
-    if (!d) d = fetch_from_server(c, why);
-    if (!d) {
-      cache_.abandon(c);
-      return nbd::kEIO;
-    }
-    cache_.put(c, d);
-    *out = std::move(d);
-    return nbd::kOk;
-  }
-}
-
-ChunkBytes Agent::fetch_from_server(uint64_t c, std::string* why) {
-  auto buf = std::make_shared<std::vector<uint8_t>>(chunk_len(c));
-  Result r = gen_->call(
-      [&](NbdClient& cl) { return cl.pread(buf->data(), uint32_t(buf->size()), c * chunk_size_, 0); });
+bool Agent::fetch_run_from_server(uint64_t first, size_t n, std::vector<ChunkBytes>* out,
+                                  std::string* why) {
+  const uint64_t off = first * chunk_size_;
+  const uint64_t len = std::min<uint64_t>(n * chunk_size_, gen_size_ - off);
+  std::vector<uint8_t> buf(len);
+  Result r = gen_->call([&](NbdClient& cl) { return cl.pread(buf.data(), uint32_t(len), off, 0); });
   if (!r.ok()) {
-    *why = "chunk " + std::to_string(c) + " of " + gen_name_ + " from the server: " + r.why;
-    return nullptr;
+    *why = "chunks " + std::to_string(first) + ".." + std::to_string(first + n - 1) + " of " +
+           gen_name_ + " from the server: " + r.why;
+    return false;
   }
-  stats_.gen_server_bytes += buf->size();
-  return buf;
+  stats_.gen_server_bytes += len;
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t at = i * chunk_size_;
+    const uint64_t l = std::min<uint64_t>(chunk_size_, len - at);
+    out->push_back(std::make_shared<std::vector<uint8_t>>(buf.begin() + long(at), buf.begin() + long(at + l)));
+  }
+  return true;
 }
 
 ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
@@ -509,43 +569,31 @@ ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
   return buf;
 }
 
-// Where to get chunk c: a peer's slot, or 0 for the server.
-int Agent::ask_tracker(uint64_t c) {
-  if (tracker_host_.empty()) return 0;
-  httplib::Client cli(tracker_host_, tracker_port_);
-  cli.set_connection_timeout(1, 0);
-  cli.set_read_timeout(2, 0);
-  json body = {{"node", o_.node_name}, {"peer_port", peer_port_}, {"chunks", json::array({c})}};
-  auto res = cli.Post(("/v1/tracker/" + gen_name_ + "/sources").c_str(), body.dump(),
-                      "application/json");
-  if (!res || res->status != 200) return 0;
-  try {
-    json j = json::parse(res->body);
-    int slot = j.at("sources").at(0).get<int>();
-    if (slot <= 0) return 0;
-    std::lock_guard<std::mutex> g(peers_mu_);
-    for (auto& [k, v] : j.at("peers").items()) peer_addr_[std::stoi(k)] = v.get<std::string>();
-    return slot;
-  } catch (const std::exception& e) {
-    spdlog::warn("tracker: bad answer: {}", e.what());
-    return 0;
+// Where to get each chunk: a peer's slot, or 0 for the server (also when
+// the tracker does not answer: the server is always right).
+std::vector<int> Agent::ask_tracker(const std::vector<uint64_t>& chunks) {
+  std::vector<int> slots(chunks.size(), 0);
+  if (!tracker_) return slots;
+  std::vector<int> got;
+  std::map<int, std::string> peers;
+  std::string err;
+  if (!tracker_->sources(gen_name_, o_.node_name, peer_port_, chunks, &got, &peers, &err)) {
+    spdlog::debug("{}", err);
+    return slots;
   }
+  std::lock_guard<std::mutex> g(peers_mu_);
+  for (auto& [slot, addr] : peers) peer_addr_[slot] = addr;
+  for (size_t i = 0; i < chunks.size(); ++i)
+    slots[i] = got[i] > 0 && peer_addr_.count(got[i]) ? got[i] : 0;
+  return slots;
 }
 
 void Agent::report(bool leaving, int bad_slot) {
-  if (tracker_host_.empty()) return;
-  httplib::Client cli(tracker_host_, tracker_port_);
-  cli.set_connection_timeout(1, 0);
-  cli.set_read_timeout(2, 0);
-  json body = {{"node", o_.node_name},
-               {"peer_port", peer_port_},
-               {"dropped", cache_.take_dropped()},
-               {"bad_peer", bad_slot > 0 ? json(bad_slot) : json(nullptr)},
-               {"leaving", leaving}};
-  auto res = cli.Post(("/v1/tracker/" + gen_name_ + "/report").c_str(), body.dump(),
-                      "application/json");
-  if (!res || res->status != 200)
-    spdlog::debug("tracker: report not taken ({})", res ? std::to_string(res->status) : "no answer");
+  if (!tracker_) return;
+  std::string err;
+  if (!tracker_->report(gen_name_, o_.node_name, peer_port_, cache_.take_dropped(), bad_slot,
+                        leaving, &err))
+    spdlog::debug("{}", err);
 }
 
 // ---------------------------------------------------------------- peer side
@@ -630,46 +678,28 @@ bool Agent::load_dirty(std::string* err) {
 
 bool Agent::setup_generation(std::string* err) {
   auto colon = o_.tracker.rfind(':');
-  tracker_host_ = o_.tracker.substr(0, colon);
-  tracker_port_ = std::stoi(o_.tracker.substr(colon + 1));
-  httplib::Client cli(tracker_host_, tracker_port_);
-  cli.set_connection_timeout(3, 0);
-  cli.set_read_timeout(10, 0);
-  auto res = cli.Get(("/v1/nodes/" + o_.exp).c_str());
-  if (!res || res->status != 200) {
-    *err = "tracker " + o_.tracker + ": node info: " +
-           (res ? std::to_string(res->status) + " " + res->body : httplib::to_string(res.error()));
-    return false;
-  }
-  try {
-    json j = json::parse(res->body);
-    gen_name_ = j.at("generation").get<std::string>();
-    gen_size_ = j.at("size").get<uint64_t>();
-    chunk_size_ = j.value("chunk_size", storage::kChunkSize);
-  } catch (const std::exception& e) {
-    *err = std::string("tracker: bad node info: ") + e.what();
-    return false;
-  }
+  tracker_ = std::make_unique<TrackerClient>(o_.tracker.substr(0, colon),
+                                             std::stoi(o_.tracker.substr(colon + 1)));
+  NodeInfo info;
+  if (!tracker_->node_info(o_.exp, &info, err)) return false;
+  gen_name_ = info.generation;
+  gen_size_ = info.size;
+  chunk_size_ = info.chunk_size;
   if (gen_size_ != size_) {
-    *err = "tracker says the generation has " + std::to_string(gen_size_) + " bytes, the view " +
-           std::to_string(size_);
+    *err = "the server's API says " + gen_name_ + " has " + std::to_string(gen_size_) +
+           " bytes, the node's view " + std::to_string(size_);
     return false;
   }
   auto at = gen_name_.find('@');
   if (at == std::string::npos) {
-    *err = "tracker: bad generation name '" + gen_name_ + "'";
+    *err = "bad generation name '" + gen_name_ + "'";
     return false;
   }
-  // The digests, kept in memory (a memfd): about 0.05 % of the image.
-  auto dres = cli.Get(("/v1/generations/" + gen_name_ + "/chunks.sha256").c_str());
-  if (!dres || dres->status != 200) {
-    *err = "tracker: chunk digests of " + gen_name_ + ": " +
-           (dres ? std::to_string(dres->status) + " " + dres->body : httplib::to_string(dres.error()));
-    return false;
-  }
+  // The digests, kept in memory (a memfd): 32 bytes per chunk.
+  std::string body;
+  if (!tracker_->digests(gen_name_, &body, err)) return false;
   digests_fd_ = memfd_create("nbdroot-chunks", MFD_CLOEXEC);
-  if (digests_fd_ < 0 || ::write(digests_fd_, dres->body.data(), dres->body.size()) !=
-                             ssize_t(dres->body.size())) {
+  if (digests_fd_ < 0 || ::write(digests_fd_, body.data(), body.size()) != ssize_t(body.size())) {
     *err = std::string("keeping the chunk digests: ") + strerror(errno);
     return false;
   }

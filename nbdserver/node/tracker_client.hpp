@@ -1,0 +1,47 @@
+// The node agent's side of the server's HTTP API (--http-listen): the
+// node's generation, the generation's chunk digests, and the tracker.
+// Calls take turns on one kept-alive connection. Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace node {
+
+struct NodeInfo {
+  std::string generation;  // IMAGE@GEN
+  uint64_t size = 0;
+  uint32_t chunk_size = 0;
+};
+
+class TrackerClient {
+ public:
+  // `host_port`: HOST:PORT of the server's HTTP API.
+  TrackerClient(std::string host, int port);
+  ~TrackerClient();
+
+  // GET /v1/nodes/IMAGE/NODE.
+  bool node_info(const std::string& exp, NodeInfo* out, std::string* err);
+  // GET /v1/generations/IMAGE@GEN/chunks.sha256: the file's bytes.
+  bool digests(const std::string& gen, std::string* out, std::string* err);
+  // POST /v1/tracker/IMAGE@GEN/sources: a slot per chunk (0: the server),
+  // and the addresses of the slots named. False when the tracker did not
+  // answer (then ask the server).
+  bool sources(const std::string& gen, const std::string& node, uint16_t peer_port,
+               const std::vector<uint64_t>& chunks, std::vector<int>* slots,
+               std::map<int, std::string>* peers, std::string* err);
+  // POST /v1/tracker/IMAGE@GEN/report.
+  bool report(const std::string& gen, const std::string& node, uint16_t peer_port,
+              const std::vector<uint64_t>& dropped, int bad_slot, bool leaving, std::string* err);
+
+ private:
+  struct Impl;
+  std::mutex mu_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace node
