@@ -249,18 +249,53 @@ bool Store::describe(const std::string& image, const std::string& node, const At
                      NodeRecord* rec, uint64_t* size, std::string* err) {
   std::lock_guard<std::mutex> g(mu_);
   if (!existing_record(image, node, how, rec, err)) return false;
-  const std::string key = rec->image + "@" + rec->generation;
+  if (generation_size_locked(rec->image, rec->generation, size, err)) return true;
+  *err = "node '" + node + "': " + *err;
+  return false;
+}
+
+bool Store::generation_size_locked(const std::string& image, const std::string& gen,
+                                   uint64_t* size, std::string* err) {
+  const std::string key = image + "@" + gen;
   auto it = gen_sizes_.find(key);
   if (it == gen_sizes_.end()) {
-    auto gen = generation_locked(rec->image, rec->generation, err);
-    if (!gen) {
-      *err = "node '" + node + "': " + *err;
-      return false;
-    }
-    it = gen_sizes_.emplace(key, gen->size()).first;
+    auto g = generation_locked(image, gen, err);
+    if (!g) return false;
+    it = gen_sizes_.emplace(key, g->size()).first;
   }
   *size = it->second;
   return true;
+}
+
+bool Store::generation_size(const std::string& image, const std::string& gen, uint64_t* size,
+                            std::string* err) {
+  // Unknown names are refused before they reach the caches.
+  if (!valid_store_name(image) || !valid_store_name(gen) ||
+      access((root_ + "/images/" + image + "/generations/" + gen).c_str(), F_OK) != 0) {
+    *err = "no generation " + image + "@" + gen;
+    return false;
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  return generation_size_locked(image, gen, size, err);
+}
+
+bool Store::lookup_node(const std::string& image, const std::string& node, NodeRecord* rec,
+                        uint64_t* size, std::string* err) {
+  if (!valid_store_name(image) || !valid_store_name(node)) {
+    *err = "bad image or node name";
+    return false;
+  }
+  if (!read_node_cached(node, rec)) {
+    if (!read_node(node, rec, err)) return false;
+  }
+  if (rec->image != image) {
+    *err = "node '" + node + "' belongs to image '" + rec->image + "', not '" + image + "'";
+    return false;
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  if (generation_size_locked(rec->image, rec->generation, size, err)) return true;
+  *err = "node '" + node + "': " + *err;
+  return false;
 }
 
 namespace {

@@ -92,6 +92,16 @@ class Store {
   // Sets *rec and *size (the generation's size) and returns true, or sets *err.
   bool describe(const std::string& image, const std::string& node, const AttachOptions& how,
                 NodeRecord* rec, uint64_t* size, std::string* err);
+  // The size of generation IMAGE@GEN (named, not current), cached; false
+  // and *err when it does not exist or does not open.
+  bool generation_size(const std::string& image, const std::string& gen, uint64_t* size,
+                       std::string* err);
+  // An existing node's record and its generation's size, with no side
+  // effect at all (never creates the node, opens no view, writes nothing):
+  // for the HTTP API. False and *err when the node does not exist or
+  // belongs to another image.
+  bool lookup_node(const std::string& image, const std::string& node, NodeRecord* rec,
+                   uint64_t* size, std::string* err);
   // Export names for NBD_OPT_LIST, each with a description: every image
   // with a current generation, every generation, every node.
   std::vector<std::pair<std::string, std::string>> list_exports() const;
@@ -127,6 +137,8 @@ class Store {
  private:
   std::shared_ptr<storage::Generation> generation_locked(const std::string& image,
                                                          const std::string& gen, std::string* err);
+  bool generation_size_locked(const std::string& image, const std::string& gen, uint64_t* size,
+                              std::string* err);
   // The node's record, creating the node first if the rules allow.
   bool existing_record(const std::string& image, const std::string& node,
                        const AttachOptions& how, NodeRecord* rec, std::string* err);
