@@ -1,0 +1,188 @@
+// tracker::Swarm against a trivial model: per-slot std::set of chunks, and
+// the rules written out plainly (holders, coalescing, load, quarantine,
+// expiry, leaving).
+#include "tracker/swarm.hpp"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
+
+namespace tracker {
+namespace {
+
+SwarmLimits limits() {
+  SwarmLimits l;
+  l.peer_timeout = 60;
+  l.quarantine = 300;
+  l.load_half_life = 10;
+  return l;
+}
+
+uint32_t slot_of(const Swarm& s, const std::string& node) {
+  for (const PeerStats& p : s.stats(0).peers)
+    if (p.node == node) return p.slot;
+  return 0;
+}
+
+TEST(Swarm, FirstAskerGetsTheServerThenIsTheSource) {
+  Swarm s(100, limits());
+  auto a = s.sources("a", "10.0.0.1:1", {0, 1, 2}, 0);
+  EXPECT_EQ(a.sources, (std::vector<uint32_t>{0, 0, 0}));
+  EXPECT_TRUE(a.peers.empty());
+  auto b = s.sources("b", "10.0.0.2:1", {2, 1, 0, 3}, 1);
+  const uint32_t sa = slot_of(s, "a");
+  EXPECT_EQ(b.sources, (std::vector<uint32_t>{sa, sa, sa, 0}));
+  EXPECT_EQ(b.peers, (std::map<uint32_t, std::string>{{sa, "10.0.0.1:1"}}));
+  SwarmStats st = s.stats(1);
+  EXPECT_EQ(st.server_answers, 4u);
+  EXPECT_EQ(st.peer_answers, 3u);
+  EXPECT_EQ(st.peers[sa - 1].answers, 3u);
+  EXPECT_EQ(st.peers[slot_of(s, "b") - 1].chunks_held, 4u);
+}
+
+TEST(Swarm, LeastLoadedHolderWins) {
+  Swarm s(100, limits());
+  s.sources("a", "a:1", {0, 1, 2, 3}, 0);
+  s.sources("b", "b:1", {0, 1, 2, 3}, 0);  // a: load 4
+  const uint32_t sa = slot_of(s, "a"), sb = slot_of(s, "b");
+  // b is idle: it takes chunks until its load passes a's.
+  auto c = s.sources("c", "c:1", {0, 1, 2, 3, 0, 1}, 0);
+  EXPECT_EQ(c.sources, (std::vector<uint32_t>{sb, sb, sb, sb, sa, sb}));
+}
+
+TEST(Swarm, LoadDecays) {
+  Swarm s(10, limits());
+  s.sources("a", "a:1", {0}, 0);
+  s.sources("b", "b:1", {0}, 0);
+  for (int i = 0; i < 7; ++i) s.sources("x" + std::to_string(i), "", {0}, 0);
+  const uint32_t sa = slot_of(s, "a");
+  EXPECT_NEAR(s.stats(0).peers[sa - 1].load, 4, 1e-9);  // a, b alternated
+  EXPECT_NEAR(s.stats(20).peers[sa - 1].load, 1, 1e-9);  // two half-lives
+}
+
+TEST(Swarm, NeverTheAskerNorANonServingNode) {
+  Swarm s(10, limits());
+  s.sources("a", "", {0, 1}, 0);  // does not serve
+  EXPECT_EQ(s.sources("b", "b:1", {0, 1}, 0).sources, (std::vector<uint32_t>{0, 0}));
+  EXPECT_EQ(s.sources("b", "b:1", {0, 1}, 0).sources, (std::vector<uint32_t>{0, 0}));
+  EXPECT_EQ(s.stats(0).peers[slot_of(s, "a") - 1].chunks_held, 0u);
+}
+
+TEST(Swarm, AMovedPeerHoldsNothingAtItsNewAddress) {
+  Swarm s(10, limits());
+  s.sources("a", "a:1", {0, 1}, 0);
+  s.report("a", "a:2", {}, std::nullopt, false, 1, nullptr);
+  EXPECT_EQ(s.sources("b", "b:1", {0}, 1).sources, (std::vector<uint32_t>{0}));
+}
+
+TEST(Swarm, QuarantineLastsItsTime) {
+  Swarm s(10, limits());
+  s.sources("a", "a:1", {0}, 0);
+  const uint32_t sa = slot_of(s, "a");
+  std::string err;
+  ASSERT_TRUE(s.report("b", "b:1", {}, sa, false, 1, &err));
+  EXPECT_EQ(s.sources("c", "c:1", {0}, 2).sources, (std::vector<uint32_t>{0}));
+  // a fetches chunk 5 again while quarantined: not handed out until 301.
+  s.sources("a", "a:1", {5}, 100);
+  EXPECT_EQ(s.sources("d", "d:1", {5}, 200).sources, (std::vector<uint32_t>{0}));
+  s.sources("a", "a:1", {6}, 250);
+  EXPECT_EQ(s.sources("e", "e:1", {6}, 302).sources, (std::vector<uint32_t>{sa}));
+  EXPECT_EQ(s.stats(302).quarantines, 1u);
+}
+
+TEST(Swarm, BadPeerMustBeAnotherNodesSlot) {
+  Swarm s(10, limits());
+  s.sources("a", "a:1", {0}, 0);
+  std::string err;
+  EXPECT_FALSE(s.report("a", "a:1", {}, slot_of(s, "a"), false, 0, &err));
+  EXPECT_FALSE(s.report("a", "a:1", {}, 0u, false, 0, &err));
+  EXPECT_FALSE(s.report("a", "a:1", {}, 7u, false, 0, &err));
+  EXPECT_EQ(s.stats(0).quarantines, 0u);
+  EXPECT_EQ(s.stats(0).peers.size(), 1u);  // a refused report registers nobody
+}
+
+TEST(Swarm, ExpiryAndLeavingKeepTheSlot) {
+  Swarm s(10, limits());
+  s.sources("a", "a:1", {0}, 0);
+  s.sources("b", "b:1", {1}, 30);
+  const uint32_t sa = slot_of(s, "a");
+  s.expire(61);
+  SwarmStats st = s.stats(61);
+  EXPECT_FALSE(st.peers[sa - 1].live);
+  EXPECT_EQ(st.peers[sa - 1].chunks_held, 0u);
+  EXPECT_EQ(st.expired, 1u);
+  EXPECT_EQ(s.sources("c", "c:1", {0, 1}, 61).sources,
+            (std::vector<uint32_t>{0, slot_of(s, "b")}));
+  s.report("b", "b:1", {}, std::nullopt, true, 62, nullptr);
+  EXPECT_EQ(s.sources("d", "d:1", {1}, 62).sources, (std::vector<uint32_t>{slot_of(s, "c")}));
+  s.sources("a", "a:1", {2}, 63);
+  EXPECT_EQ(slot_of(s, "a"), sa);
+}
+
+TEST(Swarm, BoundedScanStillSpreadsLoad) {
+  SwarmLimits l = limits();
+  l.max_candidates = 4;
+  Swarm s(1, l);
+  for (int i = 0; i < 50; ++i) s.sources("h" + std::to_string(i), "h:" + std::to_string(i), {0}, 0);
+  // 50 holders, 4 looked at per answer: 500 answers reach every holder.
+  for (int i = 0; i < 500; ++i) s.sources("x", "", {0}, 0);
+  uint64_t most = 0, fewest = UINT64_MAX;
+  for (const PeerStats& p : s.stats(0).peers) {
+    if (p.node == "x") continue;
+    most = std::max(most, p.answers);
+    fewest = std::min(fewest, p.answers);
+  }
+  EXPECT_GE(fewest, 1u);
+  EXPECT_LE(most, 60u);
+}
+
+// Random operations against a model of who holds what.
+TEST(Swarm, MatchesAModel) {
+  std::mt19937 rng(7);
+  const uint32_t chunks = 64;
+  Swarm s(chunks, limits());
+  std::map<std::string, std::set<uint32_t>> held;  // live serving nodes only
+  std::map<std::string, double> seen;
+  double now = 0;
+  for (int step = 0; step < 5000; ++step) {
+    now += std::uniform_real_distribution<double>(0, 0.05)(rng);
+    const std::string node = "n" + std::to_string(rng() % 12);
+    for (auto it = held.begin(); it != held.end();)  // the model's expiry
+      it = now - seen[it->first] >= 60 ? held.erase(it) : std::next(it);
+    const int op = rng() % 10;
+    std::vector<uint32_t> cs;
+    for (unsigned i = rng() % 8; i > 0; --i) cs.push_back(rng() % chunks);
+    seen[node] = now;
+    if (op < 7) {
+      SourcesAnswer a = s.sources(node, node + ":1", cs, now);
+      ASSERT_EQ(a.sources.size(), cs.size());
+      for (size_t i = 0; i < cs.size(); ++i) {
+        bool anyone = false;
+        for (const auto& [n, set] : held) anyone |= n != node && set.count(cs[i]);
+        if (a.sources[i] == 0) {
+          EXPECT_FALSE(anyone) << "chunk " << cs[i] << " has a holder";
+        } else {
+          const std::string h = s.node_of(a.sources[i]);
+          EXPECT_NE(h, node);
+          EXPECT_TRUE(held[h].count(cs[i])) << h << " does not hold " << cs[i];
+        }
+      }
+      held[node].insert(cs.begin(), cs.end());
+    } else if (op < 9) {
+      ASSERT_TRUE(s.report(node, node + ":1", cs, std::nullopt, false, now, nullptr));
+      for (uint32_t c : cs) held[node].erase(c);
+    } else {
+      ASSERT_TRUE(s.report(node, node + ":1", {}, std::nullopt, true, now, nullptr));
+      held.erase(node);
+    }
+    for (const PeerStats& p : s.stats(now).peers) {
+      auto it = held.find(p.node);
+      ASSERT_EQ(p.chunks_held, it == held.end() ? 0u : it->second.size()) << p.node;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tracker
