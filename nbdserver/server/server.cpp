@@ -12,6 +12,9 @@
 #include <thread>
 
 #include "exports/registry.hpp"
+#include "http/server.hpp"
+#include "http/store_api.hpp"
+#include "http/tracker_api.hpp"
 #include "server/listen.hpp"
 #include "server/loop.hpp"
 
@@ -27,11 +30,15 @@ void raise_fd_limit() {
   }
 }
 
-bool write_ready_file(const std::string& path, const std::vector<Listener>& ls) {
+// One line per NBD listener ("HOST:PORT" or a socket path), then
+// "http://HOST:PORT" for the HTTP API when there is one.
+bool write_ready_file(const std::string& path, const std::vector<Listener>& ls,
+                      const std::string& http_address) {
   std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::trunc);
     for (const Listener& l : ls) out << l.address << "\n";
+    if (!http_address.empty()) out << "http://" << http_address << "\n";
     if (!out.flush()) return false;
   }
   return std::rename(tmp.c_str(), path.c_str()) == 0;
@@ -55,8 +62,9 @@ int run_server(const ServerOptions& opts) {
                  spec.read_only ? "read-only" : "writable");
   }
   registry.set_max_block(opts.max_block);
+  std::shared_ptr<exports::Store> store;
   if (!opts.store.empty()) {
-    auto store = std::make_shared<exports::Store>(opts.store, opts.store_opts);
+    store = std::make_shared<exports::Store>(opts.store, opts.store_opts);
     std::string err;
     if (!store->check(&err)) {
       spdlog::error("{}", err);
@@ -107,8 +115,32 @@ int run_server(const ServerOptions& opts) {
   std::vector<std::thread> threads;
   for (auto& l : loops) threads.emplace_back([&l] { l->run(); });
 
+  // The HTTP API, on its own threads; started after the signals are blocked
+  // so that they inherit the mask.
+  std::unique_ptr<http::Server> http_server;
+  std::string http_address;
+  if (!opts.http_listen.empty()) {
+    http::HttpOptions ho;
+    ho.listen = opts.http_listen;
+    http_server = std::make_unique<http::Server>(ho);
+    tracker::SwarmLimits limits;
+    limits.peer_timeout = opts.peer_timeout;
+    http::add_store_api(http_server->routes(), store);
+    http::add_tracker_api(http_server->routes(), store, std::make_shared<tracker::Tracker>(limits));
+    if (!http_server->start(&http_address, &err)) {
+      spdlog::error("{}", err);
+      shared.stopping = true;
+      for (auto& l : loops) l->wake();
+      for (auto& t : threads) t.join();
+      close_listeners(&listeners);
+      return 1;
+    }
+    spdlog::info("HTTP API on {} (peer tracker: peers expire after {} s)", http_address,
+                 opts.peer_timeout);
+  }
+
   for (const Listener& l : listeners) spdlog::info("listening on {}", l.address);
-  if (!opts.ready_file.empty() && !write_ready_file(opts.ready_file, listeners))
+  if (!opts.ready_file.empty() && !write_ready_file(opts.ready_file, listeners, http_address))
     spdlog::warn("cannot write the ready file {}", opts.ready_file);
   sd_notify(0, "READY=1");
 
@@ -125,6 +157,7 @@ int run_server(const ServerOptions& opts) {
     break;
   }
   sd_notify(0, "STOPPING=1");
+  if (http_server) http_server->stop();
   shared.stopping = true;
   for (auto& l : loops) l->wake();
   for (auto& t : threads) t.join();

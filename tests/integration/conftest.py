@@ -187,7 +187,8 @@ class Server:
         self.proc = proc
         self.workdir = workdir
         self.stderr_path = stderr_path
-        self.addresses = addresses
+        self.addresses = addresses  # NBD listeners: "HOST:PORT" or a socket path
+        self.http = None            # "HOST:PORT" of the HTTP API (--http-listen)
         self.args = args
         self.stopped = False
 
@@ -289,6 +290,13 @@ def wait_ready(proc, ready_file, stderr_path, timeout=READY_TIMEOUT):
     raise AssertionError(f"nbdserver not ready within {timeout} s\n--- stderr ---\n{err[-5000:]}")
 
 
+def split_ready_lines(lines):
+    """A ready file's lines: the NBD listeners, one per line, then
+    "http://HOST:PORT" for the HTTP API. Returns (addresses, http or None)."""
+    http = [l[len("http://"):] for l in lines if l.startswith("http://")]
+    return [l for l in lines if not l.startswith("http://")], (http[0] if http else None)
+
+
 def export_arg(name, img, ro=False, desc=None):
     s = f"{name}={img.path if isinstance(img, Image) else img}"
     if ro:
@@ -328,7 +336,8 @@ def nbdserver(request, tmp_path):
         proc, stderr_path = spawn(argv, str(workdir), env=env)
         server = Server(proc, str(workdir), stderr_path, None, argv)
         servers.append(server)
-        server.addresses = wait_ready(proc, ready_file, stderr_path, ready_timeout)
+        lines = wait_ready(proc, ready_file, stderr_path, ready_timeout)
+        server.addresses, server.http = split_ready_lines(lines)
         return server
 
     yield start
