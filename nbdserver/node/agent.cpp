@@ -828,6 +828,7 @@ int Agent::run() {
   }
   kernel.start();
   if (peers) peers->start();
+  write_stats();  // there from the start, for whoever waits on the ready file
   if (!o_.ready_file.empty()) {
     std::ofstream f(o_.ready_file + ".tmp");
     f << "unix " << kernel.address() << "\n";

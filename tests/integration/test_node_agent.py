@@ -169,7 +169,7 @@ def test_a_server_restart_is_invisible_to_the_kernel(nbdserver, store, sockdir, 
         # Issued while the server may still be coming up: it waits, then works.
         assert h.pread(2 * BS, off) == bytes([r + 1]) * 2 * BS
     assert read_all(h) == bytes(want)
-    st = a.stats()
+    st = a.wait_stats(lambda s: s["reconnects"] >= 6)
     assert st["reconnects"] >= 6
     assert "reconnected to" in a.stderr()
     h.shutdown()
@@ -186,7 +186,7 @@ def test_a_second_node_reads_clean_chunks_from_the_first(nbdserver, store, sockd
     b = agent(nbdserver, srv, sockdir, "n2")
     hb = b.handle("lab/n2")
     assert read_all(hb) == base
-    sb = b.stats()
+    sb = b.wait_stats(lambda s: s["gen_peer_bytes"] >= SIZE // 2)
     assert sb["gen_peer_bytes"] >= SIZE // 2, sb
     assert sb["peer_bad_chunks"] == 0
     sa = a.wait_stats(lambda s: s["served_bytes"] >= sb["gen_peer_bytes"])
@@ -210,7 +210,8 @@ def test_changed_blocks_are_never_served_to_peers(nbdserver, store, sockdir):
     b = agent(nbdserver, srv, sockdir, "n2")
     hb = b.handle("lab/n2")
     assert hb.pread(2 * CHUNK, 0) == base[:2 * CHUNK]
-    assert b.stats()["gen_peer_bytes"] >= CHUNK, "the test did not read from the peer"
+    st = b.wait_stats(lambda s: s["gen_peer_bytes"] >= CHUNK)
+    assert st["gen_peer_bytes"] >= CHUNK, "the test did not read from the peer"
     ha.shutdown()
     hb.shutdown()
 
@@ -225,7 +226,7 @@ def test_a_bad_peer_costs_correct_data_nothing(nbdserver, store, sockdir, fault)
     b = agent(nbdserver, srv, sockdir, "n2", "--peer-timeout-ms", "300")
     hb = b.handle("lab/n2")
     assert read_all(hb, size=2 * MiB) == base[:2 * MiB]
-    st = b.stats()
+    st = b.wait_stats(lambda s: s["peer_failures"] >= 1)
     assert st["gen_peer_bytes"] == 0 and st["peer_failures"] >= 1, st
     log = b.stderr()
     expect = {"corrupt": "SHA-256 mismatch", "othergen": "SHA-256 mismatch",
@@ -250,7 +251,7 @@ def test_the_upload_limit_holds(nbdserver, store, sockdir):
     t0 = time.monotonic()
     assert read_all(hb, size=6 * MiB) == base[:6 * MiB]
     elapsed = time.monotonic() - t0
-    served = a.stats()["served_bytes"]
+    served = a.wait_stats(lambda s: s["served_bytes"] > 0)["served_bytes"]
     assert served > 0
     # One second's worth may go out at once (the bucket starts full).
     assert served <= limit * (elapsed + 1.0) * 1.05, (served, elapsed)
