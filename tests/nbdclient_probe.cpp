@@ -6,6 +6,7 @@
 // OPs, run in order, each printing one JSON line {"op", "result", ...} where
 // result is "ok", "nbd-error", "broken" or "timeout" (with "why"):
 //   info                       size, flags and context ids
+//   timeout MS                 the timeout of the ops that follow
 //   read OFF LEN               "data": the bytes in hex
 //   write OFF HEX | writefua OFF HEX
 //   flush | trim OFF LEN | zero OFF LEN
@@ -134,9 +135,15 @@ json stress(node::NbdClient& c, const std::vector<std::string>& a, size_t i, int
 }
 
 // Runs the op at a[i]; returns its JSON and advances *i past its arguments.
-json run_op(node::NbdClient& c, const std::vector<std::string>& a, size_t* i, int timeout) {
+json run_op(node::NbdClient& c, const std::vector<std::string>& a, size_t* i, int* timeout_ms) {
   const std::string op = a[(*i)++];
   const size_t p = *i;
+  if (op == "timeout") {
+    *i += 1;
+    *timeout_ms = int(num(a, p));
+    return {{"op", "timeout"}, {"result", "ok"}};
+  }
+  const int timeout = *timeout_ms;
   if (op == "info") {
     json ctx = json::object();
     for (const char* n : {"base:allocation", "nbdroot:dirty"}) ctx[n] = c.context_id(n);
@@ -209,7 +216,7 @@ int main(int argc, char** argv) {
   }
   int status = 0;
   for (i += 2; i < a.size();) {
-    json j = run_op(c, a, &i, timeout);
+    json j = run_op(c, a, &i, &timeout);
     if (j["result"] != "ok") status = 1;
     std::cout << j.dump() << std::endl;
   }

@@ -332,6 +332,7 @@ Result NbdClient::submit(nbd::Request req, const void* payload, const std::share
   }
   {
     std::lock_guard lock(mu_);
+    if (!reader_) return {Result::kBroken, 0, "not connected"};
     if (broken_) return {Result::kBroken, 0, why_};
     req.cookie = next_cookie_++;
     reader_->expect(req);
