@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -98,7 +99,10 @@ std::string stress_thread(node::NbdClient& c, int t, int threads, uint64_t ops, 
     const uint64_t off = block * kBlock + rnd() % (kBlock - len + 1);
     node::Result r;
     if (rnd() % 2) {
-      for (uint64_t k = 0; k < len; ++k) buf[k] = uint8_t(rnd());
+      for (uint64_t k = 0; k < len; k += 8) {
+        const uint64_t v = rnd();
+        std::memcpy(buf.data() + k, &v, std::min<uint64_t>(8, len - k));
+      }
       r = c.pwrite(buf.data(), uint32_t(len), off, false, timeout);
       if (r.ok()) std::copy(buf.begin(), buf.begin() + long(len), model.begin() + long(off));
     } else {

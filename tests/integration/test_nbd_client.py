@@ -30,7 +30,7 @@ from storeutil import DIRTY, MiB, connect, make_store, serve_store
 
 PROBE = os.environ.get("NBDCLIENT_PROBE") or os.path.join(
     os.path.dirname(os.path.abspath(NBDSERVER)), "..", "tests", "nbdclient-probe")
-SIZE = 16 * MiB
+SIZE = 4 * MiB
 NODE = "lab/n1"
 
 
@@ -63,7 +63,7 @@ def store_server(nbdserver, tmp_path):
 def test_reads_match_libnbd(store_server):
     srv, base = store_server
     ranges = [(0, 4096), (MiB - 10, 20), (12345, 100000), (MiB + 65536 - 1, 2),
-              (SIZE - 4096, 4096), (3 * MiB, 1 << 20)]
+              (SIZE - 4096, 4096), (2 * MiB, 1 << 20)]
     ops = [x for off, n in ranges for x in ("read", off, n)]
     _, out = probe(endpoint(srv), NODE, *ops, check_rc=0)
     h = connect(srv, NODE)
@@ -88,8 +88,8 @@ def test_writes_are_visible_to_libnbd(store_server):
     assert h.pread(100, 4096 * 4) == base[4096 * 4:4096 * 4 + 100]
     # And libnbd's writes are what the probe reads.
     c = rnd.randbytes(777)
-    h.pwrite(c, 9 * MiB + 3)
-    _, out = probe(endpoint(srv), NODE, "read", 9 * MiB + 3, 777, check_rc=0)
+    h.pwrite(c, 3 * MiB + 3)
+    _, out = probe(endpoint(srv), NODE, "read", 3 * MiB + 3, 777, check_rc=0)
     assert bytes.fromhex(out[0]["data"]) == c
 
 
@@ -108,10 +108,10 @@ def libnbd_extents(h, context, off, n):
 def test_block_status_of_a_node_view(store_server):
     srv, _ = store_server
     data = bytes([0x5a]) * 8192
-    probe(endpoint(srv), NODE, "write", 3 * MiB, data.hex(), "write", 5 * MiB + 4096,
+    probe(endpoint(srv), NODE, "write", MiB, data.hex(), "write", 2 * MiB + 4096,
           data.hex(), "flush", check_rc=0)
     _, out = probe(endpoint(srv), NODE, "info", "status", "base:allocation", 0, SIZE,
-                   "status", DIRTY, 0, SIZE, "status", DIRTY, 3 * MiB, 4096,
+                   "status", DIRTY, 0, SIZE, "status", DIRTY, MiB, 4096,
                    contexts=["base:allocation", DIRTY], check_rc=0)
     info, alloc, dirty, dirty_one = out
     assert info["contexts"]["base:allocation"] != 0 and info["contexts"][DIRTY] != 0
@@ -124,7 +124,7 @@ def test_block_status_of_a_node_view(store_server):
         if flags:
             dirty_runs.append((pos, length))
         pos += length
-    assert dirty_runs == [(3 * MiB, 8192), (5 * MiB + 4096, 8192)]
+    assert dirty_runs == [(MiB, 8192), (2 * MiB + 4096, 8192)]
     assert dirty_one["extents"][0][1] != 0
 
 
@@ -166,7 +166,7 @@ def test_unix_socket_and_connection_refused(nbdserver, tmp_path, short_dir):
 def test_eight_threads_of_mixed_requests(store_server, tmp_path):
     srv, _ = store_server
     model = tmp_path / "model"
-    region = 4 * MiB
+    region = 2 * MiB
     _, out = probe(endpoint(srv), NODE, "stress", 8, 400, 11, region, model, check_rc=0)
     assert out[0]["ops"] == 3200
     h = connect(srv, NODE)
