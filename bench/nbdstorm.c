@@ -13,6 +13,13 @@
  * Otherwise requests go out as fast as the server answers them (the trace's
  * times are not replayed).
  *
+ * With --netns, each node's connection is made from its own network
+ * namespace (the worker thread enters it around nbd_aio_connect_uri, which
+ * creates the socket; a socket stays in the namespace it was made in), so a
+ * node's traffic crosses that namespace's links: bench/netstorm.py's
+ * emulated network.  A URI may also name a Unix socket
+ * (nbd+unix:///EXPORT?socket=PATH), one per node with "%d" in PATH.
+ *
  * A node's time runs from the common start (before any connect) to the
  * completion of its last request.  Nodes stay connected until every node is
  * done, then disconnect.  Output: one JSON line on stdout with the wall time
@@ -28,7 +35,9 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <sched.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
@@ -135,10 +144,32 @@ static struct {
   unsigned threads;
   unsigned timeout;
   const char *per_node;
+  const char *netns; /* namespace of node %d: a path, or a name under /run/netns */
 } cfg = { .nodes = 1, .qd = 4, .threads = 1, .timeout = 600 };
 
 static uint8_t *write_buf;
 static uint64_t t_start;
+static int home_netns = -1; /* the namespace the workers return to after a connect */
+
+/* Writes `fmt` to out with every "%d" replaced by i. */
+static void format_index(char *out, size_t size, const char *fmt, unsigned i)
+{
+  size_t o = 0;
+  for (const char *p = fmt; *p;) {
+    if (o + 1 >= size)
+      die("too long after expanding %%d: %s", fmt);
+    if (p[0] == '%' && p[1] == 'd') {
+      int k = snprintf(out + o, size - o, "%u", i);
+      if (k < 0 || (size_t)k >= size - o)
+        die("too long after expanding %%d: %s", fmt);
+      o += (size_t)k;
+      p += 2;
+    } else {
+      out[o++] = *p++;
+    }
+  }
+  out[o] = '\0';
+}
 
 struct worker {
   pthread_t tid;
@@ -155,6 +186,33 @@ static void worker_fail(struct worker *w, struct node *n, const char *what)
   snprintf(w->fatal_msg, sizeof w->fatal_msg, "node %u (%s): %s: %s (errno %d)", n->index,
            n->uri, what, e ? e : "(no message)", nbd_get_errno());
   w->fatal = w->fatal_msg;
+}
+
+/* Starts node n's connect, from its network namespace if --netns is given.
+ * setns(CLONE_NEWNET) acts on the calling thread only. */
+static bool start_connect(struct worker *w, struct node *n)
+{
+  if (!cfg.netns)
+    return nbd_aio_connect_uri(n->h, n->uri) != -1;
+  char path[512], name[256];
+  format_index(name, sizeof name, cfg.netns, n->index);
+  snprintf(path, sizeof path, "%s%s", strchr(name, '/') ? "" : "/run/netns/", name);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1 || setns(fd, CLONE_NEWNET) == -1) {
+    snprintf(w->fatal_msg, sizeof w->fatal_msg, "node %u: entering network namespace %s: %s",
+             n->index, path, strerror(errno));
+    w->fatal = w->fatal_msg;
+    if (fd != -1)
+      close(fd);
+    return false;
+  }
+  close(fd);
+  const bool ok = nbd_aio_connect_uri(n->h, n->uri) != -1;
+  if (setns(home_netns, CLONE_NEWNET) == -1)
+    die("returning to the first network namespace: %s", strerror(errno));
+  if (!ok)
+    worker_fail(w, n, "nbd_aio_connect_uri");
+  return ok;
 }
 
 static bool writes(uint8_t op) { return op == OP_WRITE || op == OP_TRIM || op == OP_ZERO; }
@@ -251,8 +309,9 @@ static void *worker_main(void *arg)
 
   for (unsigned i = 0; i < w->nnodes; i++) {
     struct node *n = w->nodes[i];
-    if (nbd_aio_connect_uri(n->h, n->uri) == -1) {
-      worker_fail(w, n, "nbd_aio_connect_uri");
+    if (!start_connect(w, n)) {
+      if (!w->fatal)
+        worker_fail(w, n, "nbd_aio_connect_uri");
       goto out;
     }
   }
@@ -353,7 +412,10 @@ static void usage(FILE *f)
   fputs("Usage: nbdstorm --trace FILE --uri URI [options]\n"
         "Replays a request trace for N nodes at once, each on its own connection.\n"
         "  --trace FILE      the trace (text or gzip'd: T_MS OP OFFSET LENGTH [fua])\n"
-        "  --uri URI         NBD URI; \"%d\" in it becomes the node's number (0..N-1)\n"
+        "  --uri URI         NBD URI; every \"%d\" in it becomes the node's number (0..N-1);\n"
+        "                    nbd+unix:///EXPORT?socket=PATH for a Unix socket\n"
+        "  --netns NS        connect node %d from network namespace NS (a path, or a name\n"
+        "                    under /run/netns; \"%d\" becomes the node's number)\n"
         "  --nodes N         nodes (default 1)\n"
         "  --qd N            requests in flight per node (default 4, at most 64)\n"
         "  --threads N       client threads; nodes are dealt round-robin (default 1)\n"
@@ -368,7 +430,8 @@ int main(int argc, char **argv)
     { "trace", required_argument, 0, 't' },    { "uri", required_argument, 0, 'u' },
     { "nodes", required_argument, 0, 'n' },    { "qd", required_argument, 0, 'q' },
     { "threads", required_argument, 0, 'j' },  { "timeout", required_argument, 0, 'T' },
-    { "per-node", required_argument, 0, 'p' }, { "help", no_argument, 0, 'h' },
+    { "per-node", required_argument, 0, 'p' }, { "netns", required_argument, 0, 'N' },
+    { "help", no_argument, 0, 'h' },
     { 0, 0, 0, 0 },
   };
   int c;
@@ -381,6 +444,7 @@ int main(int argc, char **argv)
     case 'j': cfg.threads = (unsigned)atoi(optarg); break;
     case 'T': cfg.timeout = (unsigned)atoi(optarg); break;
     case 'p': cfg.per_node = optarg; break;
+    case 'N': cfg.netns = optarg; break;
     case 'h': usage(stdout); return 0;
     default: usage(stderr); return 2;
     }
@@ -406,12 +470,7 @@ int main(int argc, char **argv)
   for (unsigned i = 0; i < cfg.nodes; i++) {
     struct node *n = &nodes[i];
     n->index = i;
-    /* The URI is the user's format string with at most one %d. */
-    const char *pct = strstr(cfg.uri, "%d");
-    if (pct)
-      snprintf(n->uri, sizeof n->uri, "%.*s%u%s", (int)(pct - cfg.uri), cfg.uri, i, pct + 2);
-    else
-      snprintf(n->uri, sizeof n->uri, "%s", cfg.uri);
+    format_index(n->uri, sizeof n->uri, cfg.uri, i);
     n->h = nbd_create();
     if (!n->h)
       die("nbd_create: %s", nbd_get_error());
@@ -426,6 +485,12 @@ int main(int argc, char **argv)
   for (unsigned i = 0; i < cfg.nodes; i++) {
     struct worker *w = &workers[i % cfg.threads];
     w->nodes[w->nnodes++] = &nodes[i];
+  }
+
+  if (cfg.netns) {
+    home_netns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (home_netns == -1)
+      die("/proc/thread-self/ns/net: %s", strerror(errno));
   }
 
   signal(SIGALRM, watchdog_alarm);
