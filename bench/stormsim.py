@@ -9,11 +9,14 @@ The model:
 - Links are FIFO reservations: the server's uplink and downlink, and each
   node's.  A transfer of b bytes from A to B starts when it is asked for
   (plus half a round trip), or when both A's uplink and B's downlink are
-  free, whichever is later, and takes b / the slower rate; it arrives half
-  a round trip after it ends.
+  free, or when A has the data, whichever is latest, and takes b / the
+  slower rate; it arrives half a round trip after it ends.  A link's queue
+  counts work from the moment a transfer is asked for, so a link waiting
+  for data that is still on its way serves other transfers meanwhile.
 - The server's CPU is a FIFO of `server_cores` cores; every request to the
-  server (a read, a write, a flush, a tracker query) costs `srv_cpu_req` of
-  it before its reply is sent.
+  server (a read, a write, a flush) costs `srv_cpu_req` of it before its
+  reply is sent, a tracker query `tracker_cpu` (no payload to send: the
+  order of nbdserver's CPU per 4K request, bench/README.md).
 - A node replays the trace's requests in order with at most `qd` in flight;
   a FLUSH waits for everything before it and holds everything after it.
   Every request costs the node `req_overhead` (the measured client CPU per
@@ -58,6 +61,7 @@ class Params:
     chunk: int = CHUNK
     server_cores: float = 2.0
     srv_cpu_req: float = 30e-6      # s of server CPU per request
+    tracker_cpu: float = 10e-6      # s of server CPU per tracker query (no payload)
     req_overhead: float = 100e-6    # s per request at the node
     flush_s: float = 0.0            # s a flush takes at the server beyond its CPU
     wire: float = 1.04              # egress bytes on the wire per payload byte
@@ -66,8 +70,8 @@ class Params:
     def describe(self):
         return (f"server {self.server_rate * 8 / 1e9:.2f} Gbit/s, node {self.node_rate * 8 / 1e9:.2f}"
                 f" Gbit/s, rtt {self.rtt * 1e3:.2f} ms, QD{self.qd}, chunk {self.chunk // 1024} KiB,"
-                f" server CPU {self.srv_cpu_req * 1e6:.1f} us/request on {self.server_cores:g} "
-                f"cores, node overhead {self.req_overhead * 1e6:.0f} us/request, wire "
+                f" server CPU {self.srv_cpu_req * 1e6:.1f} us/request, "
+                f"{self.tracker_cpu * 1e6:.0f} us/tracker query on {self.server_cores:g} cores, node overhead {self.req_overhead * 1e6:.0f} us/request, wire "
                 f"{self.wire:.3f} bytes/byte, at most {self.max_actors} actors")
 
 
@@ -136,11 +140,19 @@ def simulate(reqs, n, p, peers):
         cpu.free = start + p.srv_cpu_req * k / cpu.rate
         return cpu.free
 
-    def transfer(src, dst, nbytes, t):
-        start = max(t, src.free, dst.free)
-        src.free = start + nbytes / src.rate
-        dst.free = start + nbytes / dst.rate
-        return start + nbytes / min(src.rate, dst.rate)
+    def tracker(t):
+        start = max(t, cpu.free)
+        cpu.free = start + p.tracker_cpu / cpu.rate
+        return cpu.free
+
+    def transfer(src, dst, nbytes, t, ready=0.0):
+        """End of a transfer asked for at t, of data the source holds from
+        `ready` on.  The links' queues count work from t, not from ready:
+        a link waiting for one chunk serves others meanwhile."""
+        q = max(t, src.free, dst.free)
+        src.free = q + nbytes / src.rate
+        dst.free = q + nbytes / dst.rate
+        return max(q, ready) + nbytes / min(src.rate, dst.rate)
 
     def spread(a, t):
         """One copy of a chunk arrived in actor a at t; its other K-1 nodes
@@ -166,8 +178,7 @@ def simulate(reqs, n, p, peers):
             end = transfer(srv_up, down[a], p.chunk * p.wire, ready)
             egress += p.chunk * p.wire
         else:
-            end = transfer(up[best], down[a], p.chunk * p.wire,
-                           max(t + half, held[best][c]))
+            end = transfer(up[best], down[a], p.chunk * p.wire, t + half, held[best][c])
             peer_bytes += p.chunk * p.wire
         arrive = spread(a, end + half)
         peer_bytes += (size[a] - 1) * p.chunk * p.wire
@@ -197,7 +208,7 @@ def simulate(reqs, n, p, peers):
         missing = [c for c in chunks if c not in held[a]]
         if not missing:
             return t + p.req_overhead
-        t_ask = server_cpu(t + half) + half           # the tracker's answer
+        t_ask = tracker(t + half) + half               # the tracker's answer
         done = max(fetch_chunk(a, c, t_ask) for c in missing)
         done = max([done] + [held[a][c] for c in chunks])
         return done + p.req_overhead
