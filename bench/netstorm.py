@@ -482,6 +482,8 @@ def report(args, med, sims, tr, out):
                          f"{'met' if rw <= 0.2 else 'NOT met'}")
             lines.append(f"target N={big}: egress/node <= 10% of distinct reads: {re_ * 100:.0f}% "
                          f"{'met' if re_ <= 0.1 else 'NOT met'}")
+            lines.append(f"peers N={big}: nodes uploaded {p['node_tx_bytes'] / big / MB:.1f} MB "
+                         f"per node (what peers served, plus the node's writes and requests)")
             if p["agent_hwm_mib_max"]:
                 lines.append(f"agent peak RSS (VmHWM, max over agents): {p['agent_hwm_mib_max']:.1f}"
                              f" MiB (bound: cache + 16 MiB)")
