@@ -29,7 +29,6 @@ the chart.
 """
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -89,11 +88,21 @@ def delete_netns(names):
 def cleanup_stale():
     """Deletes the namespaces of netstorm runs whose process is gone (one
     killed with SIGKILL cannot clean up after itself)."""
-    stale = [n for n in netns_names()
-             if NS_RE.match(n) and not os.path.exists(f"/proc/{NS_RE.match(n).group(1)}")]
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"netstorm" not in f.read()
+        except OSError:
+            return True
+
+    stale = [n for n in netns_names() if NS_RE.match(n) and gone(NS_RE.match(n).group(1))]
     if stale:
         log(f"deleting {len(stale)} stale namespaces of earlier runs")
         delete_netns(stale)
+    for d in os.listdir("/tmp"):
+        m = re.match(r"^nbdroot-netstorm-(\d+)$", d)
+        if m and gone(m.group(1)):
+            shutil.rmtree(os.path.join("/tmp", d), ignore_errors=True)
 
 
 class Net:
@@ -236,6 +245,9 @@ class Net:
 # Processes in namespaces
 
 
+SPAWNED = []  # every process spawn() started, for the cleanup on the way out
+
+
 def spawn(ns, argv, logpath, env=None):
     """Starts argv inside network namespace ns; it dies with us."""
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
@@ -250,8 +262,10 @@ def spawn(ns, argv, logpath, env=None):
         with open(logpath, "ab") as logf:
             logf.write(("\n$ " + " ".join(argv) + "\n").encode())
             logf.flush()
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, preexec_fn=pre, env=env)
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                 stderr=subprocess.STDOUT, preexec_fn=pre, env=env)
+            SPAWNED.append(p)
+            return p
     finally:
         os.close(fd)
 
@@ -387,7 +401,8 @@ def storm_once(args, net, setup, n, rep, base, store, outdir):
             argv += ["--uri", uri, "--netns", f"{net.prefix}-n%d"]
         c0, w0 = net.counters(net.server)["eth0"], net.counters(net.switch)
         cpu0, host0 = rb.tree_cpu_seconds(srv.pid), host_cpu()
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout + 60)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout + 60,
+                           preexec_fn=rb._preexec)
         cpu1, host1 = rb.tree_cpu_seconds(srv.pid), host_cpu()
         c1, w1 = net.counters(net.server)["eth0"], net.counters(net.switch)
         if srv.poll() is not None:
@@ -495,8 +510,9 @@ def report(args, med, sims, tr, out):
     out.write(text + "\n")
 
 
-def sim_report(sims, sizes, out):
-    lines = ["", "stormsim predictions (calibrated from the no-peer runs above):",
+def sim_report(sims, sizes, calibrated, out):
+    lines = ["", "stormsim predictions (" + ("calibrated from the no-peer runs above" if calibrated
+                                             else "not calibrated: no no-peer run") + "):",
              f"{'N':>7} {'no-peer wall s':>14} {'egress/node MB':>14} {'peers wall s':>12} "
              f"{'egress/node MB':>14} {'wall ratio':>10}"]
     for n in sizes:
@@ -677,8 +693,7 @@ def main():
     except (rb.ServerError, RuntimeError, subprocess.TimeoutExpired) as e:
         problems.append(str(e))
     finally:
-        for p in rb.LIVE:
-            p.stop()
+        stop_all([p for p in SPAWNED if p.poll() is None])
         if net:
             net.down()
         for k, v in restore.items():
@@ -687,12 +702,13 @@ def main():
         subprocess.run(["rm", "-rf", args.rundir])
     med = summarize(results, args.setups, args.sizes)
     sims = {}
+    calib = [m | {"nodes": n} for (s, n), m in med.items() if s == "nbdroot"] or \
+        [m | {"nodes": n} for (s, n), m in med.items() if s == "nbdkit"]
     try:
         params = stormsim.calibrate(stormsim.Params(server_rate=stormsim.rate_bps(args.server_rate),
                                                     node_rate=stormsim.rate_bps(args.node_rate),
                                                     rtt=sim_rtt, qd=args.qd),
-                                    reqs, [m | {"nodes": n} for (s, n), m in med.items()
-                                           if s == "nbdroot"])
+                                    reqs, calib)
         for n in args.sim_sizes:
             for kind in ("nopeer", "peers"):
                 sims[(kind, n)] = stormsim.simulate(reqs, n, params, peers=kind == "peers")
@@ -704,7 +720,7 @@ def main():
         if sims:
             out.write(f"stormsim parameters: {params.describe()}\n")
             print(f"stormsim parameters: {params.describe()}")
-            sim_report(sims, args.sim_sizes, out)
+            sim_report(sims, args.sim_sizes, bool(calib), out)
         for p in problems:
             print("problem: " + p)
             out.write("problem: " + p + "\n")
