@@ -326,6 +326,12 @@ def node_supported(nbdserver):
     return r.returncode == 0 and "--peer-listen" in r.stdout + r.stderr
 
 
+def server_has_tracker(nbdserver):
+    """Does this nbdserver serve the tracker (--http-listen)?"""
+    r = subprocess.run([nbdserver, "--help"], capture_output=True, text=True, timeout=10)
+    return "--http-listen" in r.stdout
+
+
 # --------------------------------------------------------------------------
 # One storm
 
@@ -344,7 +350,7 @@ def start_server(args, net, setup, base, store, tmp, logpath):
     ready = os.path.join(tmp, "server.ready")
     argv = [args.nbdserver, "--listen", f"{srv_ip}:{NBD_PORT}", "--ready-file", ready,
             "--store", store, "--log-level", "warn"] + args.server_arg
-    if setup == "peers":
+    if setup == "peers" and args.tracker:
         argv += ["--http-listen", f"{srv_ip}:{HTTP_PORT}"]
     p = spawn(net.server, argv, logpath)
     wait_for("nbdserver", lambda: os.path.exists(ready) and os.path.getsize(ready) > 0, [p], 20,
@@ -358,8 +364,10 @@ def start_agents(args, net, n, tmp, logdir):
         sock = os.path.join(tmp, f"node-{i}.sock")
         argv = [args.nbdserver, "node", "--server", f"{net.server_ip}:{NBD_PORT}",
                 "--export", f"lab/node-{i}", "--socket", sock,
-                "--peer-listen", f"{net.node_ip(i)}:{PEER_PORT}", "--peers", "on",
-                "--tracker", f"{net.server_ip}:{HTTP_PORT}"] + args.agent_arg
+                "--peer-listen", f"{net.node_ip(i)}:{PEER_PORT}", "--peers", "on"]
+        if args.tracker:
+            argv += ["--tracker", f"{net.server_ip}:{HTTP_PORT}"]
+        argv += args.agent_arg
         if args.cache:
             argv += ["--cache", args.cache]
         agents.append(spawn(net.node_ns(i), argv, os.path.join(logdir, f"agent-{i}.log")))
@@ -466,7 +474,7 @@ def report(args, med, sims, tr, out):
         best = [med[(b, n)] for b in NO_PEER if (b, n) in med]
         bw = min((b["wall_s"] for b in best), default=None)
         be = min((b["egress_per_node"] for b in best), default=None)
-        sim = sims.get(("peers" if s == "peers" else "nopeer", n))
+        sim = sims.get(("peers" if s == "peers" and args.tracker else "nopeer", n))
         sw = sim["wall_s"] if sim else None
         se = sim["server_tx_bytes"] / n / MB if sim else None
         err_w = (sw / m["wall_s"] - 1) * 100 if sw and m["wall_s"] else None
@@ -493,6 +501,9 @@ def report(args, med, sims, tr, out):
         if p and best:
             rw = p["wall_s"] / min(b["wall_s"] for b in best)
             re_ = p["egress_per_node"] / tr["distinct_read_bytes"]
+            if not args.tracker:
+                lines.append("peers were off (the server has no tracker): these are the agents' "
+                             "figures, not the peers'")
             lines.append(f"target N={big}: wall peers/best no-peer <= 0.2: {rw:.2f} "
                          f"{'met' if rw <= 0.2 else 'NOT met'}")
             lines.append(f"target N={big}: egress/node <= 10% of distinct reads: {re_ * 100:.0f}% "
@@ -621,6 +632,11 @@ def check_tools(args):
     elif "peers" in args.setups and not have_node:
         sys.exit(f"setup peers: {args.nbdserver} has no node role: `nbdserver node --help` does "
                  f"not describe --peer-listen.  Build one with it, or leave peers out of --setups.")
+    args.tracker = have_node and server_has_tracker(args.nbdserver)
+    if "peers" in args.setups and not args.tracker:
+        LABEL["peers"] = "nbdroot agents, no tracker"
+        log(f"{args.nbdserver} has no tracker (--http-listen): the peers setup runs its agents "
+            f"without --tracker, so they read everything from the server (peers off)")
 
 
 def raise_neigh_limits(need):
@@ -680,13 +696,24 @@ def main():
                    f"{f'netem (rate, rtt {args.rtt_ms} ms)' if net.netem else 'tbf (rate only: no sch_netem in this kernel)'}; "
                    f"measured round trip node 0 -> server (TCP connect): {fmt(rtt, 3)} ms")
         sim_rtt = args.rtt_ms / 1000 if net.netem else (rtt or 0) / 1000
+        failed = set()
         for n in args.sizes:
             for rep in range(args.reps):
                 for s in args.setups:
-                    r = storm_once(args, net, s, n, rep, base, store, outdir)
+                    if s in failed:
+                        continue
+                    try:
+                        r = storm_once(args, net, s, n, rep, base, store, outdir)
+                    except (rb.ServerError, subprocess.TimeoutExpired) as e:
+                        log(f"{s} N={n} rep {rep} failed; {s} is left out from here on:\n{e}")
+                        problems.append(f"{s} N={n} rep {rep}: {e}")
+                        failed.add(s)
+                        continue
                     log(f"{s} N={n} rep {rep}: wall {r['wall_s']:.2f} s p50 {r['p50_s']:.2f} "
                         f"egress/node {r['server_tx_bytes'] / n / MB:.1f} MB, server CPU "
-                        f"{r['server_cpu_s']:.2f} s, client CPU {r['client_cpu_s']:.2f} s")
+                        f"{r['server_cpu_s']:.2f} s, client CPU {r['client_cpu_s']:.2f} s"
+                        + (f", agent VmHWM max {r['agent_hwm_kib_max'] / 1024:.1f} MiB"
+                           if r.get("agent_hwm_kib_max") else ""))
                     results.append(r)
     except KeyboardInterrupt:
         problems.append("interrupted: results are partial")
