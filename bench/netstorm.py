@@ -30,16 +30,19 @@ the chart.
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import traceback
+import zlib
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
@@ -332,6 +335,31 @@ def server_has_tracker(nbdserver):
     return "--http-listen" in r.stdout
 
 
+def write_chunk_digests(store, image="lab", gen="g1", chunk=65536):
+    """The generation's chunks.sha256 (docs/imagebuilder.md), which agents
+    need to check chunks from peers; storm.make_store links the image in
+    without one.  Skipped when it is newer than the image."""
+    gdir = os.path.join(store, "images", image, "generations", gen)
+    img, out = os.path.join(gdir, "image.ext4"), os.path.join(gdir, "chunks.sha256")
+    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(img):
+        return
+    size = os.path.getsize(img)
+    table = bytearray()
+    with open(img, "rb") as f:
+        while block := f.read(chunk):
+            table += hashlib.sha256(block).digest()
+    tag = 1469598103934665603  # storage::le::fnv1a's offset basis (not FNV's own)
+    for b in f"{image}@{gen}".encode():
+        tag = ((tag ^ b) * 0x100000001b3) & 0xffffffffffffffff
+    head = struct.pack("<8sIIIIII QQQ 32s 36x", b"NBDRCHKS", 1, 128, 1, 32, chunk, 0, size,
+                       (size + chunk - 1) // chunk, tag, hashlib.sha256(table).digest())
+    head += struct.pack("<I", zlib.crc32(head))
+    with open(out + ".tmp", "wb") as f:
+        f.write(head + table)
+    os.replace(out + ".tmp", out)
+    log(f"wrote {out} ({len(table) // 32} chunk digests)")
+
+
 # --------------------------------------------------------------------------
 # One storm
 
@@ -362,7 +390,7 @@ def start_agents(args, net, n, tmp, logdir):
     agents = []
     for i in range(n):
         sock = os.path.join(tmp, f"node-{i}.sock")
-        argv = [args.nbdserver, "node", "--server", f"{net.server_ip}:{NBD_PORT}",
+        argv = [args.agent_nbdserver, "node", "--server", f"{net.server_ip}:{NBD_PORT}",
                 "--export", f"lab/node-{i}", "--socket", sock,
                 "--peer-listen", f"{net.node_ip(i)}:{PEER_PORT}", "--peers", "on"]
         if args.tracker:
@@ -597,6 +625,8 @@ def parse_args():
     ap.add_argument("--outdir", help="default bench/results/netstorm-<timestamp>")
     ap.add_argument("--nbdserver", default=os.path.join(REPO, "build", "nbdserver", "nbdserver"))
     ap.add_argument("--nbdstorm", default=os.path.join(REPO, "build", "bench", "nbdstorm"))
+    ap.add_argument("--agent-nbdserver",
+                    help="the nbdserver whose node role the agents run (default --nbdserver)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra nbdserver argument")
     ap.add_argument("--agent-arg", action="append", default=[], help="extra nbdserver node argument")
     ap.add_argument("--client-threads", type=int, default=2)
@@ -605,6 +635,7 @@ def parse_args():
     ap.add_argument("--cleanup", action="store_true",
                     help="only delete stale namespaces of killed runs, then exit")
     args = ap.parse_args()
+    args.agent_nbdserver = args.agent_nbdserver or args.nbdserver
     args.sizes = [int(x) for x in args.nodes.split(",") if x]
     args.sim_sizes = sorted(set(int(x) for x in args.sim_nodes.split(",") if x) | set(args.sizes))
     if args.setups is not None:
@@ -621,17 +652,19 @@ def check_tools(args):
     for exe in ("ip", "tc", "nbdkit"):
         if not shutil.which(exe):
             sys.exit(f"{exe} not found (apt-get install iproute2 nbdkit)")
-    for exe in (args.nbdserver, args.nbdstorm):
+    for exe in (args.nbdserver, args.agent_nbdserver, args.nbdstorm):
         if not os.access(exe, os.X_OK):
             sys.exit(f"{exe} not found (ninja -C build nbdserver nbdstorm, or pass the path)")
-    have_node = node_supported(args.nbdserver)
+    have_node = node_supported(args.agent_nbdserver)
     if args.setups is None:
         args.setups = list(SETUPS if have_node else NO_PEER)
         if not have_node:
-            log(f"{args.nbdserver} has no node role (nbdserver node --help): setup peers skipped")
+            log(f"{args.agent_nbdserver} has no node role (nbdserver node --help): "
+                f"setup peers skipped")
     elif "peers" in args.setups and not have_node:
-        sys.exit(f"setup peers: {args.nbdserver} has no node role: `nbdserver node --help` does "
-                 f"not describe --peer-listen.  Build one with it, or leave peers out of --setups.")
+        sys.exit(f"setup peers: {args.agent_nbdserver} has no node role: `nbdserver node --help` "
+                 f"does not describe --peer-listen.  Build one with it, or leave peers out of "
+                 f"--setups.")
     args.tracker = have_node and server_has_tracker(args.nbdserver)
     if "peers" in args.setups and not args.tracker:
         LABEL["peers"] = "nbdroot agents, no tracker"
@@ -673,6 +706,8 @@ def main():
     tr = stormsim.trace_stats(reqs)
     base = storm.prepare_image(args.workdir, size, reqs)
     store = storm.make_store(args.workdir, base)
+    if "peers" in args.setups:
+        write_chunk_digests(store)
     header = (f"netstorm {stamp}: setups {','.join(args.setups)}; N {args.nodes}; {args.reps} "
               f"rep(s), median shown; server link {args.server_rate}, node links "
               f"{args.node_rate}, QD{args.qd}; "
