@@ -55,6 +55,9 @@ void reply_json(httplib::Response& res, const nlohmann::json& j, int status) {
 Server::Server(HttpOptions opts) : opts_(std::move(opts)) {
   const unsigned n = opts_.threads;
   svr_.new_task_queue = [n] { return new httplib::ThreadPool(n); };
+  // Headers and body go out in separate writes: without TCP_NODELAY a
+  // keep-alive client waits for a delayed ACK (40 ms) on every reply.
+  svr_.set_tcp_nodelay(true);
   svr_.set_payload_max_length(opts_.payload_max);
   svr_.set_read_timeout(opts_.io_timeout, 0);
   svr_.set_write_timeout(opts_.io_timeout, 0);
