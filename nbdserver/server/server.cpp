@@ -15,6 +15,7 @@
 #include "http/server.hpp"
 #include "http/store_api.hpp"
 #include "http/tracker_api.hpp"
+#include "tracker/tracker.hpp"
 #include "server/listen.hpp"
 #include "server/loop.hpp"
 
@@ -42,6 +43,18 @@ bool write_ready_file(const std::string& path, const std::vector<Listener>& ls,
     if (!out.flush()) return false;
   }
   return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+// What the tracker did, per generation, for the log at exit.
+void log_tracker(tracker::Tracker& t) {
+  for (const auto& [gen, st] : t.stats()) {
+    uint64_t live = 0;
+    for (const tracker::PeerStats& p : st.peers) live += p.live;
+    spdlog::info("tracker {}: {} peers ({} live), chunks named from the server {}, from peers {}, "
+                 "{} quarantines, {} expired",
+                 gen, st.peers.size(), live, st.server_answers, st.peer_answers, st.quarantines,
+                 st.expired);
+  }
 }
 
 }  // namespace
@@ -118,6 +131,7 @@ int run_server(const ServerOptions& opts) {
   // The HTTP API, on its own threads; started after the signals are blocked
   // so that they inherit the mask.
   std::unique_ptr<http::Server> http_server;
+  std::shared_ptr<tracker::Tracker> peer_tracker;
   std::string http_address;
   if (!opts.http_listen.empty()) {
     http::HttpOptions ho;
@@ -125,8 +139,9 @@ int run_server(const ServerOptions& opts) {
     http_server = std::make_unique<http::Server>(ho);
     tracker::SwarmLimits limits;
     limits.peer_timeout = opts.peer_timeout;
+    peer_tracker = std::make_shared<tracker::Tracker>(limits);
     http::add_store_api(http_server->routes(), store);
-    http::add_tracker_api(http_server->routes(), store, std::make_shared<tracker::Tracker>(limits));
+    http::add_tracker_api(http_server->routes(), store, peer_tracker);
     if (!http_server->start(&http_address, &err)) {
       spdlog::error("{}", err);
       shared.stopping = true;
@@ -158,6 +173,7 @@ int run_server(const ServerOptions& opts) {
   }
   sd_notify(0, "STOPPING=1");
   if (http_server) http_server->stop();
+  if (peer_tracker) log_tracker(*peer_tracker);
   shared.stopping = true;
   for (auto& l : loops) l->wake();
   for (auto& t : threads) t.join();

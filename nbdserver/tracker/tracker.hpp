@@ -31,6 +31,9 @@ class Tracker {
   bool with_existing(const std::string& generation,
                      const std::function<void(Swarm&, double)>& fn);
 
+  // Every swarm's stats, by generation ("IMAGE@GEN").
+  std::map<std::string, SwarmStats> stats();
+
   // Seconds on the monotonic clock.
   static double now();
 

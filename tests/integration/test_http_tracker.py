@@ -501,10 +501,15 @@ def test_sigterm_with_http_clients_connected(tracker):
     s = socket.create_connection((host, int(port)))
     s.sendall(b"GET /v1/tracker/lab@g1 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert s.recv(100).startswith(b"HTTP/1.1 200")
+    api.sources("n1", [0, 1])
+    api.sources("n2", [0, 1, 2])
     try:
         assert srv.terminate() == 0
     finally:
         s.close()
+    # The tracker's counters go to the log at exit.
+    assert ("tracker lab@g1: 2 peers (2 live), chunks named from the server 3, from peers 2, "
+            "0 quarantines, 0 expired") in srv.stderr()
 
 
 # ---------------------------------------------------------------- command line
