@@ -51,7 +51,7 @@ struct Options {
   bool peers = true;
   uint64_t cache = 64ull << 20;
   uint64_t upload_limit = 0;  // bytes/s, 0: unlimited
-  size_t upload_connections = 16;
+  size_t upload_connections = 64;
   std::string tracker;        // HOST:PORT of the server's HTTP API
   int peer_timeout_ms = 500;  // a peer's answer after this goes to the server instead
   std::string ready_file;
@@ -322,6 +322,8 @@ class Agent {
   std::mutex peers_mu_;
   std::map<int, std::string> peer_addr_;                    // slot -> HOST:PORT
   std::map<int, std::shared_ptr<NbdClient>> peer_conn_;     // open connections
+  std::map<int, Clock::time_point> peer_used_;              // their last use
+  static constexpr size_t kMaxPeerConnections = 8;
   std::map<int, Clock::time_point> peer_backoff_;           // failed: not before
 
   std::mutex upload_mu_;
@@ -546,6 +548,25 @@ ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
                   true);
     std::lock_guard<std::mutex> g(peers_mu_);
     peer_conn_[slot] = conn;
+    // Few connections kept: in a storm every node meets many peers, and
+    // each peer takes only --upload-connections. The least recently used
+    // goes (a request still on it ends as a failure: the server serves it).
+    peer_used_[slot] = Clock::now();
+    while (peer_conn_.size() > kMaxPeerConnections) {
+      auto oldest = peer_used_.end();
+      for (auto it = peer_used_.begin(); it != peer_used_.end(); ++it)
+        if (it->first != slot && peer_conn_.count(it->first) &&
+            (oldest == peer_used_.end() || it->second < oldest->second))
+          oldest = it;
+      if (oldest == peer_used_.end()) break;
+      peer_conn_[oldest->first]->close();
+      peer_conn_.erase(oldest->first);
+      peer_used_.erase(oldest);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> g(peers_mu_);
+    peer_used_[slot] = Clock::now();
   }
   auto buf = std::make_shared<std::vector<uint8_t>>(chunk_len(c));
   Result r = conn->pread(buf->data(), uint32_t(buf->size()), c * chunk_size_, o_.peer_timeout_ms);

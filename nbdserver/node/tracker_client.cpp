@@ -12,6 +12,7 @@ struct TrackerClient::Impl {
   httplib::Client cli;
   Impl(const std::string& host, int port) : cli(host, port) {
     cli.set_keep_alive(true);
+    cli.set_tcp_nodelay(true);
     cli.set_connection_timeout(2, 0);
     cli.set_read_timeout(5, 0);
   }
