@@ -8,7 +8,7 @@ and in one run:
            server, and all nodes write into nbdkit's one overlay
   nbdroot  nbdserver --store: node i attaches lab/node-i directly (created at
            first attach), no peers
-  peers    nbdserver --store --http-listen (the tracker), and in each node's
+  peers    nbdserver --store --http (the tracker), and in each node's
            namespace an agent, nbdserver node, that serves its view on a Unix
            socket and fetches clean chunks from peers; nbdstorm replays
            against the agents' sockets
@@ -330,9 +330,9 @@ def node_supported(nbdserver):
 
 
 def server_has_tracker(nbdserver):
-    """Does this nbdserver serve the tracker (--http-listen)?"""
+    """Does this nbdserver serve the tracker (--http)?"""
     r = subprocess.run([nbdserver, "--help"], capture_output=True, text=True, timeout=10)
-    return "--http-listen" in r.stdout
+    return "--http" in r.stdout
 
 
 def write_chunk_digests(store, image="lab", gen="g1", chunk=65536):
@@ -379,7 +379,7 @@ def start_server(args, net, setup, base, store, tmp, logpath):
     argv = [args.nbdserver, "--listen", f"{srv_ip}:{NBD_PORT}", "--ready-file", ready,
             "--store", store, "--log-level", "warn"] + args.server_arg
     if setup == "peers" and args.tracker:
-        argv += ["--http-listen", f"{srv_ip}:{HTTP_PORT}"]
+        argv += ["--http", f"{srv_ip}:{HTTP_PORT}"]
     p = spawn(net.server, argv, logpath)
     wait_for("nbdserver", lambda: os.path.exists(ready) and os.path.getsize(ready) > 0, [p], 20,
              logpath)
@@ -668,7 +668,7 @@ def check_tools(args):
     args.tracker = have_node and server_has_tracker(args.nbdserver)
     if "peers" in args.setups and not args.tracker:
         LABEL["peers"] = "nbdroot agents, no tracker"
-        log(f"{args.nbdserver} has no tracker (--http-listen): the peers setup runs its agents "
+        log(f"{args.nbdserver} has no tracker (--http): the peers setup runs its agents "
             f"without --tracker, so they read everything from the server (peers off)")
 
 

@@ -90,7 +90,7 @@ bool Server::start(std::string* address, std::string* err) {
   std::string host;
   int port = 0;
   if (!split_listen(opts_.listen, &host, &port)) {
-    *err = "--http-listen '" + opts_.listen + "': expected HOST:PORT or [V6]:PORT";
+    *err = "--http '" + opts_.listen + "': expected HOST:PORT or [V6]:PORT";
     return false;
   }
   // The library's default socket options set SO_REUSEPORT, which lets a
@@ -111,11 +111,11 @@ bool Server::start(std::string* address, std::string* err) {
     port = 0;
   }
   if (port == 0) {
-    *err = "--http-listen " + opts_.listen + ": cannot bind (address in use or unknown host?)";
+    *err = "--http " + opts_.listen + ": cannot bind (address in use or unknown host?)";
     return false;
   }
   if (sock >= 0 && ::listen(sock, kBacklog) != 0)
-    spdlog::warn("--http-listen {}: cannot raise the listen backlog: {}", opts_.listen,
+    spdlog::warn("--http {}: cannot raise the listen backlog: {}", opts_.listen,
                  strerror(errno));
   *address = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
              std::to_string(port);

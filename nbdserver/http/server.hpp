@@ -1,4 +1,4 @@
-// The HTTP server (--http-listen): cpp-httplib on its own thread pool,
+// The HTTP server (--http): cpp-httplib on its own thread pool,
 // beside the io_uring loops and off the NBD data path. Modules add their
 // endpoints to routes() before start() (http/store_api.hpp,
 // http/tracker_api.hpp; boot files later). Every error reply is JSON

@@ -1,5 +1,6 @@
 #include "node/agent.hpp"
 
+#include <malloc.h>
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -495,8 +496,8 @@ bool Agent::fetch_run_from_server(uint64_t first, size_t n, std::vector<ChunkByt
                                   std::string* why) {
   const uint64_t off = first * chunk_size_;
   const uint64_t len = std::min<uint64_t>(n * chunk_size_, gen_size_ - off);
-  std::vector<uint8_t> buf(len);
-  Result r = gen_->call([&](NbdClient& cl) { return cl.pread(buf.data(), uint32_t(len), off, 0); });
+  std::unique_ptr<uint8_t[]> buf(new uint8_t[len]);
+  Result r = gen_->call([&](NbdClient& cl) { return cl.pread(buf.get(), uint32_t(len), off, 0); });
   if (!r.ok()) {
     *why = "chunks " + std::to_string(first) + ".." + std::to_string(first + n - 1) + " of " +
            gen_name_ + " from the server: " + r.why;
@@ -506,7 +507,7 @@ bool Agent::fetch_run_from_server(uint64_t first, size_t n, std::vector<ChunkByt
   for (size_t i = 0; i < n; ++i) {
     const uint64_t at = i * chunk_size_;
     const uint64_t l = std::min<uint64_t>(chunk_size_, len - at);
-    out->push_back(std::make_shared<std::vector<uint8_t>>(buf.begin() + long(at), buf.begin() + long(at + l)));
+    out->push_back(std::make_shared<std::vector<uint8_t>>(buf.get() + at, buf.get() + at + l));
   }
   return true;
 }
@@ -949,6 +950,10 @@ int run_agent(int argc, char** argv) {
   // for memory, and never have our own pages paged out to it.
   if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0)
     spdlog::warn("PR_SET_IO_FLUSHER: {} (needs CAP_SYS_RESOURCE)", strerror(errno));
+  // Request buffers (up to a few MiB) come from the heap and are reused,
+  // not mapped and unmapped (and faulted in, locked) for every request.
+  mallopt(M_MMAP_THRESHOLD, 8 << 20);
+  mallopt(M_TRIM_THRESHOLD, 32 << 20);
   if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0)
     spdlog::warn("mlockall: {}", strerror(errno));
 

@@ -356,9 +356,9 @@ void Service::execute(Job& j) {
   const bool fua = r.flags & nbd::kCmdFlagFua;
   switch (r.type) {
     case nbd::kCmdRead: {
-      std::vector<uint8_t> buf(r.length);
-      e = c.backend->read(buf.data(), r.length, r.offset, &why);
-      return reply(c, r, e, why, e == nbd::kOk ? buf.data() : nullptr, e == nbd::kOk ? r.length : 0);
+      std::unique_ptr<uint8_t[]> buf(new uint8_t[r.length]);  // filled by the backend
+      e = c.backend->read(buf.get(), r.length, r.offset, &why);
+      return reply(c, r, e, why, e == nbd::kOk ? buf.get() : nullptr, e == nbd::kOk ? r.length : 0);
     }
     case nbd::kCmdWrite:
       e = c.backend->write(j.payload.data(), r.length, r.offset, fua, &why);

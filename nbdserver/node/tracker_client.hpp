@@ -1,4 +1,4 @@
-// The node agent's side of the server's HTTP API (--http-listen): the
+// The node agent's side of the server's HTTP API (--http): the
 // node's generation, the generation's chunk digests, and the tracker.
 // Calls take turns on one kept-alive connection. Thread-safe.
 #pragma once

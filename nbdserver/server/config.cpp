@@ -69,7 +69,7 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "each new attach)")
       ("block-size", po::value(&sf->block_size)->default_value(4096),
        "copy-on-write block size of nodes created at attach (512 to 1048576, a power of two)")
-      ("http-listen", po::value(&o->http_listen),
+      ("http", po::value(&o->http_listen),
        "serve the HTTP API (node info, chunk digests, the peer tracker) on HOST:PORT; port 0 "
        "picks a free one; needs --store")
       ("peer-timeout", po::value(&o->peer_timeout)->default_value(60),
@@ -116,7 +116,7 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
   if (o->exports.empty() && o->store.empty())
     return fail("nothing to serve: give --store DIR or at least one --export NAME=FILE");
   if (!o->http_listen.empty() && o->store.empty())
-    return fail("--http-listen needs --store (the API describes the store)");
+    return fail("--http needs --store (the API describes the store)");
   if (!(o->peer_timeout > 0 && o->peer_timeout <= 86400))
     return fail("--peer-timeout must be more than 0 and at most 86400 seconds");
   if (o->threads == 0) o->threads = std::max(1u, std::thread::hardware_concurrency());

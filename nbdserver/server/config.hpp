@@ -27,7 +27,7 @@ struct ServerOptions {
   std::string ready_file;
   std::string store;  // --store DIR: serve images and node views from it
   exports::StoreOptions store_opts;
-  std::string http_listen;  // --http-listen HOST:PORT: the HTTP API (needs --store)
+  std::string http_listen;  // --http HOST:PORT: the HTTP API (needs --store)
   double peer_timeout = 60;  // seconds before a silent peer leaves the tracker
 };
 

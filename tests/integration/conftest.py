@@ -188,7 +188,7 @@ class Server:
         self.workdir = workdir
         self.stderr_path = stderr_path
         self.addresses = addresses  # NBD listeners: "HOST:PORT" or a socket path
-        self.http = None            # "HOST:PORT" of the HTTP API (--http-listen)
+        self.http = None            # "HOST:PORT" of the HTTP API (--http)
         self.args = args
         self.stopped = False
 

@@ -1,4 +1,4 @@
-"""The HTTP API on --http-listen (nbdserver/http/): node info, a
+"""The HTTP API on --http (nbdserver/http/): node info, a
 generation's chunk digests and the peer tracker (issue 11), against the
 real server with python's http.client and curl.
 
@@ -106,7 +106,7 @@ def tracker(nbdserver, tmp_path):
         store, base = make_store(tmp_path, size=GEN_SIZE)
         write_digests(store, "lab", "g1", base)
         admin(store, "create", *NODES, "--image", "lab")
-        srv = nbdserver(args=["--store", store, "--http-listen", "127.0.0.1:0",
+        srv = nbdserver(args=["--store", store, "--http", "127.0.0.1:0",
                               "--threads", "2", *args])
         assert srv.http and srv.http.startswith("127.0.0.1:"), srv.http
         return srv, Api(srv.http), store, base
@@ -520,21 +520,21 @@ def run_server(args, timeout=30):
 
 
 def test_http_listen_needs_a_store(tmp_path, image):
-    r = run_server(["--export", f"disk={image.path}", "--http-listen", "127.0.0.1:0"])
-    assert r.returncode == 2 and "--http-listen needs --store" in r.stderr
+    r = run_server(["--export", f"disk={image.path}", "--http", "127.0.0.1:0"])
+    assert r.returncode == 2 and "--http needs --store" in r.stderr
 
 
 @pytest.mark.parametrize("addr", ["nonsense", "127.0.0.1:", ":80", "127.0.0.1:99999",
                                   "127.0.0.1:x"])
 def test_bad_http_listen(tmp_path, addr):
     store, _ = make_store(tmp_path, size=MiB)
-    r = run_server(["--store", store, "--listen", "127.0.0.1:0", "--http-listen", addr])
-    assert r.returncode == 1 and "--http-listen" in r.stderr, r.stderr
+    r = run_server(["--store", store, "--listen", "127.0.0.1:0", "--http", addr])
+    assert r.returncode == 1 and "--http" in r.stderr, r.stderr
 
 
 def test_http_port_in_use(tmp_path, tracker):
     srv, _, store, _ = tracker()
-    r = run_server(["--store", store, "--listen", "127.0.0.1:0", "--http-listen", srv.http])
+    r = run_server(["--store", store, "--listen", "127.0.0.1:0", "--http", srv.http])
     assert r.returncode == 1 and "cannot bind" in r.stderr, r.stderr
     srv.assert_alive()
 
@@ -542,5 +542,5 @@ def test_http_port_in_use(tmp_path, tracker):
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
 def test_bad_peer_timeout(tmp_path, value):
     store, _ = make_store(tmp_path, size=MiB)
-    r = run_server(["--store", store, "--http-listen", "127.0.0.1:0", "--peer-timeout", value])
+    r = run_server(["--store", store, "--http", "127.0.0.1:0", "--peer-timeout", value])
     assert r.returncode == 2 and "peer-timeout" in r.stderr, r.stderr

@@ -47,7 +47,7 @@ def serve(nbdserver, root, port=None, http=True, extra=()):
     listen = f"127.0.0.1:{port or 0}"
     args = ["--listen", listen, "--store", root, "--threads", "2", *extra]
     if http:
-        args += ["--http-listen", "127.0.0.1:0"]
+        args += ["--http", "127.0.0.1:0"]
     return nbdserver(args=args, listen=False)
 
 
