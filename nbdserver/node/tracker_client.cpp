@@ -1,41 +1,152 @@
 #include "node/tracker_client.hpp"
 
-#include <httplib.h>
+// Plain HTTP/1.1 with Boost.Beast (header-only): the agent goes into
+// initrds, where an HTTP library that drags in OpenSSL would not fit.
+// Each call runs its asynchronous steps to completion on a private
+// io_context, so beast::tcp_stream's timeouts apply; a kept-alive
+// connection the server closed in the meantime is reopened once.
 
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <chrono>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 namespace node {
 
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
 using nlohmann::json;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+constexpr auto kConnectTimeout = std::chrono::seconds(2);
+constexpr auto kIoTimeout = std::chrono::seconds(5);
+constexpr uint64_t kSmallBody = 1 << 20;    // a JSON answer
+constexpr uint64_t kDigestBody = 64 << 20;  // chunks.sha256: 32 bytes per 64 KiB chunk
+
+struct Reply {
+  unsigned status = 0;
+  std::string body;
+};
+
+}  // namespace
 
 struct TrackerClient::Impl {
-  httplib::Client cli;
-  Impl(const std::string& host, int port) : cli(host, port) {
-    cli.set_keep_alive(true);
-    cli.set_tcp_nodelay(true);
-    cli.set_connection_timeout(2, 0);
-    cli.set_read_timeout(5, 0);
+  std::string host;
+  int port;
+  asio::io_context ioc;
+  std::optional<beast::tcp_stream> stream;
+  beast::flat_buffer buf;  // bytes read past one reply stay for the next
+
+  Impl(std::string h, int p) : host(std::move(h)), port(p) {}
+
+  // Runs one asynchronous step; its error (beast::error::timeout when the
+  // stream's deadline passed).
+  template <class Start>
+  beast::error_code step(Start start) {
+    beast::error_code out = asio::error::would_block;
+    start([&out](beast::error_code ec, auto&&...) { out = ec; });
+    ioc.restart();
+    ioc.run();
+    return out;
+  }
+
+  void close() {
+    if (stream) {
+      beast::error_code ignored;
+      stream->socket().shutdown(tcp::socket::shutdown_both, ignored);
+      stream.reset();
+    }
+    buf.clear();
+  }
+
+  bool connect(std::string* err) {
+    beast::error_code ec;
+    tcp::resolver resolver(ioc);
+    auto addrs = resolver.resolve(host, std::to_string(port), ec);
+    if (ec) {
+      *err = "resolve " + host + ": " + ec.message();
+      return false;
+    }
+    stream.emplace(ioc);
+    stream->expires_after(kConnectTimeout);
+    ec = step([&](auto h) { stream->async_connect(addrs, h); });
+    if (ec) {
+      *err = "connect to " + host + ":" + std::to_string(port) + ": " + ec.message();
+      stream.reset();
+      return false;
+    }
+    return true;
+  }
+
+  bool exchange(http::request<http::string_body>& req, uint64_t limit, Reply* out,
+                std::string* err) {
+    stream->expires_after(kIoTimeout);
+    beast::error_code ec = step([&](auto h) { http::async_write(*stream, req, h); });
+    if (ec) {
+      *err = "send: " + ec.message();
+      return false;
+    }
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(limit);
+    ec = step([&](auto h) { http::async_read(*stream, buf, parser, h); });
+    if (ec) {
+      *err = "answer: " + ec.message();
+      return false;
+    }
+    out->status = parser.get().result_int();
+    out->body = std::move(parser.get().body());
+    if (!parser.get().keep_alive()) close();
+    return true;
+  }
+
+  // One request; false with `*err` when no complete answer came.
+  bool call(http::verb verb, const std::string& target, const std::string& body, uint64_t limit,
+            Reply* out, std::string* err) {
+    http::request<http::string_body> req{verb, target, 11};
+    req.set(http::field::host, host);
+    req.keep_alive(true);
+    if (verb == http::verb::post) {
+      req.set(http::field::content_type, "application/json");
+      req.body() = body;
+    }
+    req.prepare_payload();
+    for (int attempt = 0;; ++attempt) {
+      const bool reused = stream.has_value();
+      if (!reused && !connect(err)) return false;
+      if (exchange(req, limit, out, err)) return true;
+      close();
+      // The server may have closed an idle kept-alive connection: one
+      // retry on a fresh one. A timeout is an answer too late, not stale.
+      if (!reused || attempt > 0 || err->find("timed out") != std::string::npos) return false;
+    }
   }
 };
 
 TrackerClient::TrackerClient(std::string host, int port)
-    : impl_(std::make_unique<Impl>(host, port)) {}
+    : impl_(std::make_unique<Impl>(std::move(host), port)) {}
 TrackerClient::~TrackerClient() = default;
 
 namespace {
 
-bool answered(const httplib::Result& res, const std::string& what, std::string* err) {
-  if (!res) {
-    *err = what + ": " + httplib::to_string(res.error());
+bool answered(bool ok, const Reply& res, const std::string& what, std::string* err) {
+  if (!ok) {
+    *err = what + ": " + *err;
     return false;
   }
-  if (res->status != 200) {
-    std::string msg = res->body;
+  if (res.status != 200) {
+    std::string msg = res.body.substr(0, 200);
     try {
-      msg = json::parse(res->body).at("error").get<std::string>();
+      msg = json::parse(res.body).at("error").get<std::string>();
     } catch (const std::exception&) {
     }
-    *err = what + ": HTTP " + std::to_string(res->status) + ": " + msg;
+    *err = what + ": HTTP " + std::to_string(res.status) + ": " + msg;
     return false;
   }
   return true;
@@ -45,10 +156,11 @@ bool answered(const httplib::Result& res, const std::string& what, std::string* 
 
 bool TrackerClient::node_info(const std::string& exp, NodeInfo* out, std::string* err) {
   std::lock_guard<std::mutex> g(mu_);
-  auto res = impl_->cli.Get(("/v1/nodes/" + exp).c_str());
-  if (!answered(res, "node " + exp, err)) return false;
+  Reply res;
+  bool ok = impl_->call(http::verb::get, "/v1/nodes/" + exp, "", kSmallBody, &res, err);
+  if (!answered(ok, res, "node " + exp, err)) return false;
   try {
-    json j = json::parse(res->body);
+    json j = json::parse(res.body);
     out->generation = j.at("generation").get<std::string>();
     out->size = j.at("size").get<uint64_t>();
     out->chunk_size = j.at("chunk_size").get<uint32_t>();
@@ -61,9 +173,11 @@ bool TrackerClient::node_info(const std::string& exp, NodeInfo* out, std::string
 
 bool TrackerClient::digests(const std::string& gen, std::string* out, std::string* err) {
   std::lock_guard<std::mutex> g(mu_);
-  auto res = impl_->cli.Get(("/v1/generations/" + gen + "/chunks.sha256").c_str());
-  if (!answered(res, "chunk digests of " + gen, err)) return false;
-  *out = std::move(res->body);
+  Reply res;
+  bool ok = impl_->call(http::verb::get, "/v1/generations/" + gen + "/chunks.sha256", "",
+                        kDigestBody, &res, err);
+  if (!answered(ok, res, "chunk digests of " + gen, err)) return false;
+  *out = std::move(res.body);
   return true;
 }
 
@@ -72,11 +186,12 @@ bool TrackerClient::sources(const std::string& gen, const std::string& node, uin
                             std::map<int, std::string>* peers, std::string* err) {
   json body = {{"node", node}, {"peer_port", peer_port}, {"chunks", chunks}};
   std::lock_guard<std::mutex> g(mu_);
-  auto res = impl_->cli.Post(("/v1/tracker/" + gen + "/sources").c_str(), body.dump(),
-                             "application/json");
-  if (!answered(res, "tracker sources", err)) return false;
+  Reply res;
+  bool ok = impl_->call(http::verb::post, "/v1/tracker/" + gen + "/sources", body.dump(),
+                        kSmallBody, &res, err);
+  if (!answered(ok, res, "tracker sources", err)) return false;
   try {
-    json j = json::parse(res->body);
+    json j = json::parse(res.body);
     const json& src = j.at("sources");
     if (src.size() != chunks.size()) throw std::runtime_error("sources: wrong count");
     slots->clear();
@@ -98,9 +213,10 @@ bool TrackerClient::report(const std::string& gen, const std::string& node, uint
                {"bad_peer", bad_slot > 0 ? json(bad_slot) : json(nullptr)},
                {"leaving", leaving}};
   std::lock_guard<std::mutex> g(mu_);
-  auto res = impl_->cli.Post(("/v1/tracker/" + gen + "/report").c_str(), body.dump(),
-                             "application/json");
-  return answered(res, "tracker report", err);
+  Reply res;
+  bool ok = impl_->call(http::verb::post, "/v1/tracker/" + gen + "/report", body.dump(),
+                        kSmallBody, &res, err);
+  return answered(ok, res, "tracker report", err);
 }
 
 }  // namespace node
