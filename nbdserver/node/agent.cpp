@@ -28,7 +28,6 @@
 #include "node/service.hpp"
 #include "node/tracker_client.hpp"
 #include "storage/chunk_digests.hpp"
-#include "storage/layer_file.hpp"
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57

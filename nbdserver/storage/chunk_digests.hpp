@@ -40,9 +40,17 @@
 #include <string>
 #include <vector>
 
+#include "storage/le_bytes.hpp"
+
 namespace storage {
 
 using ChunkDigest = std::array<uint8_t, 32>;
+
+// A stable 64-bit tag for "<image>@<gen>" (FNV-1a). Binds a digests file
+// here, and a layer to its base (storage/layer_file.hpp), to a generation.
+inline uint64_t generation_tag(const std::string& image, const std::string& gen) {
+  return le::fnv1a(image + "@" + gen);
+}
 
 inline constexpr uint32_t kChunkSize = 64 * 1024;
 inline constexpr uint32_t kChunkHeaderSize = 128;

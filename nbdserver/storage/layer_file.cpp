@@ -124,10 +124,6 @@ bool valid_blocks(const Roaring& r, uint64_t blocks) {
 
 }  // namespace
 
-uint64_t generation_tag(const std::string& image, const std::string& gen) {
-  return le::fnv1a(image + "@" + gen);
-}
-
 uint64_t new_layer_tag() {
   std::random_device rd;
   uint64_t t = 0;

@@ -39,6 +39,8 @@
 #include <cstdint>
 #include <string>
 
+#include "storage/chunk_digests.hpp"  // generation_tag()
+
 namespace storage {
 
 // What a layer is: geometry and identity, the same in diff and bitmap.
@@ -66,8 +68,6 @@ struct OtherSlot {
   std::string why;  // why it was rejected, when written and not valid
 };
 
-// A stable 64-bit tag for "<image>@<gen>" (FNV-1a).
-uint64_t generation_tag(const std::string& image, const std::string& gen);
 // A random non-zero layer tag.
 uint64_t new_layer_tag();
 
