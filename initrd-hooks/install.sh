@@ -1,7 +1,7 @@
 #!/bin/sh
 # install.sh TREE [--initramfs-tools] [--dracut]
 # Installs nbdroot's node-side files into a root tree (or / ): the shared
-# library under /usr/share/nbdroot/lib, nbdroot-keeper in /usr/sbin, and
+# library under /usr/share/nbdroot/lib, nbdroot-keeper and nbdroot-agent in /usr/sbin, and
 # the initramfs-tools hook and script and/or the dracut module. Regenerate the tree's initrd afterwards
 # (update-initramfs -u, or dracut --add nbdroot --omit nbd).
 set -eu
@@ -19,6 +19,14 @@ if [ -x "$keeper" ]; then
 else
 	echo "install.sh: WARNING: no nbdroot-keeper at $keeper (build nbdroot or set NBDROOT_KEEPER):" >&2
 	echo "install.sh: WARNING: nodes will not survive a server restart" >&2
+fi
+# The node agent: $NBDROOT_AGENT, or this checkout's build (stripped).
+agent=${NBDROOT_AGENT:-$here/../build/nbdserver/nbdroot-agent}
+if [ -x "$agent" ]; then
+	install -D -s -m 755 "$agent" "$tree/usr/sbin/nbdroot-agent"
+else
+	echo "install.sh: no nbdroot-agent at $agent (build nbdroot or set NBDROOT_AGENT):" >&2
+	echo "install.sh: nodes will attach to the server directly" >&2
 fi
 for what; do
 	case $what in

@@ -16,6 +16,12 @@
 #               host then. $NBDROOT_NBD_CLIENT names a binary to use instead.
 #   nbdroot-keeper  $NBDROOT_KEEPER, else TREE's /usr/sbin/nbdroot-keeper,
 #               else the host's, else this checkout's build/ (static)
+#   nbdroot-agent  the node agent: $NBDROOT_AGENT, else TREE's
+#               /usr/sbin/nbdroot-agent, else the host's, else this
+#               checkout's build/; stripped, with its libraries from the
+#               host (libc, GnuTLS, libroaring). Optional: without it the
+#               node attaches to the server directly (and nbdroot-keeper
+#               reconnects).
 #   modules     virtio_pci virtio_net nbd ext4 crc32c (+ $NBDROOT_MODULES)
 #               and their dependencies, read with modinfo from the .ko files
 #               of DIR/lib/modules/VERSION (DIR = TREE unless --modules-from)
@@ -174,6 +180,30 @@ else
 	keeper="none"
 fi
 
+# nbdroot-agent (the node agent: the kernel's NBD on a Unix socket, the
+# servers and peers behind it): $NBDROOT_AGENT, TREE's (install.sh), the
+# host's, or this checkout's build/.
+find_agent() {
+	if [ -n "${NBDROOT_AGENT:-}" ]; then
+		[ -x "$NBDROOT_AGENT" ] || die "NBDROOT_AGENT=$NBDROOT_AGENT: not executable"
+		echo "$NBDROOT_AGENT"; return
+	fi
+	for p in "$tree/usr/sbin/nbdroot-agent" "$(command -v nbdroot-agent || true)" \
+		"$here/../build/nbdserver/nbdroot-agent"; do
+		[ -n "$p" ] && [ -x "$p" ] && { echo "$p"; return; }
+	done
+}
+agent=$(find_agent)
+if [ -n "$agent" ]; then
+	install_bin / "$agent" sbin/nbdroot-agent
+	if command -v strip >/dev/null 2>&1; then
+		strip --strip-unneeded "$root/sbin/nbdroot-agent" || die "strip $agent failed"
+	fi
+else
+	say "no nbdroot-agent (build nbdroot, or set NBDROOT_AGENT): nodes attach to the server directly"
+	agent="none"
+fi
+
 # ---------------------------------------------------------------- modules
 
 wanted="virtio_pci virtio_net nbd ext4 crc32c ${NBDROOT_MODULES:-}"
@@ -270,6 +300,6 @@ raw=$(du -sk "$root" | cut -f1)
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | $cmd >"$out.tmp"
 mv "$out.tmp" "$out"
 size=$(wc -c <"$out")
-say "kernel $kver; busybox: $bbsrc; nbd-client: $nbdsrc; nbdroot-keeper: $keeper"
+say "kernel $kver; busybox: $bbsrc; nbd-client: $nbdsrc; nbdroot-keeper: $keeper; nbdroot-agent: $agent"
 say "modules: $(sed 's,.*/,,; s,\.ko$,,' "$root/lib/nbdroot/modules" | tr '\n' ' ')"
 echo "$out: $size bytes ($compress; ${raw} KiB unpacked, $files files)"

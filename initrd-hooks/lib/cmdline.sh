@@ -31,6 +31,16 @@
 #                            ioctl one with a resident nbd-client (-persist);
 #                            see README.md for why netlink is the default
 #   nbdroot.blocksize=N      nbd-client -block-size: 512, 1024, 2048 or 4096
+#   nbdroot.agent=on|off     the node agent (nbdroot-agent), when the initrd
+#                            has it (default on): /dev/nbd0 talks to it on a
+#                            Unix socket, it talks to the servers and peers
+#   nbdroot.peers=on|off     the agent reads clean chunks from peers and
+#                            serves them (default on; needs nbdroot.tracker)
+#   nbdroot.tracker=H:P      the server's HTTP API (host, IPv4 or [IPv6], with
+#                            a port); without it the agent runs with peers off
+#   nbdroot.cache=SIZE       the agent's chunk cache: N, NK, NM or NG
+#                            (default 64M)
+#   nbdroot.peer_port=P      where the agent serves peers (default 10809)
 #   rootfstype=, rootflags=, ro, rw, panic=N, ip=...   (kernel's own)
 #
 # Results (all set, possibly empty):
@@ -40,6 +50,8 @@
 #   NBDROOT_FSTYPE (ext4) NBDROOT_FSOPTS NBDROOT_RO (0|1) NBDROOT_MODE
 #   NBDROOT_RETRIES NBDROOT_TIMEOUT NBDROOT_SHELL (0|1) NBDROOT_PANIC
 #   NBDROOT_NETLINK (0|1) NBDROOT_BLOCKSIZE
+#   NBDROOT_AGENT NBDROOT_PEERS (on|off) NBDROOT_TRACKER (host:port or
+#   empty) NBDROOT_CACHE NBDROOT_PEER_PORT
 #   NBDROOT_MODE_GIVEN (1 when nbdroot.mode= was there: the node then tells
 #   the server its mode, see nbdroot_attach)
 #   NBDROOT_IP (raw ip= value) and, from it, NBDROOT_IP_METHOD (dhcp|static|off)
@@ -208,6 +220,8 @@ nbdroot_parse() {
 	NBDROOT_FSTYPE=ext4 NBDROOT_FSOPTS= NBDROOT_RO=0 NBDROOT_MODE=persistent NBDROOT_MODE_GIVEN=0
 	NBDROOT_RETRIES=5 NBDROOT_TIMEOUT=0 NBDROOT_SHELL=0 NBDROOT_PANIC= NBDROOT_IP=
 	NBDROOT_NETLINK=1 NBDROOT_BLOCKSIZE=
+	NBDROOT_AGENT=on NBDROOT_PEERS=on NBDROOT_TRACKER= NBDROOT_CACHE=64M NBDROOT_PEER_PORT=10809
+	_nr_tracker= _nr_peer_port=
 	_nr_deb= _nr_dracut= _nr_node= _nr_more= _nr_fstype= _nr_fsopts= _nr_any=0
 	_nr_mode= _nr_retries= _nr_timeout= _nr_has=
 	_nr_glob=
@@ -227,6 +241,23 @@ nbdroot_parse() {
 		nbdroot.netlink=0 | nbdroot.netlink=1) NBDROOT_NETLINK=${_nr_w#*=} ;;
 		nbdroot.blocksize=512 | nbdroot.blocksize=1024 | nbdroot.blocksize=2048 | nbdroot.blocksize=4096)
 			NBDROOT_BLOCKSIZE=${_nr_w#*=}; _nr_any=1 ;;
+		nbdroot.agent=on | nbdroot.agent=off) NBDROOT_AGENT=${_nr_w#*=} ;;
+		nbdroot.peers=on | nbdroot.peers=off) NBDROOT_PEERS=${_nr_w#*=} ;;
+		nbdroot.tracker=*) _nr_tracker=${_nr_w#*=}; _nr_any=1; _nr_has="$_nr_has tracker" ;;
+		nbdroot.peer_port=*) _nr_peer_port=${_nr_w#*=}; _nr_any=1; _nr_has="$_nr_has pport" ;;
+		nbdroot.cache=[1-9]* | nbdroot.cache=0)
+			_nr_c=${_nr_w#*=}
+			case ${_nr_c%[KMG]} in
+			'' | *[!0-9]*) [ -z "$_nr_glob" ] && set +f
+				_nr_fail "nbdroot.cache: expected a size (N, NK, NM or NG), got '$_nr_c'"; return 2 ;;
+			esac
+			[ ${#_nr_c} -le 12 ] || { [ -z "$_nr_glob" ] && set +f
+				_nr_fail "nbdroot.cache: too large: '$_nr_c'"; return 2; }
+			NBDROOT_CACHE=$_nr_c; _nr_any=1 ;;
+		nbdroot.agent=* | nbdroot.peers=*) [ -z "$_nr_glob" ] && set +f
+			_nr_fail "${_nr_w%%=*}: expected on or off, got '${_nr_w#*=}'"; return 2 ;;
+		nbdroot.cache=*) [ -z "$_nr_glob" ] && set +f
+			_nr_fail "nbdroot.cache: expected a size (N, NK, NM or NG), got '${_nr_w#*=}'"; return 2 ;;
 		nbdroot.netlink=* | nbdroot.blocksize=*) [ -z "$_nr_glob" ] && set +f
 			_nr_fail "${_nr_w%%=*}: bad value '${_nr_w#*=}'"; return 2 ;;
 		nbdroot.shell=*) [ -z "$_nr_glob" ] && set +f
@@ -315,6 +346,16 @@ nbdroot_parse() {
 			{ _nr_fail "nbdroot.timeout: expected seconds 0-86400, got '$_nr_timeout'"; return 2; }
 		NBDROOT_TIMEOUT=$((_nr_timeout + 0))
 	fi
+	if [ "${_nr_has#*tracker}" != "$_nr_has" ]; then
+		nbdroot_split_server "$_nr_tracker" "" ||
+			{ _nr_fail "nbdroot.tracker: expected <host>:<port>, got '$_nr_tracker'"; return 2; }
+		NBDROOT_TRACKER="$_nr_host:$_nr_port"
+	fi
+	if [ "${_nr_has#*pport}" != "$_nr_has" ]; then
+		nbdroot_valid_port "$_nr_peer_port" ||
+			{ _nr_fail "nbdroot.peer_port: expected 1-65535, got '$_nr_peer_port'"; return 2; }
+		NBDROOT_PEER_PORT=$_nr_peer_port
+	fi
 	case $NBDROOT_PANIC in
 	'' | -[0-9] | -[0-9][0-9] | -[0-9][0-9][0-9]) ;;
 	*[!0-9]*) _nr_fail "panic=: expected seconds, got '$NBDROOT_PANIC'"; return 2 ;;
@@ -332,7 +373,7 @@ nbdroot_parse() {
 # nbdroot_dump: every result as NAME=value, one a line (for tests and logs).
 nbdroot_dump() {
 	for _nr_v in SERVERS IMAGE NODE EXPORT FSTYPE FSOPTS RO MODE MODE_GIVEN RETRIES TIMEOUT \
-		SHELL PANIC NETLINK BLOCKSIZE IP IP_METHOD IP_ADDR IP_GW IP_MASK IP_DEV IP_DNS ERROR; do
+		SHELL PANIC NETLINK BLOCKSIZE AGENT PEERS TRACKER CACHE PEER_PORT IP IP_METHOD IP_ADDR IP_GW IP_MASK IP_DEV IP_DNS ERROR; do
 		eval "echo \"NBDROOT_$_nr_v=\${NBDROOT_$_nr_v:-}\""
 	done
 }

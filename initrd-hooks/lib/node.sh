@@ -116,6 +116,10 @@ nbdroot_attach() {
 		CLIENT_OPTS="$CLIENT_OPTS -timeout $NBDROOT_TIMEOUT"
 	[ -n "$NBDROOT_BLOCKSIZE" ] && CLIENT_OPTS="$CLIENT_OPTS -block-size $NBDROOT_BLOCKSIZE"
 
+	if nbdroot_agent_wanted; then
+		nbdroot_attach_agent
+		return
+	fi
 	log "node $NBDROOT_NODE, export $NBDROOT_EXPORT ($NBDROOT_MODE), servers: $NBDROOT_SERVERS"
 	SERVER=
 	round=1
@@ -139,15 +143,90 @@ nbdroot_attach() {
 		[ $delay -gt 8 ] && delay=8
 	done
 	[ -n "$SERVER" ] || fail "no server gave us export $NBDROOT_EXPORT after $NBDROOT_RETRIES rounds over: $NBDROOT_SERVERS"
+	nbdroot_wait_size
+	log "attached /dev/nbd0 to $SERVER/$NBDROOT_EXPORT ($(($(cat /sys/block/nbd0/size) / 2048)) MiB)"
+	nbdroot_keep
+}
 
+# nbdroot_wait_size: waits for /dev/nbd0 to have a size.
+nbdroot_wait_size() {
 	i=0
 	while [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" = 0 ]; do
 		i=$((i + 1))
 		[ $i -gt 50 ] && fail "/dev/nbd0 still has no size 10 s after nbd-client connected"
 		sleep 0.2
 	done
-	log "attached /dev/nbd0 to $SERVER/$NBDROOT_EXPORT ($(($(cat /sys/block/nbd0/size) / 2048)) MiB)"
-	nbdroot_keep
+}
+
+# nbdroot_agent_wanted: nbdroot-agent is in this initrd and the command
+# line did not turn it off (nbdroot.agent=off). The agent cannot ask for a
+# mode (?mode=) yet: with nbdroot.mode= the node attaches directly.
+nbdroot_agent_wanted() {
+	[ "$NBDROOT_AGENT" = on ] || return 1
+	command -v nbdroot-agent >/dev/null 2>&1 || return 1
+	# A library missing from the initrd (libroaring from a tree that lacks
+	# it, an older glibc): boot as without the agent rather than fail.
+	if ! _a_out=$(nbdroot-agent --help 2>&1 >/dev/null); then
+		log "WARNING: nbdroot-agent cannot run here ($(echo "$_a_out" | head -n 2 | tr '\n' ' ')): attaching directly"
+		return 1
+	fi
+	if [ "${NBDROOT_MODE_GIVEN:-0}" = 1 ]; then
+		log "nbdroot.mode= given: attaching without nbdroot-agent (it cannot ask for a mode)"
+		return 1
+	fi
+	return 0
+}
+
+# nbdroot_agent_start: starts nbdroot-agent, which outlives the initrd: it
+# serves /dev/nbd0 on NBDROOT_RUN/agent.sock, keeps the node's view on the
+# servers (reconnecting by itself; no nbdroot-keeper then) and, with
+# nbdroot.tracker=, reads clean chunks from peers and serves them. Marked
+# '@' (a root storage daemon systemd leaves alone at shutdown). Waits for
+# its ready file.
+nbdroot_agent_start() {
+	_a_peers=$NBDROOT_PEERS
+	_a_tracker=
+	if [ -z "$NBDROOT_TRACKER" ]; then
+		_a_peers=off
+	else
+		_a_tracker="--tracker $NBDROOT_TRACKER"
+	fi
+	rm -f "$NBDROOT_RUN/agent.ready" "$NBDROOT_RUN/agent.sock"
+	log "nbdroot-agent: export $NBDROOT_EXPORT, servers: $NBDROOT_SERVERS, peers $_a_peers${_a_tracker:+ (tracker $NBDROOT_TRACKER)}, cache $NBDROOT_CACHE"
+	# shellcheck disable=SC2086
+	nbdroot-agent --systemd-mark --server "$(echo $NBDROOT_SERVERS | tr ' ' ',')" \
+		--export "$NBDROOT_EXPORT" --socket "$NBDROOT_RUN/agent.sock" \
+		--stats-file "$NBDROOT_RUN/agent.stats" --ready-file "$NBDROOT_RUN/agent.ready" \
+		--peers "$_a_peers" $_a_tracker --cache "$NBDROOT_CACHE" \
+		--peer-listen "0.0.0.0:$NBDROOT_PEER_PORT" \
+		</dev/null >"$NBDROOT_RUN/agent.log" 2>&1 &
+	_a_pid=$!
+	i=0
+	while ! [ -s "$NBDROOT_RUN/agent.ready" ]; do
+		kill -0 $_a_pid 2>/dev/null ||
+			fail "nbdroot-agent stopped: $(tail -n 5 "$NBDROOT_RUN/agent.log" | tr '\n' ' ')"
+		i=$((i + 1))
+		# It tries the servers for a while before giving up by itself.
+		[ $i -gt 900 ] && fail "nbdroot-agent not ready after 180 s: $(tail -n 5 "$NBDROOT_RUN/agent.log" | tr '\n' ' ')"
+		sleep 0.2
+	done
+	echo "$_a_pid" >"$NBDROOT_RUN/agent.pid"
+}
+
+# nbdroot_attach_agent: /dev/nbd0 on the agent's Unix socket.
+nbdroot_attach_agent() {
+	nbdroot_agent_start
+	SERVER="unix:$NBDROOT_RUN/agent.sock"
+	# A request waits in the agent while it reconnects: only -timeout when
+	# the command line asked for one.
+	[ "$NBDROOT_NETLINK" = 1 ] && [ "$NBDROOT_TIMEOUT" -gt 0 ] &&
+		CLIENT_OPTS="$CLIENT_OPTS -timeout $NBDROOT_TIMEOUT"
+	# shellcheck disable=SC2086
+	nbd-client -unix "$NBDROOT_RUN/agent.sock" /dev/nbd0 -N "$NBDROOT_EXPORT" $CLIENT_OPTS \
+		>"$NBDROOT_RUN/nbd-client.log" 2>&1 ||
+		fail "nbd-client on the agent's socket: $(grep -v '^Negotiation' "$NBDROOT_RUN/nbd-client.log" | tr '\n' ' ')"
+	nbdroot_wait_size
+	log "attached /dev/nbd0 to nbdroot-agent ($NBDROOT_EXPORT, $(($(cat /sys/block/nbd0/size) / 2048)) MiB)"
 }
 
 # nbdroot_keep: starts nbdroot-keeper, which outlives the initrd and

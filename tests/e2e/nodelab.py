@@ -346,6 +346,10 @@ class Lab:
                  "ip=dhcp", "panic=5"]
         if node:
             parts.append(f"nbdroot.node={node}")
+        # The scenarios written for nbd-client on the server and
+        # nbdroot-keeper; the agent's ask for nbdroot.agent=on.
+        if "nbdroot.agent=" not in extra:
+            parts.append("nbdroot.agent=off")
         return " ".join(parts + ([extra] if extra else []))
 
     def vm(self, name, append, mac="52:54:00:12:34:56", **kw):

@@ -121,7 +121,8 @@ def test_debian_boots_through_the_initramfs_tools_hook(debian_lab, tmp_path):
 
     gen = debian_lab.store.build("deb", tree, "g1", size_mib=1536)
     debian_lab.store.publish("deb", gen)
-    append = (f"console=ttyS0 nbdroot=10.0.2.2:{debian_lab.server.port}/deb ip=dhcp panic=10 rw")
+    append = (f"console=ttyS0 nbdroot=10.0.2.2:{debian_lab.server.port}/deb ip=dhcp panic=10 rw "
+              "nbdroot.agent=off")
     first = debian_lab.boot("debian-1", append + " e2e.write=note.txt:debian-1",
                             vmlinuz=vmlinuz, initrd=initrd, memory_mib=1024,
                             timeout=DEBIAN_BOOT_TIMEOUT)
@@ -172,7 +173,7 @@ def test_dracut_module_builds_and_boots(debian_lab, tmp_path):
     gen = debian_lab.store.build("dr", tree, "g1", size_mib=1536)
     debian_lab.store.publish("dr", gen)
     append = (f"console=ttyS0 root=/dev/nbd0 nbdroot=10.0.2.2:{debian_lab.server.port}/dr "
-              "ip=dhcp panic=10 rw rd.timeout=120")
+              "ip=dhcp panic=10 rw rd.timeout=120 nbdroot.agent=off")
     vm = debian_lab.boot("dracut", append, vmlinuz=vmlinuz, initrd=tree + out,
                          memory_mib=1024, timeout=DEBIAN_BOOT_TIMEOUT)
     assert_clean_debian_boot(vm)

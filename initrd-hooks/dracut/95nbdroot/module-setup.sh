@@ -23,13 +23,18 @@ installkernel() {
 }
 
 install() {
-    inst_multiple nbd-client ip sed tr grep head cat sleep kill mount umount ln awk cut
+    inst_multiple nbd-client ip sed tr grep head tail cat sleep kill mount umount ln awk cut
     inst_simple "$(command -v busybox)" /usr/bin/busybox
     # The reconnect daemon (static; installed by install.sh).
     if [ -x /usr/sbin/nbdroot-keeper ]; then
         inst_simple /usr/sbin/nbdroot-keeper /usr/sbin/nbdroot-keeper
     else
         dwarn "nbdroot: no /usr/sbin/nbdroot-keeper: nodes will not survive a server restart"
+    fi
+    # The node agent (install.sh), with its libraries. Without it the node
+    # attaches to the server directly.
+    if [ -x /usr/sbin/nbdroot-agent ]; then
+        inst_binary /usr/sbin/nbdroot-agent /usr/sbin/nbdroot-agent
     fi
     ln_r /usr/bin/busybox /usr/sbin/udhcpc
     ln_r /usr/bin/busybox /usr/bin/ipcalc
