@@ -78,7 +78,8 @@ struct TrackerClient::Impl {
     stream->expires_after(kConnectTimeout);
     ec = step([&](auto h) { stream->async_connect(addrs, h); });
     if (ec) {
-      *err = "connect to " + host + ":" + std::to_string(port) + ": " + ec.message();
+      *err = "connect to " + host + ":" + std::to_string(port) + ": " +
+             (ec == beast::error::timeout ? "timed out" : ec.message());
       stream.reset();
       return false;
     }
@@ -90,12 +91,24 @@ struct TrackerClient::Impl {
     stream->expires_after(kIoTimeout);
     beast::error_code ec = step([&](auto h) { http::async_write(*stream, req, h); });
     if (ec) {
-      *err = "send: " + ec.message();
+      *err = "send: " + (ec == beast::error::timeout ? "timed out" : ec.message());
       return false;
     }
     http::response_parser<http::string_body> parser;
     parser.body_limit(limit);
-    ec = step([&](auto h) { http::async_read(*stream, buf, parser, h); });
+    ec = step([&](auto h) { http::async_read_header(*stream, buf, parser, h); });
+    // Beast 1.74 does not always hold a declared Content-Length to the
+    // body limit: check it here, before reading the body.
+    if (!ec && parser.content_length() && *parser.content_length() > limit) {
+      *err = "answer: a body of " + std::to_string(*parser.content_length()) +
+             " bytes, over the limit of " + std::to_string(limit) + " (body limit exceeded)";
+      return false;
+    }
+    if (!ec && !parser.is_done()) ec = step([&](auto h) { http::async_read(*stream, buf, parser, h); });
+    if (ec == beast::error::timeout) {
+      *err = "answer: timed out after " + std::to_string(kIoTimeout.count()) + " s";
+      return false;
+    }
     if (ec) {
       *err = "answer: " + ec.message();
       return false;

@@ -89,7 +89,7 @@ WHY = {
     "bad_json": "bad answer",
     "status_500": "HTTP 500: the tracker is on fire",
     "huge_body": "body limit exceeded",
-    "hang": "timed out",
+    "hang": "answer: timed out after 5 s",
     "bad_digests": "peers off",
 }
 
@@ -110,7 +110,6 @@ def test_a_lying_tracker_turns_peers_off_and_the_root_still_works(nbdserver, sto
         log = a.stderr()
         assert "peers off" in log and WHY[fault] in log, log
         assert fake.paths and fake.paths[0] == "/v1/nodes/lab/n1"
-        st = a.stats()
-        assert st["gen_peer_bytes"] == 0 and st["generation"] == ""
+        assert a.stats()["gen_peer_bytes"] == 0
     finally:
         fake.close()
