@@ -17,7 +17,7 @@ say "init started, generation $(cat /etc/generation)"
 say "uptime $(cut -d' ' -f1 /proc/uptime)"
 say "mem $(awk '/^(MemTotal|MemFree|MemAvailable):/ { printf "%s %s kB ", $1, $2 }' /proc/meminfo)"
 sed 's/^/E2E: state /' /run/nbdroot/state 2>/dev/null
-ps -o pid,args | grep '[n]bd-client' | sed 's/^/E2E: process /'
+ps -o pid,args | grep -e '[n]bd-client' -e '[b]droot-agent' | sed 's/^/E2E: process /'
 mkdir -p /data
 for f in /data/*.txt; do
 	[ -f "$f" ] && say "marker ${f##*/}=$(cat "$f")"
@@ -62,6 +62,7 @@ fi
 if dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O|blk_update_request|nbd0: Receive control failed|Connection timed out' >/run/kerr; then
 	sed 's/^/E2E: kernel: /' /run/kerr | head -n 20
 fi
+[ -f /run/nbdroot/agent.stats ] && say "agent $(cat /run/nbdroot/agent.stats)"
 say "done"
 sync
 mount -o remount,ro / 2>/dev/null

@@ -5,6 +5,7 @@ failed tests are kept (see conftest.py).
 The node's /sbin/init is node_init.sh: it prints "E2E: ..." lines and
 powers the VM off."""
 
+import json
 import re
 import time
 
@@ -154,6 +155,31 @@ def test_ephemeral_node_keeps_its_changes_across_a_server_restart(lab):
     again = lab.boot("eph-again", lab.cmdline("eph5", "nbdroot.mode=ephemeral e2e.files"), MAC_A)
     assert_clean(again)
     assert not any(l.startswith("files ") for l in again.e2e()), "an ephemeral node kept its changes"
+
+
+def test_node_survives_server_restart_through_the_agent(lab):
+    """5c: as 5, booted through nbdroot-agent (peers off: no tracker): the
+    kernel's socket is the agent's, which reconnects to the server by
+    itself (?resume); no nbdroot-keeper."""
+    node = "n5c"
+    vm = lab.vm("agent-writer", lab.cmdline(node, "nbdroot.agent=on e2e.ticks=12 e2e.tickwait=1"),
+                MAC_A).start()
+    vm.wait_for(r"E2E: tick 3 ok")
+    assert lab.server.stop() == 0
+    time.sleep(1)
+    lab.server.start()
+    vm.wait()
+    assert_clean(vm)
+    assert "tick 12 ok" in vm.e2e()
+    assert state(vm)["NBDROOT_SERVER"] == "unix:/run/nbdroot/agent.sock", state(vm)
+    lines = vm.e2e()
+    assert any(re.match(r"process \d+ @bdroot-agent ", l) for l in lines), lines
+    assert not any("nbdroot-keeper" in l for l in lines), lines
+    stats = json.loads(next(l[len("agent "):] for l in lines if l.startswith("agent ")))
+    assert stats["reconnects"] >= 1, stats
+    after = lab.boot("agent-after", lab.cmdline(node, "nbdroot.agent=on e2e.files"), MAC_A)
+    assert_clean(after)
+    assert "files ok 12" in after.e2e()
 
 
 def test_no_server_fails_clearly_and_boundedly(lab):
