@@ -193,12 +193,16 @@ nbdroot_agent_start() {
 	fi
 	rm -f "$NBDROOT_RUN/agent.ready" "$NBDROOT_RUN/agent.sock"
 	log "nbdroot-agent: export $NBDROOT_EXPORT, servers: $NBDROOT_SERVERS, peers $_a_peers${_a_tracker:+ (tracker $NBDROOT_TRACKER)}, cache $NBDROOT_CACHE"
+	# In NBDROOT_RUN, with the stats file named relative to it: after
+	# switch_root the agent's / is the emptied initramfs, but its working
+	# directory is still the run directory, now the new root's.
 	# shellcheck disable=SC2086
-	nbdroot-agent --systemd-mark --server "$(echo $NBDROOT_SERVERS | tr ' ' ',')" \
+	(cd "$NBDROOT_RUN" && exec nbdroot-agent --systemd-mark \
+		--server "$(echo $NBDROOT_SERVERS | tr ' ' ',')" \
 		--export "$NBDROOT_EXPORT" --socket "$NBDROOT_RUN/agent.sock" \
-		--stats-file "$NBDROOT_RUN/agent.stats" --ready-file "$NBDROOT_RUN/agent.ready" \
+		--stats-file agent.stats --ready-file "$NBDROOT_RUN/agent.ready" \
 		--peers "$_a_peers" $_a_tracker --cache "$NBDROOT_CACHE" \
-		--peer-listen "0.0.0.0:$NBDROOT_PEER_PORT" \
+		--peer-listen "0.0.0.0:$NBDROOT_PEER_PORT") \
 		</dev/null >"$NBDROOT_RUN/agent.log" 2>&1 &
 	_a_pid=$!
 	i=0

@@ -173,7 +173,7 @@ def test_node_survives_server_restart_through_the_agent(lab):
     assert "tick 12 ok" in vm.e2e()
     assert state(vm)["NBDROOT_SERVER"] == "unix:/run/nbdroot/agent.sock", state(vm)
     lines = vm.e2e()
-    assert any(re.match(r"process \d+ @bdroot-agent ", l) for l in lines), lines
+    assert any(re.match(r"process +\d+ .*@bdroot-agent ", l) for l in lines), lines
     assert not any("nbdroot-keeper" in l for l in lines), lines
     stats = json.loads(next(l[len("agent "):] for l in lines if l.startswith("agent ")))
     assert stats["reconnects"] >= 1, stats
