@@ -7,7 +7,9 @@ The server and the agent are the real binaries; the tracker is a fake
 (python's http.server): a lying tracker is a fault-injection boundary."""
 
 import json
+import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -110,6 +112,11 @@ def test_a_lying_tracker_turns_peers_off_and_the_root_still_works(nbdserver, sto
         log = a.stderr()
         assert "peers off" in log and WHY[fault] in log, log
         assert fake.paths and fake.paths[0] == "/v1/nodes/lab/n1"
+        # The agent writes its counters every 250 ms, the first time some
+        # time after its ready file.
+        deadline = time.monotonic() + 30
+        while not os.path.exists(a.stats_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert a.stats()["gen_peer_bytes"] == 0
     finally:
         fake.close()
