@@ -15,15 +15,19 @@ size_t ChunkCache::chunks() const {
   return held_.size();
 }
 
+ChunkBytes ChunkCache::touch_locked(uint64_t chunk) {
+  auto it = held_.find(chunk);
+  if (it == held_.end()) return nullptr;
+  lru_.splice(lru_.begin(), lru_, it->second.lru);
+  return it->second.data;
+}
+
 ChunkBytes ChunkCache::get_or_claim(uint64_t chunk, int timeout_ms, bool* claimed) {
   *claimed = false;
   std::unique_lock<std::mutex> lk(mu_);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
-    if (auto it = held_.find(chunk); it != held_.end()) {
-      lru_.splice(lru_.begin(), lru_, it->second.lru);
-      return it->second.data;
-    }
+    if (ChunkBytes d = touch_locked(chunk)) return d;
     if (!fetching_.count(chunk)) {
       fetching_.insert(chunk);
       *claimed = true;
@@ -40,10 +44,7 @@ ChunkBytes ChunkCache::get(uint64_t chunk, int timeout_ms) {
   std::unique_lock<std::mutex> lk(mu_);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
-    if (auto it = held_.find(chunk); it != held_.end()) {
-      lru_.splice(lru_.begin(), lru_, it->second.lru);
-      return it->second.data;
-    }
+    if (ChunkBytes d = touch_locked(chunk)) return d;
     if (!fetching_.count(chunk)) return nullptr;
     if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) return nullptr;
   }

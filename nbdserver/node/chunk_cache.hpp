@@ -57,6 +57,8 @@ class ChunkCache {
     std::list<uint64_t>::iterator lru;
   };
   void evict_locked();
+  // The chunk if held, made the most recent; nullptr if not. mu_ held.
+  ChunkBytes touch_locked(uint64_t chunk);
 
   const uint64_t limit_;
   mutable std::mutex mu_;
