@@ -159,8 +159,7 @@ nbdroot_wait_size() {
 }
 
 # nbdroot_agent_wanted: nbdroot-agent is in this initrd and the command
-# line did not turn it off (nbdroot.agent=off). The agent cannot ask for a
-# mode (?mode=) yet: with nbdroot.mode= the node attaches directly.
+# line did not turn it off (nbdroot.agent=off).
 nbdroot_agent_wanted() {
 	[ "$NBDROOT_AGENT" = on ] || return 1
 	command -v nbdroot-agent >/dev/null 2>&1 || return 1
@@ -168,10 +167,6 @@ nbdroot_agent_wanted() {
 	# it, an older glibc): boot as without the agent rather than fail.
 	if ! _a_out=$(nbdroot-agent --help 2>&1 >/dev/null); then
 		log "WARNING: nbdroot-agent cannot run here ($(echo "$_a_out" | head -n 2 | tr '\n' ' ')): attaching directly"
-		return 1
-	fi
-	if [ "${NBDROOT_MODE_GIVEN:-0}" = 1 ]; then
-		log "nbdroot.mode= given: attaching without nbdroot-agent (it cannot ask for a mode)"
 		return 1
 	fi
 	return 0
@@ -185,6 +180,10 @@ nbdroot_agent_wanted() {
 # its ready file.
 nbdroot_agent_start() {
 	_a_peers=$NBDROOT_PEERS
+	# nbdroot.mode=: the mode of a node this attach creates (the agent asks
+	# with ?mode=, and again on every reconnect).
+	_a_mode=
+	[ "${NBDROOT_MODE_GIVEN:-0}" = 1 ] && _a_mode="--mode $NBDROOT_MODE"
 	_a_tracker=
 	if [ -z "$NBDROOT_TRACKER" ]; then
 		_a_peers=off
@@ -201,7 +200,7 @@ nbdroot_agent_start() {
 		--server "$(echo $NBDROOT_SERVERS | tr ' ' ',')" \
 		--export "$NBDROOT_EXPORT" --socket "$NBDROOT_RUN/agent.sock" \
 		--stats-file agent.stats --ready-file "$NBDROOT_RUN/agent.ready" \
-		--peers "$_a_peers" $_a_tracker --cache "$NBDROOT_CACHE" \
+		--peers "$_a_peers" $_a_tracker $_a_mode --cache "$NBDROOT_CACHE" \
 		--peer-listen "0.0.0.0:$NBDROOT_PEER_PORT") \
 		</dev/null >"$NBDROOT_RUN/agent.log" 2>&1 &
 	_a_pid=$!

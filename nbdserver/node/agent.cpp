@@ -47,6 +47,7 @@ struct Options {
   std::string exp;  // IMAGE/NODE
   std::string image, node_name;
   std::string socket;
+  std::string mode;  // persistent|ephemeral for a node this attach creates; empty: the server's
   std::string peer_listen = "0.0.0.0:10809";
   bool peers = true;
   uint64_t cache = 64ull << 20;
@@ -100,6 +101,9 @@ class Link {
       : servers_(servers), name_(std::move(name)), contexts_(std::move(contexts)),
         stats_(stats), stopping_(stopping) {}
 
+  // The export names of the first connection and of reconnects (defaults:
+  // the link's name).
+  void set_first_name(std::string n) { first_name_ = std::move(n); }
   void set_resume_name(std::string n) { resume_name_ = std::move(n); }
 
   // The first connection; false and *err when no server takes it.
@@ -107,7 +111,7 @@ class Link {
     std::lock_guard<std::mutex> g(mu_);
     for (const Endpoint& s : servers_) {
       auto c = std::make_shared<NbdClient>();
-      if (c->connect(s, name_, contexts_, 10000, err)) {
+      if (c->connect(s, first_name_.empty() ? name_ : first_name_, contexts_, 10000, err)) {
         cur_ = std::move(c);
         at_ = s.text();
         return true;
@@ -171,7 +175,7 @@ class Link {
 
  private:
   const std::vector<Endpoint>& servers_;
-  std::string name_, resume_name_;
+  std::string name_, first_name_, resume_name_;
   std::vector<std::string> contexts_;
   Stats& stats_;
   std::atomic<bool>& stopping_;
@@ -254,7 +258,11 @@ class Agent {
         cache_(o_.peers ? o_.cache : 0),
         kernel_backend_(*this),
         peer_backend_(*this) {
-    view_.set_resume_name(o_.exp + "?resume");
+    // A node created by this attach gets --mode; an existing node of the
+    // other mode is refused by the server, with its message.
+    const std::string mode = o_.mode.empty() ? "" : "mode=" + o_.mode;
+    if (!mode.empty()) view_.set_first_name(o_.exp + "?" + mode);
+    view_.set_resume_name(o_.exp + "?resume" + (mode.empty() ? "" : "&" + mode));
     if (const char* f = getenv("NBDROOT_FAULT_PEER")) {
       fault_ = f;
       spdlog::warn("fault injection: this agent's peer service will {}", fault_);
@@ -889,6 +897,7 @@ int run_agent(int argc, char** argv) {
   desc.add_options()("help,h", "this help")(
       "server", po::value(&servers)->required(), "NBD server(s), HOST:PORT or unix:PATH, comma-separated")(
       "export", po::value(&o.exp)->required(), "the node's view, IMAGE/NODE")(
+      "mode", po::value(&o.mode), "persistent|ephemeral: the mode of a node this attach creates")(
       "socket", po::value(&o.socket)->required(), "Unix socket for the kernel's nbd-client")(
       "tracker", po::value(&o.tracker), "the server's HTTP API (HOST:PORT); peers need it")(
       "peer-listen", po::value(&o.peer_listen)->default_value(o.peer_listen), "where peers connect")(
@@ -933,6 +942,8 @@ int run_agent(int argc, char** argv) {
     return bad("--export must be IMAGE/NODE, got '" + o.exp + "'");
   o.image = o.exp.substr(0, slash);
   o.node_name = o.exp.substr(slash + 1);
+  if (!o.mode.empty() && o.mode != "persistent" && o.mode != "ephemeral")
+    return bad("--mode must be persistent or ephemeral, got '" + o.mode + "'");
   if (peers != "on" && peers != "off") return bad("--peers must be on or off, got '" + peers + "'");
   o.peers = peers == "on";
   if (!parse_size(cache, &o.cache)) return bad("--cache: not a size: '" + cache + "'");

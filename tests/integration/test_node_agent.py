@@ -17,7 +17,7 @@ import time
 import nbd
 import pytest
 
-from storeutil import BS, MiB, kill9, make_store, write_chunk_digests
+from storeutil import BS, MiB, kill9, make_store, node_record, write_chunk_digests
 
 SIZE = 16 * MiB
 CHUNK = 64 * 1024
@@ -175,6 +175,43 @@ def test_a_server_restart_is_invisible_to_the_kernel(nbdserver, store, sockdir, 
     h.shutdown()
 
 
+@pytest.mark.parametrize("mode", ["ephemeral", "persistent"])
+def test_mode_gives_a_new_node_its_mode_and_is_kept_across_reconnects(nbdserver, store, sockdir,
+                                                                      mode):
+    """--mode M creates the node in mode M (?mode=M on the first attach) and
+    asks for it again on every reconnect (?resume&mode=M)."""
+    root, base = store
+    port = free_port()
+    srv = serve(nbdserver, root, port=port, http=False)
+    a = agent(nbdserver, srv, sockdir, "m1", "--mode", mode, peers=False)
+    h = a.handle("lab/m1")
+    h.pwrite(b"M" * BS, 0)
+    assert node_record(root, "m1")["mode"] == mode
+    assert srv.terminate() == 0
+    srv = serve(nbdserver, root, port=port, http=False)
+    assert h.pread(BS, 0) == b"M" * BS  # the resume kept the node's changes
+    a.wait_stats(lambda s: s["reconnects"] >= 1)
+    h.shutdown()
+
+
+def test_mode_of_an_existing_node_of_the_other_mode_is_refused(nbdserver, store, sockdir):
+    import subprocess
+    from conftest import NBDSERVER
+    root, _ = store
+    srv = serve(nbdserver, root, http=False)
+    a = agent(nbdserver, srv, sockdir, "m2", "--mode", "persistent", peers=False)
+    a.handle("lab/m2").shutdown()
+    assert a.s.terminate() == 0
+    host, port = srv.tcp
+    r = subprocess.run([NBDSERVER, "node", "--server", f"{host}:{port}", "--export", "lab/m2",
+                        "--mode", "ephemeral", "--peers", "off",
+                        "--socket", os.path.join(sockdir, "m2b.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert "cannot attach 'lab/m2'" in r.stderr and "persistent" in r.stderr, r.stderr
+    assert node_record(root, "m2")["mode"] == "persistent"
+
+
 # ---------------------------------------------------------------- peers
 
 def test_a_second_node_reads_clean_chunks_from_the_first(nbdserver, store, sockdir):
@@ -271,6 +308,8 @@ def test_the_upload_limit_holds(nbdserver, store, sockdir):
     (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
       "--peers", "maybe"], "--peers"),
     (["--export", "lab/n1", "--socket", "/tmp/x.sock"], "server"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
+      "--mode", "sometimes"], "--mode"),
 ])
 def test_bad_flags_are_refused_with_a_message(args, msg):
     import subprocess
