@@ -948,8 +948,13 @@ int run_agent(int argc, char** argv) {
   o.peers = peers == "on";
   if (!parse_size(cache, &o.cache)) return bad("--cache: not a size: '" + cache + "'");
   if (!parse_size(upload, &o.upload_limit)) return bad("--upload-limit: not a size: '" + upload + "'");
-  if (!o.tracker.empty() && o.tracker.rfind(':') == std::string::npos)
-    return bad("--tracker must be HOST:PORT, got '" + o.tracker + "'");
+  if (!o.tracker.empty()) {
+    Endpoint ep;
+    std::string err;
+    if (!parse_endpoint(o.tracker, &ep, &err) || !ep.unix_path.empty() || ep.port == 0)
+      return bad("--tracker must be HOST:PORT, got '" + o.tracker + "'" +
+                 (err.empty() ? "" : ": " + err));
+  }
 
   auto logger = spdlog::stderr_color_mt("nbdserver-node");
   spdlog::set_default_logger(logger);

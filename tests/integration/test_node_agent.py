@@ -310,6 +310,10 @@ def test_the_upload_limit_holds(nbdserver, store, sockdir):
     (["--export", "lab/n1", "--socket", "/tmp/x.sock"], "server"),
     (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
       "--mode", "sometimes"], "--mode"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
+      "--tracker", "127.0.0.1:abc"], "--tracker"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
+      "--tracker", "127.0.0.1:99999"], "--tracker"),
 ])
 def test_bad_flags_are_refused_with_a_message(args, msg):
     import subprocess
