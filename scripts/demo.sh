@@ -15,7 +15,15 @@
 #      in /var/lib/demo and powers off;
 #   5. node A boots again and finds what it wrote: boot number 2;
 #   6. the root is edited and rebuilt (an incremental generation); a new
-#      node B boots it, node A stays on the generation it started with.
+#      node B boots it, node A stays on the generation it started with;
+#      node B stays up, its node agent serving the blocks it read;
+#   7. node C boots the same generation and reads most of its root's blocks
+#      from node B (the server's tracker names B; each 64 KiB chunk is
+#      checked against the generation's SHA-256 digests).
+# Nodes B and C share a virtual network (a bridge in a network namespace
+# the demo makes and removes: needs root; without it node B boots on
+# qemu's user network and step 7 is skipped). Every VM and nbdserver run
+# in that namespace then.
 # Each boot must end within $NBDROOT_DEMO_BOOT_TIMEOUT seconds (180). qemu
 # emulates the CPU (TCG) unless NBDROOT_DEMO_ACCEL=kvm.
 # Pass --keep to leave the server running at the end.
@@ -46,9 +54,12 @@ tree="$work/rootfs"  # the image's source directory
 boot="$work/boot"    # what a TFTP/HTTP server would serve: vmlinuz, initrd.img, boot.ipxe
 mkdir -p "$store"
 pid=""
+ns=""
 cleanup() {
   [ -s "$work/qemu.pid" ] && kill "$(cat "$work/qemu.pid")" 2>/dev/null
+  [ -s "$work/qemu-bg.pid" ] && kill "$(cat "$work/qemu-bg.pid")" 2>/dev/null
   [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  [ -n "$ns" ] && ip netns delete "$ns" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -85,8 +96,31 @@ gen1="$("$ib" -q --store "$store" build demo --from "$tree" | tail -1)"
 "$ib" -q --store "$store" publish demo "$gen1" >/dev/null
 "$ib" --store "$store" list demo | indent
 
+# The peers' network: network namespace $ns, bridge br0 (10.0.3.1/24, where
+# nbdserver also listens) and a tap device per peer VM. inns runs a command
+# in it.
+inns=()
+serve=(--listen 127.0.0.1:0)
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
+  ns="nbdroot-demo-$$"
+  ip netns add "$ns" || fail "ip netns add $ns"
+  inns=(ip netns exec "$ns")
+  peers_net() {
+    ip -n "$ns" link set lo up &&
+      ip -n "$ns" link add br0 type bridge &&
+      ip -n "$ns" addr add 10.0.3.1/24 dev br0 &&
+      ip -n "$ns" link set br0 up || return 1
+    for t in tapB tapC; do
+      ip -n "$ns" tuntap add dev "$t" mode tap || return 1
+      ip -n "$ns" link set "$t" master br0 up || return 1
+    done
+  }
+  peers_net || fail "could not make the peers' network in namespace $ns"
+  serve+=(--listen 10.0.3.1:0 --http 10.0.3.1:0)
+fi
+
 echo "== 3. nbdserver --store on 127.0.0.1; imagebuilder boot (kernel, initrd, boot.ipxe)"
-"$server" --store "$store" --listen 127.0.0.1:0 --ready-file "$work/ready" \
+"${inns[@]}" "$server" --store "$store" "${serve[@]}" --ready-file "$work/ready" \
   2>>"$work/server.log" &
 pid=$!
 for _ in $(seq 100); do [ -s "$work/ready" ] && break; sleep 0.1; done
@@ -94,6 +128,13 @@ for _ in $(seq 100); do [ -s "$work/ready" ] && break; sleep 0.1; done
 port="$(head -1 "$work/ready")"
 port="${port##*:}"
 echo "   listening on 127.0.0.1:$port: the VMs reach it as 10.0.2.2:$port"
+if [ -n "$ns" ]; then
+  bport="$(grep '^10\.0\.3\.1:' "$work/ready")"
+  bport="${bport##*:}"
+  tracker="$(grep '^http://' "$work/ready")"
+  tracker="${tracker#http://}"
+  echo "   and, in network namespace $ns, on the bridge: 10.0.3.1:$bport, its tracker (HTTP) on $tracker"
+fi
 "$ib" -q --store "$store" boot demo --out "$boot" --server "10.0.2.2:$port" \
   --cmdline "console=ttyS0 quiet panic=5" 2>"$work/mkinitrd.log" | indent ||
   { cat "$work/mkinitrd.log" >&2; fail "imagebuilder boot"; }
@@ -103,21 +144,42 @@ grep '^kernel' "$boot/boot.ipxe" | sed 's/^/   boot.ipxe: /'
 # (its kernel, initrd and command line, with the MAC where iPXE puts it),
 # streams its console here and waits until it powers off. Sets $console to
 # the file holding the console.
+# With PEER=IP (and the peers' network), the VM is on the bridge instead,
+# at address IP, with its node agent on the tracker; with STAY=1 it stays up
+# (demo.stay) in the background: boot_node returns once it says so.
 boots=0
 boot_node() {
-  local name=$1 mac=$2 append rc=0 t0=$SECONDS
+  local name=$1 mac=$2 append rc=0 t0=$SECONDS nic
   append="$(sed -n 's/^kernel vmlinuz //p' "$boot/boot.ipxe")"
   # shellcheck disable=SC2016  # iPXE's variable, literally
   append="${append//'${net0/mac:hexhyp}'/${mac//:/-}}"
+  nic=(-nic "user,model=virtio-net-pci,mac=$mac")
+  if [ -n "${PEER:-}" ]; then
+    append="${append/nbdroot=10.0.2.2:$port\//nbdroot=10.0.3.1:$bport/}"
+    append="${append/ip=dhcp/ip=$PEER::10.0.3.1:255.255.255.0:::off} nbdroot.tracker=$tracker"
+    nic=(-nic "tap,ifname=tap$name,script=no,downscript=no,model=virtio-net-pci,mac=$mac")
+  fi
+  [ "${STAY:-0}" = 1 ] && append="$append demo.stay"
   boots=$((boots + 1))
   console="$work/console-$boots-$name.log"
   local qemu=(qemu-system-x86_64 -accel "$accel" -m 512 -smp 1 -no-reboot
-    -display none -monitor none -serial stdio
-    -nic "user,model=virtio-net-pci,mac=$mac"
+    -display none -monitor none -serial stdio "${nic[@]}"
     -kernel "$boot/vmlinuz" -initrd "$boot/initrd.img" -append "$append")
   local shown="${qemu[*]:0:${#qemu[@]}-1}"
   echo "   \$ ${shown//$boot\//} \"$append\""
-  timeout --foreground "$boot_timeout" "${qemu[@]}" -pidfile "$work/qemu.pid" </dev/null |
+  if [ "${STAY:-0}" = 1 ]; then
+    "${inns[@]}" timeout --foreground "$boot_timeout" "${qemu[@]}" -pidfile "$work/qemu-bg.pid" \
+      </dev/null 2>&1 | sed -u "s/\r\$//; s/^/   $name | /" | tee "$console" &
+    bg_pipe=$!
+    until grep -q "init: staying up" "$console" 2>/dev/null; do
+      kill -0 "$bg_pipe" 2>/dev/null || fail "node $name stopped before it got to the example's /sbin/init (console above)"
+      [ $((SECONDS - t0)) -gt "$boot_timeout" ] && fail "node $name did not come up within $boot_timeout s"
+      sleep 0.5
+    done
+    echo "   (node $name: $((SECONDS - t0)) s from qemu's start to its /sbin/init; it stays up)"
+    return 0
+  fi
+  "${inns[@]}" timeout --foreground "$boot_timeout" "${qemu[@]}" -pidfile "$work/qemu.pid" </dev/null |
     sed -u "s/\r\$//; s/^/   $name | /" | tee "$console" || rc=$?
   [ "$rc" = 124 ] && fail "node $name did not power off within $boot_timeout s (console above)"
   [ "$rc" = 0 ] || fail "qemu exited with status $rc (node $name)"
@@ -141,8 +203,32 @@ echo "Welcome to generation 2 of the nbdroot example, built after node A's boots
 gen2="$("$ib" -q --store "$store" build demo --from "$tree" | tail -1)"
 "$ib" -q --store "$store" publish demo "$gen2" >/dev/null
 "$ib" --store "$store" list demo | indent
-boot_node B 52:54:00:12:34:57
+if [ -n "$ns" ]; then
+  PEER=10.0.3.11 STAY=1 boot_node B 52:54:00:12:34:57
+else
+  boot_node B 52:54:00:12:34:57
+fi
 grep -q "Welcome to generation 2" "$console" || fail "node B did not boot the new generation"
+
+peer_line="no peers: the peers' network needs root (a network namespace)"
+if [ -n "$ns" ]; then
+  echo "== 7. node C boots $gen2 too, beside node B: the tracker names B, C reads its clean blocks from B"
+  PEER=10.0.3.12 boot_node C 52:54:00:12:34:58
+  grep -q "Welcome to generation 2" "$console" || fail "node C did not boot the new generation"
+  peer_line="$(sed -n 's/.*init: nbdroot-agent counters: //p' "$console" | python3 -c '
+import json, sys
+s = json.loads(sys.stdin.readline())
+mib = lambda b: "%.1f MiB" % (b / 1048576)
+print("node C read %s of its root from node B (peer), %s from the server" % (
+    mib(s["gen_peer_bytes"]), mib(s["gen_server_bytes"] + s["view_read_bytes"])))
+sys.exit(0 if s["gen_peer_bytes"] > 0 else 3)')" ||
+    fail "node C read nothing from node B (${peer_line:-no agent counters on its console})"
+  echo "   $peer_line"
+  kill "$(cat "$work/qemu-bg.pid")"
+  wait "$bg_pipe" 2>/dev/null || true
+  rm -f "$work/qemu-bg.pid"
+  echo "   (node B stopped)"
+fi
 
 echo "== nbdserver admin list: the nodes, the generation each is pinned to, the bytes each changed"
 "$server" admin --store "$store" list | indent
@@ -157,9 +243,11 @@ cat <<EOF
    found what the first wrote (boot counter 2, boot-1.txt), kept in node A's own
    copy-on-write view ($(dirty 52-54-00-12-34-56) changed), still on $gen1.
    Node B booted after the rebuild and got $gen2 ($(dirty 52-54-00-12-34-57) changed).
+   Peers: $peer_line.
 EOF
 
 if [ "$keep" = 1 ]; then
   echo "== serving nbd://127.0.0.1:$port (exports demo, demo@GEN, demo/NODE; boot files in $boot) until Ctrl-C"
+  [ -n "$ns" ] && echo "   (in network namespace $ns: ip netns exec $ns nbdinfo --list nbd://127.0.0.1:$port)"
   wait "$pid"
 fi
