@@ -7,6 +7,8 @@
 #                        caches, re-read and check every file written so far
 #   e2e.tickwait=S       seconds between rounds (default 1)
 #   e2e.files            list /data with checksums at the end
+#   e2e.stay             after "done", stay up (the test kills the VM), the
+#                        agent's counters on the console every second
 # Also reports the uptime at its start and the memory (for bench/).
 export PATH=/bin:/sbin
 say() { echo "E2E: $*"; }
@@ -64,6 +66,13 @@ if dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O|blk_update_request|nbd0: 
 fi
 [ -f /run/nbdroot/agent.stats ] && say "agent $(cat /run/nbdroot/agent.stats)"
 say "done"
+if grep -qw e2e.stay /proc/cmdline; then
+	sync
+	while :; do
+		[ -f /run/nbdroot/agent.stats ] && say "agent $(cat /run/nbdroot/agent.stats)"
+		sleep 1
+	done
+fi
 sync
 mount -o remount,ro / 2>/dev/null
 sync

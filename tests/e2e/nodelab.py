@@ -193,15 +193,61 @@ def free_port():
         return s.getsockname()[1]
 
 
+class PeerNet:
+    """A virtual network for VMs that talk to each other (qemu's user
+    network keeps every VM alone): network namespace NAME with a bridge at
+    10.0.3.1/24 and a tap device per VM. nbdserver and qemu run inside it
+    (`prefix`); VM i is 10.0.3.(10 + i). Needs root."""
+
+    HOST = "10.0.3.1"
+
+    def __init__(self, name=None):
+        self.name = name or f"nbdroot-e2e-{os.getpid()}-{next(_peernets)}"
+        self.taps = 0
+        run(["ip", "netns", "add", self.name])
+        try:
+            for cmd in (["link", "set", "lo", "up"], ["link", "add", "br0", "type", "bridge"],
+                        ["addr", "add", f"{self.HOST}/24", "dev", "br0"],
+                        ["link", "set", "br0", "up"]):
+                run(["ip", "-n", self.name] + cmd)
+        except Exception:
+            self.close()
+            raise
+        self.prefix = ["ip", "netns", "exec", self.name]
+
+    def nic(self, mac):
+        """qemu's arguments for a NIC on the bridge; returns (args, address)."""
+        self.taps += 1
+        tap = f"tap{self.taps}"
+        run(["ip", "-n", self.name, "tuntap", "add", "dev", tap, "mode", "tap"])
+        run(["ip", "-n", self.name, "link", "set", tap, "master", "br0", "up"])
+        args = ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+        return args, f"10.0.3.{10 + self.taps}"
+
+    def close(self):
+        subprocess.run(["ip", "netns", "delete", self.name], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=30)
+
+
+_peernets = iter(range(1, 1 << 30))
+
+
 class Server:
     """nbdserver --store on 127.0.0.1:PORT (a fixed port, so that a restart
-    comes back where the nodes expect it). Guests reach it at 10.0.2.2."""
+    comes back where the nodes expect it). Guests reach it at 10.0.2.2.
+    With `net` (a PeerNet) it runs in that namespace on the bridge's
+    address instead, with the HTTP API (the tracker) on port+1."""
 
-    def __init__(self, binary, store, workdir, port=None):
+    def __init__(self, binary, store, workdir, port=None, net=None):
         self.binary = binary
         self.store = store
         self.workdir = workdir
-        self.port = port or free_port()
+        # In its own namespace nothing else listens: fixed ports.
+        self.port = port or (10809 if net else free_port())
+        self.net = net
+        self.host = net.HOST if net else "127.0.0.1"
+        self.tracker = f"{self.host}:{self.port + 1}" if net else None
         self.proc = None
         self.log = os.path.join(workdir, "nbdserver.log")
         self.starts = 0
@@ -214,9 +260,11 @@ class Server:
             with open(self.log, "ab") as log:
                 log.write(f"--- start {self.starts} ---\n".encode())
                 log.flush()
+                extra = ["--http", self.tracker] if self.tracker else []
                 self.proc = subprocess.Popen(
-                    [self.binary, "--listen", f"127.0.0.1:{self.port}", "--store", self.store,
-                     "--threads", "1", "--ready-file", ready],
+                    (self.net.prefix if self.net else []) +
+                    [self.binary, "--listen", f"{self.host}:{self.port}", "--store", self.store,
+                     "--threads", "1", "--ready-file", ready] + extra,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             while time.monotonic() < deadline:
                 if os.path.exists(ready) and open(ready).read().strip():
@@ -255,7 +303,8 @@ class Server:
 class VM:
     """One qemu node. The console goes to a file, read while it runs."""
 
-    def __init__(self, lab, name, append, mac, vmlinuz=None, initrd=None, memory_mib=None):
+    def __init__(self, lab, name, append, mac, vmlinuz=None, initrd=None, memory_mib=None,
+                 net=None):
         self.lab = lab
         self.vmlinuz = vmlinuz or lab.kernel.vmlinuz
         self.initrd = initrd or lab.initrd
@@ -263,6 +312,12 @@ class VM:
         self.name = name
         self.mac = mac
         self.append = append
+        self.net = net              # a PeerNet: the VM is on its bridge
+        self.nic = ["-netdev", "user,id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+        if net:
+            self.nic, self.address = net.nic(mac)
+            self.append = append.replace(
+                "ip=dhcp", f"ip={self.address}::{net.HOST}:255.255.255.0:::off")
         self.console_path = os.path.join(lab.workdir, f"console-{name}.log")
         self.proc = None
         self.started = None
@@ -273,11 +328,10 @@ class VM:
                "-smp", "1", "-display", "none", "-no-reboot", "-monitor", "none",
                "-serial", f"file:{self.console_path}",
                "-kernel", self.vmlinuz, "-initrd", self.initrd,
-               "-append", self.append,
-               "-netdev", "user,id=n0",
-               "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
+               "-append", self.append] + self.nic
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(["nice", "-n", "5"] + cmd, stdin=subprocess.DEVNULL,
+        prefix = self.net.prefix if self.net else []
+        self.proc = subprocess.Popen(prefix + ["nice", "-n", "5"] + cmd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lab.vms.append(self)
         return self
@@ -342,7 +396,8 @@ class Lab:
         self.vms = []
 
     def cmdline(self, node=None, extra="", image="lab", port=None):
-        parts = ["console=ttyS0", f"nbdroot=10.0.2.2:{port or self.server.port}/{image}",
+        host = self.server.host if self.server.net else "10.0.2.2"
+        parts = ["console=ttyS0", f"nbdroot={host}:{port or self.server.port}/{image}",
                  "ip=dhcp", "panic=5"]
         if node:
             parts.append(f"nbdroot.node={node}")
