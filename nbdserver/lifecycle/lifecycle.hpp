@@ -1,0 +1,133 @@
+// A node's life around its boot (issue 12; DESIGN.md "Node lifecycle and
+// HTTP"): which state it is in, what it boots next, and the deadlines of
+// its verification. Kept per node in the store:
+//
+//   nodes/<node>/state.json        this record (replaced by rename, fsynced)
+//   nodes/<node>/state.lock        flock()ed around read-modify-write of state.json,
+//                                  by the server and by `nbdserver admin`
+//   nodes/<node>/reports/<run>.json  verification reports (lifecycle/report.hpp)
+//
+// States: new (seen, not verified), verify (its next boot runs the
+// verification), ready (boots its root), failed (the last verification failed
+// or timed out; it boots nothing), retired. Only a ready node attaches its
+// copy-on-write view. A node with a node.json but no state.json (made before
+// lifecycles, or created by an NBD attach) is ready.
+//
+// Threads: every method may be called from any thread; a mutex orders this
+// process's changes and state.lock orders them against other processes.
+// Time comes in as an argument (unix seconds), so tests drive the clock.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace lifecycle {
+
+enum class State { kNew, kVerify, kReady, kFailed, kRetired };
+const char* to_string(State s);
+bool parse_state(const std::string& s, State* out);
+
+// What a first boot-script fetch from an unknown node makes of it
+// (--new-nodes). kReady keeps plain NBD use working as it did before.
+enum class NewNodes { kReady, kVerify, kRefuse };
+bool parse_new_nodes(const std::string& s, NewNodes* out);
+
+struct Deadlines {
+  int64_t verify_s = 3600;    // a whole verification run, from its first script fetch
+  int64_t heartbeat_s = 300;  // silence allowed between heartbeats within a run
+  int64_t memtest_s = 0;      // memtest86+ step's time box; 0: the step is off
+};
+
+struct Change {
+  std::string at;  // ISO 8601 UTC
+  State from = State::kNew, to = State::kNew;
+  std::string reason;  // "passed verification", "timed out in memtester", ...
+  std::string by;      // "http", "report", "deadline", "admin", "attach"
+};
+
+// What the node said when it fetched its script (query parameters), kept.
+struct Hints {
+  std::string uuid, serial, platform, mac;
+};
+
+struct NodeLife {
+  std::string node;
+  State state = State::kReady;
+  std::string reason;     // why it is in this state
+  std::string since;      // ISO 8601 UTC of the last change
+  int64_t deadline = 0;   // unix seconds the current step must end by; 0: none
+  std::string run;        // verification run in progress ("" when none)
+  std::string step;       // "" | "memtest86" | "linux": where the run is
+  int64_t run_started = 0;
+  uint64_t boots = 0;     // boot scripts served
+  int64_t last_seen = 0;  // unix seconds of the last script fetch, heartbeat or report
+  Hints hints;
+  std::vector<Change> history;  // oldest first, the newest 32 kept
+};
+nlohmann::json to_json(const NodeLife& l);
+
+// What a boot-script fetch leads to: the record after it (its state picks
+// the template) and, while verifying, which step the script must run.
+struct BootDecision {
+  NodeLife life;
+  bool created = false;  // the node was unknown and was made now
+};
+
+class Lifecycle {
+ public:
+  Lifecycle(std::string store_root, NewNodes policy, Deadlines d);
+
+  // The node's record. A node with node.json but no state.json is ready.
+  // Returns nullopt when the node is unknown (no directory); sets *err when
+  // the record is there but unreadable or corrupt.
+  std::optional<NodeLife> get(const std::string& node, std::string* err) const;
+  // Every node in the store, sorted by name (corrupt ones are skipped and
+  // named in *errs).
+  std::vector<NodeLife> list(std::vector<std::string>* errs) const;
+
+  // GET /boot/<node>.ipxe. Unknown nodes are made under the policy (refuse:
+  // false, *err says so, nothing is written). In verify: starts a run (new
+  // run id, deadline) at the first fetch; a fetch while a run's Linux step
+  // is under way means the node rebooted during it: failed. memtest86 step
+  // (memtest_s > 0): the first fetch of a run answers with memtest86+, the
+  // next one records it as "ran, result unknown" (or as the serial log
+  // nodes/<node>/memtest86.log says) and goes on to the Linux step.
+  bool on_boot_script(const std::string& node, const Hints& h, int64_t now, BootDecision* out,
+                      std::string* err);
+  // POST /nodes/<node>/heartbeat: the run is alive; pushes its deadline to
+  // now + heartbeat_s (never past run_started + verify_s). False when the
+  // node is not verifying or the run id is not the current one.
+  bool on_heartbeat(const std::string& node, const std::string& run, const std::string& step,
+                    int64_t now, std::string* err);
+  // A stored, valid report for the current run: passed -> ready, anything
+  // else -> failed with the worst step named in the reason.
+  bool on_report(const std::string& node, const std::string& run, const std::string& overall,
+                 const std::string& summary, int64_t now, std::string* err);
+  // `nbdserver admin state NODE STATE` (and retire). Creates the record
+  // when the node has none (the node directory must exist).
+  bool set_state(const std::string& node, State s, const std::string& by,
+                 const std::string& reason, int64_t now, std::string* err);
+  // Moves every node whose deadline passed to failed ("timed out in STEP").
+  // Returns the nodes changed.
+  std::vector<std::string> sweep(int64_t now);
+
+  // For the NBD side: may this node attach its view? False with *why
+  // ("node X is in state verify: ...") when not.
+  bool may_attach(const std::string& node, std::string* why) const;
+
+  const Deadlines& deadlines() const { return d_; }
+  NewNodes policy() const { return policy_; }
+
+ private:
+  std::string root_;
+  NewNodes policy_;
+  Deadlines d_;
+  mutable std::mutex mu_;
+};
+
+}  // namespace lifecycle
