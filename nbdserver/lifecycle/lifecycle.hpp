@@ -19,6 +19,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -64,12 +66,23 @@ struct NodeLife {
   std::string run;        // verification run in progress ("" when none)
   std::string step;       // "" | "memtest86" | "linux": where the run is
   int64_t run_started = 0;
+  std::string task;       // the Linux step's task, from its heartbeats ("memtester")
+  std::string memtest86;  // the run's memtest86+ outcome ("ran, result unknown", ...)
   uint64_t boots = 0;     // boot scripts served
   int64_t last_seen = 0;  // unix seconds of the last script fetch, heartbeat or report
   Hints hints;
   std::vector<Change> history;  // oldest first, the newest 32 kept
 };
 nlohmann::json to_json(const NodeLife& l);
+// The inverse, for state.json: false and *err naming the field when a
+// member is missing or of the wrong type.
+bool from_json(const nlohmann::json& j, NodeLife* out, std::string* err);
+
+// Reads a memtest86+ serial log (nodes/<node>/memtest86.log): true with
+// *passed and *summary when the log holds a verdict, false when it does
+// not (the step is then "ran, result unknown"). Wired to lifecycle/parsers.
+using MemtestLogReader =
+    std::function<bool(const std::string& log, bool* passed, std::string* summary)>;
 
 // What a boot-script fetch leads to: the record after it (its state picks
 // the template) and, while verifying, which step the script must run.
@@ -122,12 +135,36 @@ class Lifecycle {
 
   const Deadlines& deadlines() const { return d_; }
   NewNodes policy() const { return policy_; }
+  // How memtest86.log is read; without one, the log is kept but the step
+  // is "ran, result unknown". Set before any thread uses this object.
+  void set_memtest_log_reader(MemtestLogReader r) { memtest_reader_ = std::move(r); }
+
+  std::string state_path(const std::string& node) const;
 
  private:
+  class Locked;  // a node's state.lock, held; defined in lifecycle.cpp
+  // state.json, or the implied record (node.json only: ready); *exists is
+  // false when the node has neither. False and *err when unreadable.
+  bool load(const std::string& node, NodeLife* out, bool* exists, std::string* err) const;
+  bool save(const NodeLife& l, std::string* err);
+  void change(NodeLife* l, State to, const std::string& by, const std::string& reason,
+              int64_t now) const;
+  // Fails the run when its deadline passed; true when it did.
+  bool expire(NodeLife* l, int64_t now) const;
+  void start_run(NodeLife* l, int64_t now) const;
+  void end_memtest86(NodeLife* l, int64_t now) const;
+  int64_t capped(const NodeLife& l, int64_t t) const;
+  void scan_deadlines();
+
   std::string root_;
   NewNodes policy_;
   Deadlines d_;
+  MemtestLogReader memtest_reader_;
   mutable std::mutex mu_;
+  // Nodes with a deadline, as this process last wrote or read them, so that
+  // sweep() reads only those; filled from the store at the first sweep.
+  std::map<std::string, int64_t> deadlines_;
+  bool scanned_ = false;
 };
 
 }  // namespace lifecycle

@@ -49,14 +49,6 @@ bool exists(const std::string& p) { return access(p.c_str(), F_OK) == 0; }
 
 }  // namespace
 
-bool valid_store_name(const std::string& s) {
-  if (s.empty() || s.size() > 200 || s[0] == '.') return false;
-  for (char c : s)
-    if (!(isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-'))
-      return false;
-  return true;
-}
-
 std::string current_generation(const std::string& store, const std::string& image,
                                std::string* err) {
   const std::string link = store + "/images/" + image + "/current";

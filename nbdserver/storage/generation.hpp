@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "storage/image_file.hpp"
+#include "storage/names.hpp"
 #include "storage/overlay.hpp"
 
 namespace storage {
@@ -54,8 +55,5 @@ class Generation {
 // Reads images/<image>/current; returns the generation name or "" with *err.
 std::string current_generation(const std::string& store, const std::string& image,
                                std::string* err);
-
-// Image, generation and node names: [A-Za-z0-9._-]+, not starting with '.'.
-bool valid_store_name(const std::string& s);
 
 }  // namespace storage

@@ -1,0 +1,23 @@
+// Small files replaced whole and durably: written to a temporary name in
+// the same directory, fsynced, renamed over the old one, and the directory
+// fsynced, so that after a crash a reader finds the old text or the new
+// one, never a torn or empty file.
+#pragma once
+
+#include <string>
+
+namespace storage {
+
+// Replaces `path` with `text` as above. False and *err ("PATH: cannot
+// write: ...") on any failure; the temporary file is removed then.
+bool write_file_durable(const std::string& path, const std::string& text, std::string* err);
+
+// fsync() of a directory, after entries in it were created or renamed.
+bool sync_dir(const std::string& dir, std::string* err);
+
+// Reads a whole file, refusing one over `max` bytes. False and *err (with
+// *err_no = errno, or EFBIG when too large) on failure.
+bool read_small_file(const std::string& path, size_t max, std::string* out, std::string* err,
+                     int* err_no = nullptr);
+
+}  // namespace storage
