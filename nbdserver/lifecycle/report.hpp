@@ -23,7 +23,7 @@ namespace lifecycle {
 constexpr size_t kReportMaxBytes = 8u << 20;  // whole body, logs included
 
 struct Report {
-  nlohmann::json doc;   // normalised: "status" set, "logs" removed
+  nlohmann::json doc;   // normalised: "status" set, "logs" removed, "log_files" names them
   nlohmann::json logs;  // object name -> text, as sent (names checked)
   std::string node, run, status;
   std::string summary;  // one line for people: "passed: memtester 412 MiB (83 % of RAM), ..."
@@ -35,6 +35,12 @@ struct Report {
 // ("steps[1].status: expected one of passed, failed, ...").
 bool validate_report(const std::string& body, const std::string& node, Report* out,
                      std::string* err);
+
+// The one-line summary of a (normalised) report. A report that did not
+// pass starts with its steps that did not pass, worst first ("memtester
+// failed (exit 2), ..."), which is what Lifecycle::on_report keeps as the
+// failed node's reason; then memtester's coverage, CPUs and RAM.
+std::string report_summary(const nlohmann::json& doc);
 
 // Stores a validated report under the node (the node's directory must
 // exist). Atomic: a crash leaves the old latest or the new one, whole.
