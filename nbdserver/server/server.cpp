@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "exports/registry.hpp"
+#include "http/files_api.hpp"
 #include "http/server.hpp"
 #include "http/store_api.hpp"
 #include "http/tracker_api.hpp"
@@ -141,6 +142,7 @@ int run_server(const ServerOptions& opts) {
     limits.peer_timeout = opts.peer_timeout;
     peer_tracker = std::make_shared<tracker::Tracker>(limits);
     http::add_store_api(http_server->routes(), store);
+    http::add_files_api(http_server->routes(), store);
     http::add_tracker_api(http_server->routes(), store, peer_tracker);
     if (!http_server->start(&http_address, &err)) {
       spdlog::error("{}", err);
