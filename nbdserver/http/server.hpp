@@ -23,7 +23,12 @@ struct HttpOptions {
   time_t io_timeout = 10;           // seconds a read or write may stall
   size_t keep_alive_max = 100;      // requests per connection
   time_t keep_alive_timeout = 5;    // seconds an idle connection is kept
-  unsigned threads = 8;             // the pool serving connections
+  // The pool serving connections. cpp-httplib holds a thread per
+  // connection until it closes or idles out (keep_alive_timeout), and
+  // queues the others unanswered: a node that boots the kernel it fetched
+  // leaves its connection open, so the pool is sized for a boot storm of
+  // a few hundred nodes (an idle thread costs a stack's few touched pages).
+  unsigned threads = 256;
 };
 
 class Server {

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -370,3 +371,27 @@ def test_curl_parallel(files, tmp_path):
     for i in range(30):
         assert sha((tmp_path / f"k{i}").read_bytes()) == sha(files.kernel)
         assert sha((tmp_path / f"r{i}").read_bytes()) == sha(files.initrd)
+
+
+def test_idle_connections_do_not_starve_others(files):
+    """A node that boots its kernel leaves its kept-alive connection open.
+    cpp-httplib gives each connection a pool thread until it closes or idles
+    out (keep-alive timeout, 5 s): 40 such nodes must not hold up the next
+    node's download for a keep-alive timeout. (With a pool of 8 it waited
+    5 s per 8 idle connections.)"""
+    idle = []
+    try:
+        for _ in range(40):
+            c = http.client.HTTPConnection(files.host, files.port, timeout=60)
+            c.request("GET", "/files/boot/memtest86+x64.bin")
+            assert c.getresponse().read() == files.memtest
+            idle.append(c)   # kept open, idle
+        t0 = time.monotonic()
+        status, _, body = files.request("GET", "/files/lab/g1/initrd.img")
+        took = time.monotonic() - t0
+        assert status == 200 and body == files.initrd
+        # Well under the 5 s keep-alive timeout, even on a loaded machine.
+        assert took < 2.5, took
+    finally:
+        for c in idle:
+            c.close()
