@@ -14,6 +14,8 @@ packages=(
   nbdkit libnbd-bin python3-libnbd qemu-utils nbd-server
   python3-pytest python3-matplotlib e2fsprogs
   libext2fs-dev nlohmann-json3-dev squashfs-tools musl-tools
+  # bench/httpboot.py's peer HTTP server
+  nginx-light
   # VM boot tests (tests/e2e). Deliberately not installed on the host:
   # nbd-client, linux-image-* (the tests download and unpack them) and
   # dracut (it replaces initramfs-tools; it goes into a chroot instead).
