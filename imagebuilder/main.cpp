@@ -9,6 +9,7 @@
 //   imagebuilder --store DIR flatten IMAGE GEN
 //   imagebuilder --store DIR verify IMAGE [GEN]
 //   imagebuilder --store DIR boot IMAGE --out DIR --server HOST:PORT [--generation GEN]
+//   imagebuilder --store DIR boot IMAGE [--http-server HOST:PORT] [--generation GEN]
 //
 // Exit status: 0 success, 1 failure (message on stderr), 2 usage error.
 #include "boot.hpp"
@@ -46,6 +47,8 @@ const char* kUsageText =
     "  verify IMAGE [GEN]                     check every chunk against chunks.sha256\n"
     "                                         (default: current, else the newest)\n"
     "  boot IMAGE --out DIR --server HOST:PORT [--generation GEN] [--mkinitrd SCRIPT]\n"
+    "  boot IMAGE [--http-server HOST:PORT] [--generation GEN] [--mkinitrd SCRIPT]\n"
+    "       [--mkverify SCRIPT] [--memtest-dir DIR]   into the store, for nbdserver --http\n"
     "global options: --store DIR (or $NBDROOT_STORE), --quiet\n";
 
 int fail(const ib::Status& s) {
@@ -116,8 +119,11 @@ int cmd_build(const ib::Store& store, const std::vector<std::string>& args, bool
 int cmd_boot(const ib::Store& store, const std::vector<std::string>& args) {
   po::options_description d("boot");
   ib::BootOptions opt;
-  d.add_options()("out", po::value(&opt.out)->required(), "output directory")(
-      "server", po::value(&opt.server)->required(), "HOST:PORT of nbdserver")(
+  d.add_options()("out", po::value(&opt.out), "output directory (default: the store)")(
+      "server", po::value(&opt.server), "HOST:PORT of nbdserver (with --out)")(
+      "http-server", po::value(&opt.http_server), "HOST:PORT of nbdserver --http (store/boot/chain.ipxe)")(
+      "mkverify", po::value(&opt.mkverify), "verification initrd script (TREE OUT)")(
+      "memtest-dir", po::value(&opt.memtest_dir), "where memtest86+x64.{bin,efi} are (default /boot)")(
       "generation", po::value(&opt.generation), "default: current")(
       "mkinitrd", po::value(&opt.mkinitrd), "initrd script (TREE OUT)")(
       "cmdline", po::value(&opt.extra_cmdline), "extra kernel arguments")(
@@ -127,6 +133,9 @@ int cmd_boot(const ib::Store& store, const std::vector<std::string>& args) {
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(d).positional(pos).run(), vm);
   po::notify(vm);
+  if (vm.count("out") && !vm.count("server"))
+    return usage("boot --out DIR needs --server HOST:PORT (the NBD server its boot.ipxe names)");
+  if (vm.count("out") && opt.out.empty()) return usage("boot: --out needs a directory");
   std::string summary;
   ib::Status s = ib::write_boot_files(store, opt, &summary);
   if (!s) return fail(s);

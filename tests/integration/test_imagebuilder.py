@@ -1124,6 +1124,76 @@ def test_boot_artifacts(store, tmp_path):
     assert not os.path.exists(tmp_path / "o2")
 
 
+def fake_script(path, text):
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def boot_tmp_dirs(store, image, gen):
+    return [n for n in os.listdir(gen_dir(store, image, gen)) if n.startswith(".boot.tmp-")]
+
+
+def test_boot_files_into_the_store(store, tmp_path):
+    src = tmp_path / "src"
+    (src / "boot").mkdir(parents=True)
+    (src / "boot" / "vmlinuz-6.1.0-13-amd64").write_bytes(os.urandom(200000))
+    gen = build(store, "lab", src)
+    ib(store, "publish", "lab")
+    mkinitrd = fake_script(tmp_path / "mkinitrd.sh", FAKE_MKINITRD)
+    mkverify = fake_script(tmp_path / "mkverify.sh",
+                           '#!/bin/sh\necho "verify initrd for $1 kver $4" > "$2"\n')
+    memtest = tmp_path / "memtest"
+    memtest.mkdir()
+    (memtest / "memtest86+x64.bin").write_bytes(os.urandom(1000))
+    (memtest / "memtest86+x64.efi").write_bytes(os.urandom(1200))
+    p = ib(store, "boot", "lab", "--mkinitrd", mkinitrd, "--mkverify", mkverify,
+           "--memtest-dir", memtest, "--http-server", "10.0.0.1:8080")
+    boot = os.path.join(gen_dir(store, "lab", gen), "boot")
+    assert sorted(os.listdir(boot)) == ["initrd.img", "verify.img", "vmlinuz"], p.stdout
+    assert open(os.path.join(boot, "verify.img")).read() == f"verify initrd for {src} kver 6.1.0-13-amd64\n"
+    assert open(os.path.join(boot, "initrd.img")).read() == f"initrd for {src} kver 6.1.0-13-amd64\n"
+    assert open(os.path.join(boot, "vmlinuz"), "rb").read() == \
+        (src / "boot" / "vmlinuz-6.1.0-13-amd64").read_bytes()
+    sboot = os.path.join(store, "boot")
+    assert sorted(os.listdir(sboot)) == ["chain.ipxe", "memtest86+x64.bin", "memtest86+x64.efi"]
+    for n in ("memtest86+x64.bin", "memtest86+x64.efi"):
+        assert open(os.path.join(sboot, n), "rb").read() == (memtest / n).read_bytes()
+    chain = open(os.path.join(sboot, "chain.ipxe")).read()
+    assert chain.startswith("#!ipxe\n")
+    assert chain.splitlines()[-1] == "chain http://10.0.0.1:8080/boot/${net0/mac:hexhyp}.ipxe"
+    assert boot_tmp_dirs(store, "lab", gen) == []
+
+    # Again, with a new verification initrd: boot/ is replaced whole.
+    fake_script(mkverify, '#!/bin/sh\necho "second" > "$2"\n')
+    ib(store, "boot", "lab", "--mkinitrd", mkinitrd, "--mkverify", mkverify,
+       "--memtest-dir", tmp_path / "none")
+    assert open(os.path.join(boot, "verify.img")).read() == "second\n"
+    assert boot_tmp_dirs(store, "lab", gen) == []
+    # memtest86+ missing from --memtest-dir: the copies already there stay
+    assert sorted(os.listdir(sboot)) == ["chain.ipxe", "memtest86+x64.bin", "memtest86+x64.efi"]
+
+    # A failing builder changes nothing and leaves no temporary directory.
+    fake_script(mkverify, '#!/bin/sh\necho "half" > "$2"\nexit 3\n')
+    p = ib(store, "boot", "lab", "--mkinitrd", mkinitrd, "--mkverify", mkverify, check=False)
+    assert p.returncode == 1 and "mkverify.sh" in p.stderr and "status 3" in p.stderr, p.stderr
+    assert open(os.path.join(boot, "verify.img")).read() == "second\n"
+    assert sorted(os.listdir(boot)) == ["initrd.img", "verify.img", "vmlinuz"]
+    assert boot_tmp_dirs(store, "lab", gen) == []
+
+    # Bad arguments: a clear error, nothing written.
+    for args, code, needle in [
+        (["--server", "h:1"], 1, "--server goes with --out"),
+        (["--http-server", "nohostport"], 1, "--http-server must be HOST:PORT"),
+        (["--http-server", "h:99999"], 1, "--http-server must be HOST:PORT"),
+        (["--mkverify", tmp_path / "missing.sh"], 1, "no verification initrd builder"),
+    ]:
+        p = ib(store, "boot", "lab", "--mkinitrd", mkinitrd, *args, check=False)
+        assert p.returncode == code and needle in p.stderr, (args, p.stderr)
+    assert open(os.path.join(boot, "verify.img")).read() == "second\n"
+    assert boot_tmp_dirs(store, "lab", gen) == []
+
+
 def test_command_line_errors(store, tmp_path):
     for args, code, needle in [
         ([], 2, "usage"),
