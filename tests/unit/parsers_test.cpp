@@ -101,6 +101,20 @@ TEST(MemtesterParser, MlockReducedBuffer) {
   EXPECT_TRUE(r.ok());
 }
 
+// From the verification initrd in a qemu TCG VM (-m 512 -smp 2), as its
+// report carried it (nbdroot.memtester_mask=0x1).
+TEST(MemtesterParser, VerificationInitrdRun) {
+  auto r = lifecycle::parse_memtester(fixture("memtester-4.6-vm-388M-mask1.txt"));
+  EXPECT_EQ(r.bytes, 388u << 20);
+  EXPECT_TRUE(r.locked);
+  ASSERT_TRUE(r.testmask);
+  EXPECT_EQ(*r.testmask, 0x1u);
+  ASSERT_EQ(r.tests.size(), 2u);
+  EXPECT_EQ(r.tests[1].name, "Random Value");
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(r.bytes_tested(), 406847488u);
+}
+
 TEST(MemtesterParser, NotMemtesterOutput) {
   for (std::string_view s : {std::string_view(""), std::string_view("sh: memtester: not found\n"),
                              std::string_view("\b\b\b\x1b[2J  :  \n\n")}) {
