@@ -178,6 +178,9 @@ int Store::lock_node(const std::string& node, bool wait, std::string* err) const
 
 std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const std::string& node,
                                                const AttachOptions& how, std::string* err) {
+  // Checked at every attach, a node's further connections too: a node an
+  // admin failed or retired while it ran gets no new connection.
+  if (!may_attach(node, err)) return nullptr;
   std::lock_guard<std::mutex> g(mu_);
   auto wrong_mode = [&](storage::NodeMode has) {
     *err = "node '" + node + "' is " + storage::mode_name(has) + " but attached with mode=" +
@@ -247,6 +250,7 @@ bool Store::existing_record(const std::string& image, const std::string& node,
 
 bool Store::describe(const std::string& image, const std::string& node, const AttachOptions& how,
                      NodeRecord* rec, uint64_t* size, std::string* err) {
+  if (!may_attach(node, err)) return false;
   std::lock_guard<std::mutex> g(mu_);
   if (!existing_record(image, node, how, rec, err)) return false;
   if (generation_size_locked(rec->image, rec->generation, size, err)) return true;

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "lifecycle/lifecycle.hpp"
 #include "storage/generation.hpp"
 #include "storage/node_view.hpp"
 
@@ -78,6 +79,10 @@ class Store {
   const StoreOptions& options() const { return opts_; }
   // Checks that the store directory exists and is usable.
   bool check(std::string* err) const;
+  // Node states (lifecycle.hpp): with one, view() and describe() refuse a
+  // node that may not attach (not ready; unknown under --new-nodes verify or
+  // refuse) before anything is created or opened. Set before serving.
+  void set_lifecycle(std::shared_ptr<const lifecycle::Lifecycle> l) { life_ = std::move(l); }
 
   // A generation, opened once and shared while anyone uses it.
   std::shared_ptr<storage::Generation> generation(const std::string& image, const std::string& gen,
@@ -142,8 +147,13 @@ class Store {
   // The node's record, creating the node first if the rules allow.
   bool existing_record(const std::string& image, const std::string& node,
                        const AttachOptions& how, NodeRecord* rec, std::string* err);
+  // False and *err when the node's state forbids attaching its view.
+  bool may_attach(const std::string& node, std::string* err) const {
+    return !life_ || life_->may_attach(node, err);
+  }
   std::string root_;
   StoreOptions opts_;
+  std::shared_ptr<const lifecycle::Lifecycle> life_;
   std::mutex mu_;
   std::map<std::string, std::weak_ptr<storage::Generation>> gens_;  // "image@gen"
   std::map<std::string, std::weak_ptr<storage::NodeView>> views_;   // node

@@ -12,6 +12,7 @@
 
 #include <boost/program_options.hpp>
 #include <cerrno>
+#include <ctime>
 #include <cstdio>
 #include <iostream>
 #include <map>
@@ -21,6 +22,8 @@
 #include <vector>
 
 #include "exports/store.hpp"
+#include "lifecycle/lifecycle.hpp"
+#include "lifecycle/report.hpp"
 #include "storage/json_file.hpp"
 #include "storage/layer_file.hpp"
 
@@ -32,13 +35,16 @@ namespace {
 constexpr const char* kAdminUsage =
     "Usage: nbdserver admin --store DIR COMMAND [ARGS]\n"
     "Commands:\n"
-    "  list [--json]                       nodes: image, generation, mode, dirty bytes,\n"
+    "  list [--json]                       nodes: state, image, generation, mode, dirty bytes,\n"
     "                                      connections, last seen\n"
     "  create NODE... --image IMAGE [--generation GEN] [--mode persistent|ephemeral]\n"
     "         [--block-size N]             register nodes (pinned to GEN, default: current)\n"
     "  reset NODE [--generation GEN|current]   drop the node's changes; optionally move it\n"
     "  delete NODE                         remove the node and its changes\n"
-    "  extents NODE [--json]               the node's changed blocks (at its last flush)\n";
+    "  extents NODE [--json]               the node's changed blocks (at its last flush)\n"
+    "  state NODE new|verify|ready|failed|retired [--reason TEXT]\n"
+    "                                      set the node's state (only ready nodes attach)\n"
+    "  report NODE [--json]                the node's latest verification report\n";
 
 struct MapInfo {
   bool ok = false;
@@ -88,12 +94,32 @@ bool attached(const exports::Store& st, const std::string& node) {
 int cmd_list(exports::Store& st, bool json) {
   nlohmann::json all = nlohmann::json::array();
   if (!json)
-    printf("%-20s %-12s %-22s %-10s %10s %10s %5s %-8s %s\n", "NODE", "IMAGE", "GENERATION",
-           "MODE", "DIRTY", "ZEROED", "CONNS", "ATTACHED", "LAST SEEN");
+    printf("%-20s %-8s %-12s %-22s %-10s %10s %10s %5s %-8s %s\n", "NODE", "STATE", "IMAGE",
+           "GENERATION", "MODE", "DIRTY", "ZEROED", "CONNS", "ATTACHED", "LAST SEEN");
   GenerationCache gens;
+  const lifecycle::Lifecycle life(st.root(), lifecycle::NewNodes::kReady, {});
   for (const std::string& n : st.nodes()) {
     exports::NodeRecord r;
     std::string err;
+    // The state ("?" when state.json is corrupt, said on stderr).
+    auto l = life.get(n, &err);
+    if (!err.empty()) fprintf(stderr, "nbdserver admin: %s\n", err.c_str());
+    const std::string state = l ? lifecycle::to_string(l->state) : err.empty() ? "-" : "?";
+    const std::string reason = l ? l->reason : err;
+    err.clear();
+    if (access((st.node_dir(n) + "/node.json").c_str(), F_OK) != 0) {
+      // Known from its boot-script fetches only: it has not attached yet.
+      if (!l) continue;
+      if (json) {
+        all.push_back({{"node", n}, {"state", state}, {"reason", reason}, {"image", ""},
+                       {"generation", ""}, {"attached", false}, {"connections", 0},
+                       {"last_seen", ""}, {"error", ""}});
+      } else {
+        printf("%-20s %-8s %-12s %-22s %-10s %10s %10s %5u %-8s %s\n", n.c_str(), state.c_str(),
+               "-", "-", "-", "-", "-", 0u, "no", "");
+      }
+      continue;
+    }
     if (!st.read_node(n, &r, &err)) {
       fprintf(stderr, "nbdserver admin: %s\n", err.c_str());
       continue;
@@ -103,15 +129,16 @@ int cmd_list(exports::Store& st, bool json) {
     const uint64_t dirty = mi.map.dirty.cardinality() * r.block_size;
     const uint64_t zero = mi.map.zero.cardinality() * r.block_size;
     if (json) {
-      all.push_back({{"node", n}, {"image", r.image}, {"generation", r.generation},
+      all.push_back({{"node", n}, {"state", state}, {"reason", reason},
+                     {"image", r.image}, {"generation", r.generation},
                      {"mode", storage::mode_name(r.mode)}, {"block_size", r.block_size},
                      {"dirty_bytes", dirty}, {"zeroed_bytes", zero},
                      {"connections", att ? r.connections : 0}, {"attached", att},
                      {"created", r.created}, {"last_seen", r.last_seen},
                      {"error", mi.ok ? "" : mi.error}});
     } else {
-      printf("%-20s %-12s %-22s %-10s %10s %10s %5u %-8s %s%s\n", n.c_str(), r.image.c_str(),
-             r.generation.c_str(), storage::mode_name(r.mode),
+      printf("%-20s %-8s %-12s %-22s %-10s %10s %10s %5u %-8s %s%s\n", n.c_str(), state.c_str(),
+             r.image.c_str(), r.generation.c_str(), storage::mode_name(r.mode),
              mi.ok ? storage::human_bytes(dirty).c_str() : "?", mi.ok ? storage::human_bytes(zero).c_str() : "?",
              att ? r.connections : 0, att ? "yes" : "no", r.last_seen.c_str(),
              mi.ok ? "" : ("  (" + mi.error + ")").c_str());
@@ -164,10 +191,88 @@ int cmd_extents(exports::Store& st, const std::string& node, bool json) {
   return 0;
 }
 
+int cmd_state(exports::Store& st, const std::string& node, const std::string& state,
+              const std::string& reason) {
+  lifecycle::State s;
+  if (!lifecycle::parse_state(state, &s)) {
+    fprintf(stderr, "nbdserver admin state: unknown state '%s' (expected new, verify, ready, "
+            "failed or retired)\n%s", state.c_str(), kAdminUsage);
+    return 2;
+  }
+  lifecycle::Lifecycle life(st.root(), lifecycle::NewNodes::kReady, {});
+  std::string err;
+  auto before = life.get(node, &err);
+  if (!err.empty() ||
+      !life.set_state(node, s, "admin", reason.empty() ? "set by an admin" : reason,
+                      int64_t(time(nullptr)), &err)) {
+    fprintf(stderr, "nbdserver admin state: %s\n", err.c_str());
+    return 1;
+  }
+  printf("node %s: %s -> %s\n", node.c_str(),
+         before ? lifecycle::to_string(before->state) : "(no record)", lifecycle::to_string(s));
+  return 0;
+}
+
+// "  memtester   passed   exit 0   61.2 s   bytes_tested=432013312 ram_share=0.83 loops=1"
+void print_step(const nlohmann::json& s) {
+  auto str = [&](const char* k) {
+    return s.contains(k) && s[k].is_string() ? s[k].get<std::string>() : std::string("?");
+  };
+  std::string exit = s.contains("exit_code") && s["exit_code"].is_number_integer()
+                         ? "exit " + std::to_string(s["exit_code"].get<int64_t>())
+                         : "";
+  char dur[32] = "";
+  if (s.contains("duration_s") && s["duration_s"].is_number())
+    snprintf(dur, sizeof dur, "%.1f s", s["duration_s"].get<double>());
+  std::string results;
+  if (s.contains("results") && s["results"].is_object())
+    for (const auto& [k, v] : s["results"].items())
+      results += (results.empty() ? "" : " ") + k + "=" +
+                 (v.is_string() ? v.get<std::string>() : v.dump());
+  printf("  %-16s %-9s %-8s %9s  %s\n", str("name").c_str(), str("status").c_str(),
+         exit.c_str(), dur, results.c_str());
+}
+
+int cmd_report(exports::Store& st, const std::string& node, bool json) {
+  std::string err;
+  if (!storage::valid_store_name(node) || access(st.node_dir(node).c_str(), F_OK) != 0) {
+    fprintf(stderr, "nbdserver admin report: node '%s' does not exist\n", node.c_str());
+    return 1;
+  }
+  auto doc = lifecycle::latest_report(st.root(), node, &err);
+  if (!doc) {
+    if (err.empty()) err = "node '" + node + "' has no verification report yet";
+    fprintf(stderr, "nbdserver admin report: %s\n", err.c_str());
+    return 1;
+  }
+  if (json) {
+    std::cout << doc->dump(2) << "\n";
+    return 0;
+  }
+  auto str = [&](const char* k) {
+    return doc->contains(k) && (*doc)[k].is_string() ? (*doc)[k].get<std::string>()
+                                                     : std::string("?");
+  };
+  printf("node %s, run %s: %s\n", node.c_str(), str("run").c_str(), str("status").c_str());
+  printf("  %s\n", lifecycle::report_summary(*doc).c_str());
+  printf("  started %s, finished %s\n", str("started").c_str(), str("finished").c_str());
+  if (doc->contains("steps") && (*doc)["steps"].is_array())
+    for (const auto& s : (*doc)["steps"])
+      if (s.is_object()) print_step(s);
+  if (doc->contains("log_files") && (*doc)["log_files"].is_array() &&
+      !(*doc)["log_files"].empty()) {
+    printf("  logs in %s/reports/%s/:", st.node_dir(node).c_str(), str("run").c_str());
+    for (const auto& f : (*doc)["log_files"])
+      if (f.is_string()) printf(" %s", f.get<std::string>().c_str());
+    printf("\n");
+  }
+  return 0;
+}
+
 }  // namespace
 
 int run_admin(int argc, const char* const* argv) {
-  std::string store, command, image, gen, mode = "persistent";
+  std::string store, command, image, gen, mode = "persistent", reason;
   std::vector<std::string> nodes;
   uint32_t block_size = 4096;
   bool json = false;
@@ -178,6 +283,7 @@ int run_admin(int argc, const char* const* argv) {
       "mode", po::value(&mode), "persistent or ephemeral")(
       "block-size", po::value(&block_size), "copy-on-write block size of a new node")(
       "json", po::bool_switch(&json), "machine-readable output")(
+      "reason", po::value(&reason), "why (admin state)")(
       "command", po::value(&command), "")("node", po::value(&nodes), "");
   po::positional_options_description pos;
   pos.add("command", 1).add("node", -1);
@@ -208,11 +314,16 @@ int run_admin(int argc, const char* const* argv) {
   const bool needs_node = command != "list";
   if (needs_node && nodes.empty()) return usage_error(command + ": which node?");
   if (!needs_node && !nodes.empty()) return usage_error(command + ": takes no node");
+  if (command == "state") {
+    if (nodes.size() != 2) return usage_error("state: expected NODE STATE");
+    return cmd_state(st, nodes[0], nodes[1], reason);
+  }
   if (command != "create" && nodes.size() > 1) return usage_error(command + ": one node at a time");
   const std::string node = nodes.empty() ? std::string() : nodes[0];
   bool ok = true;
   if (command == "list") return cmd_list(st, json);
   if (command == "extents") return cmd_extents(st, node, json);
+  if (command == "report") return cmd_report(st, node, json);
   if (command == "create") {
     storage::NodeMode m;
     if (image.empty()) return usage_error("create: --image IMAGE is required");

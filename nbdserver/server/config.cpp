@@ -20,6 +20,7 @@ constexpr const char* kUsage =
 struct StoreFlags {
   std::string nodes = "auto", mode = "persistent";
   uint32_t block_size = 4096;
+  std::string new_nodes = "ready";
 };
 
 po::options_description describe(ServerOptions* o, std::vector<std::string>* exports,
@@ -73,7 +74,17 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "serve the HTTP API (node info, chunk digests, the peer tracker) on HOST:PORT; port 0 "
        "picks a free one; needs --store")
       ("peer-timeout", po::value(&o->peer_timeout)->default_value(60),
-       "seconds after which a peer that has not called the tracker is forgotten");
+       "seconds after which a peer that has not called the tracker is forgotten")
+      ("new-nodes", po::value(&sf->new_nodes)->default_value("ready"),
+       "what an unknown node's first boot-script fetch makes of it: ready (boots its root), "
+       "verify (runs the verification first) or refuse; with verify or refuse, a node the "
+       "store does not know is also refused at NBD attach")
+      ("verify-timeout", po::value(&o->deadlines.verify_s)->default_value(3600),
+       "seconds a whole verification run may take, from its first boot-script fetch")
+      ("heartbeat-timeout", po::value(&o->deadlines.heartbeat_s)->default_value(300),
+       "seconds of silence allowed between a verifying node's heartbeats")
+      ("memtest-timeout", po::value(&o->deadlines.memtest_s)->default_value(0),
+       "time box in seconds of the memtest86+ step of a verification (0: no memtest86+ step)");
   return d;
 }
 
@@ -119,6 +130,16 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
     return fail("--http needs --store (the API describes the store)");
   if (!(o->peer_timeout > 0 && o->peer_timeout <= 86400))
     return fail("--peer-timeout must be more than 0 and at most 86400 seconds");
+  if (!lifecycle::parse_new_nodes(sf.new_nodes, &o->new_nodes))
+    return fail("--new-nodes '" + sf.new_nodes + "': expected ready, verify or refuse");
+  const lifecycle::Deadlines& dl = o->deadlines;
+  if (dl.verify_s < 1 || dl.verify_s > 7 * 86400)
+    return fail("--verify-timeout must be from 1 to 604800 seconds");
+  if (dl.heartbeat_s < 1 || dl.heartbeat_s > dl.verify_s)
+    return fail("--heartbeat-timeout must be from 1 second to --verify-timeout");
+  if (dl.memtest_s < 0 || dl.memtest_s >= dl.verify_s)
+    return fail("--memtest-timeout must be from 0 (no memtest86+ step) to less than "
+                "--verify-timeout");
   if (o->threads == 0) o->threads = std::max(1u, std::thread::hardware_concurrency());
   if (o->listen.empty() && o->socket.empty()) o->listen.push_back("0.0.0.0:10809");
   return {true, 0, {}};

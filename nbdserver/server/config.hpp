@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "exports/registry.hpp"
+#include "lifecycle/lifecycle.hpp"
 
 namespace server {
 
@@ -29,6 +30,10 @@ struct ServerOptions {
   exports::StoreOptions store_opts;
   std::string http_listen;  // --http HOST:PORT: the HTTP API (needs --store)
   double peer_timeout = 60;  // seconds before a silent peer leaves the tracker
+  // Node lifecycles (lifecycle.hpp): what an unknown node's first boot makes
+  // of it, and the deadlines of verification runs.
+  lifecycle::NewNodes new_nodes = lifecycle::NewNodes::kReady;
+  lifecycle::Deadlines deadlines;
 };
 
 struct ParseResult {

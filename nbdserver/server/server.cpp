@@ -16,6 +16,7 @@
 #include "http/server.hpp"
 #include "http/store_api.hpp"
 #include "http/tracker_api.hpp"
+#include "lifecycle/lifecycle.hpp"
 #include "tracker/tracker.hpp"
 #include "server/listen.hpp"
 #include "server/loop.hpp"
@@ -77,6 +78,9 @@ int run_server(const ServerOptions& opts) {
   }
   registry.set_max_block(opts.max_block);
   std::shared_ptr<exports::Store> store;
+  // Node states: the NBD side asks it whether a node may attach, the HTTP
+  // modules (boot scripts, reports, heartbeats, status) drive it.
+  std::shared_ptr<lifecycle::Lifecycle> life;
   if (!opts.store.empty()) {
     store = std::make_shared<exports::Store>(opts.store, opts.store_opts);
     std::string err;
@@ -84,10 +88,18 @@ int run_server(const ServerOptions& opts) {
       spdlog::error("{}", err);
       return 1;
     }
+    life = std::make_shared<lifecycle::Lifecycle>(opts.store, opts.new_nodes, opts.deadlines);
+    store->set_lifecycle(life);
     registry.set_store(store);
     spdlog::info("store {}: exports IMAGE, IMAGE@GEN and IMAGE/NODE (nodes: {}, new nodes {})",
                  opts.store, opts.store_opts.nodes == exports::NodePolicy::kAuto ? "auto" : "registered",
                  storage::mode_name(opts.store_opts.mode));
+    const char* policies[] = {"ready", "verify", "refuse"};
+    spdlog::info("lifecycle: unknown nodes {}; verification runs {} s, heartbeats every {} s at "
+                 "most, memtest86+ step {}",
+                 policies[int(opts.new_nodes)], opts.deadlines.verify_s,
+                 opts.deadlines.heartbeat_s,
+                 opts.deadlines.memtest_s ? std::to_string(opts.deadlines.memtest_s) + " s" : "off");
   }
   if (!opts.default_export.empty()) {
     std::string err;
