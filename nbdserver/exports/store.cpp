@@ -430,7 +430,10 @@ bool Store::create_nodes(const std::vector<std::string>& nodes, const std::strin
       *err = "node '" + sorted[i] + "' is named twice";
       return false;
     }
-    if (access(node_dir(sorted[i]).c_str(), F_OK) == 0) {
+    // A node exists once it has a record. A directory without one is a
+    // node that only fetched a boot script (lifecycle state.json): it may be
+    // registered, or created by its first attach, like an unknown one.
+    if (access((node_dir(sorted[i]) + "/node.json").c_str(), F_OK) == 0) {
       *err = "node '" + sorted[i] + "' already exists";
       return false;
     }
@@ -443,9 +446,8 @@ bool Store::create_nodes(const std::vector<std::string>& nodes, const std::strin
   if (!storage::Generation::open(root_, image, gen, err)) return false;
   if (!make_dir(root_ + "/nodes", err)) return false;
   for (const std::string& node : nodes) {
-    if (mkdir(node_dir(node).c_str(), 0750) != 0) {
-      *err = errno == EEXIST ? "node '" + node + "' already exists"
-                             : node_dir(node) + ": " + strerror(errno);
+    if (mkdir(node_dir(node).c_str(), 0750) != 0 && errno != EEXIST) {
+      *err = node_dir(node) + ": " + strerror(errno);
       return false;
     }
     NodeRecord r{node, image, gen, mode, block_size, now_iso8601(), "", 0};
