@@ -5,6 +5,9 @@
 #include <sstream>
 #include <thread>
 
+#include "http/boot_template.hpp"
+#include "storage/names.hpp"
+
 namespace po = boost::program_options;
 
 namespace server {
@@ -75,6 +78,14 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "picks a free one; needs --store")
       ("peer-timeout", po::value(&o->peer_timeout)->default_value(60),
        "seconds after which a peer that has not called the tracker is forgotten")
+      ("advertise", po::value(&o->advertise),
+       "the server's name in boot scripts, HOST or HOST:PORT (default: the Host header each "
+       "node sent); the NBD address in them is this host and the first --listen port")
+      ("boot-image", po::value(&o->boot_image),
+       "the image that nodes without a node.json boot (default: the store's only image)")
+      ("boot-cmdline", po::value(&o->boot_cmdline),
+       "extra kernel arguments for every node's boot, e.g. console=ttyS0 (nodes/NODE/cmdline "
+       "adds the node's own)")
       ("new-nodes", po::value(&sf->new_nodes)->default_value("ready"),
        "what an unknown node's first boot-script fetch makes of it: ready (boots its root), "
        "verify (runs the verification first) or refuse; with verify or refuse, a node the "
@@ -140,6 +151,20 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
   if (dl.memtest_s < 0 || dl.memtest_s >= dl.verify_s)
     return fail("--memtest-timeout must be from 0 (no memtest86+ step) to less than "
                 "--verify-timeout");
+  if (!o->advertise.empty()) {
+    std::string host, port;
+    if (!http::parse_host_header(o->advertise, &host, &port))
+      return fail("--advertise '" + o->advertise + "': expected HOST or HOST:PORT");
+  }
+  if (!o->boot_image.empty() && !storage::valid_store_name(o->boot_image))
+    return fail("--boot-image '" + o->boot_image + "': not an image name (allowed: "
+                "[A-Za-z0-9._-], not starting with '.')");
+  {
+    std::string norm, err;
+    if (!http::normalize_cmdline(o->boot_cmdline, &norm, &err))
+      return fail("--boot-cmdline: " + err);
+    o->boot_cmdline = norm;
+  }
   if (o->threads == 0) o->threads = std::max(1u, std::thread::hardware_concurrency());
   if (o->listen.empty() && o->socket.empty()) o->listen.push_back("0.0.0.0:10809");
   return {true, 0, {}};

@@ -34,6 +34,13 @@ struct ServerOptions {
   // of it, and the deadlines of verification runs.
   lifecycle::NewNodes new_nodes = lifecycle::NewNodes::kReady;
   lifecycle::Deadlines deadlines;
+  // Boot scripts (http/boot_api.hpp): the server's name in them ("" = the
+  // Host header each node sent), what nodes without a node.json boot ("" =
+  // the store's only image), and kernel arguments for every node
+  // (normalised, checked for iPXE syntax).
+  std::string advertise;
+  std::string boot_image;
+  std::string boot_cmdline;
 };
 
 struct ParseResult {

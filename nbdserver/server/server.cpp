@@ -13,10 +13,13 @@
 
 #include "exports/registry.hpp"
 #include "http/files_api.hpp"
+#include "http/boot_api.hpp"
+#include "http/boot_template.hpp"
 #include "http/server.hpp"
 #include "http/store_api.hpp"
 #include "http/tracker_api.hpp"
 #include "lifecycle/lifecycle.hpp"
+#include "lifecycle/report.hpp"
 #include "tracker/tracker.hpp"
 #include "server/listen.hpp"
 #include "server/loop.hpp"
@@ -57,6 +60,14 @@ void log_tracker(tracker::Tracker& t) {
                  gen, st.peers.size(), live, st.server_answers, st.peer_answers, st.quarantines,
                  st.expired);
   }
+}
+
+// The port of the first TCP listener, for the NBD address in boot scripts;
+// "" when there is none.
+std::string nbd_port(const std::vector<Listener>& ls) {
+  for (const Listener& l : ls)
+    if (!l.address.empty() && l.address[0] != '/') return l.address.substr(l.address.rfind(':') + 1);
+  return "";
 }
 
 }  // namespace
@@ -146,9 +157,13 @@ int run_server(const ServerOptions& opts) {
   std::unique_ptr<http::Server> http_server;
   std::shared_ptr<tracker::Tracker> peer_tracker;
   std::string http_address;
+  std::unique_ptr<http::DeadlineSweeper> sweeper;
   if (!opts.http_listen.empty()) {
     http::HttpOptions ho;
     ho.listen = opts.http_listen;
+    // Verification reports, logs included, are the largest bodies; each
+    // endpoint caps its own below this.
+    ho.payload_max = lifecycle::kReportMaxBytes;
     http_server = std::make_unique<http::Server>(ho);
     tracker::SwarmLimits limits;
     limits.peer_timeout = opts.peer_timeout;
@@ -156,6 +171,22 @@ int run_server(const ServerOptions& opts) {
     http::add_store_api(http_server->routes(), store);
     http::add_files_api(http_server->routes(), store);
     http::add_tracker_api(http_server->routes(), store, peer_tracker);
+    std::vector<std::string> written;
+    if (!http::install_default_templates(opts.store, &written, &err)) {
+      spdlog::error("{}", err);
+      shared.stopping = true;
+      for (auto& l : loops) l->wake();
+      for (auto& t : threads) t.join();
+      close_listeners(&listeners);
+      return 1;
+    }
+    for (const std::string& w : written) spdlog::info("wrote the default boot script template {}", w);
+    http::BootOptions bo;
+    bo.advertise = opts.advertise;
+    bo.nbd_port = nbd_port(listeners);
+    bo.boot_image = opts.boot_image;
+    bo.boot_cmdline = opts.boot_cmdline;
+    http::add_boot_api(http_server->routes(), store, life, bo);
     if (!http_server->start(&http_address, &err)) {
       spdlog::error("{}", err);
       shared.stopping = true;
@@ -166,6 +197,8 @@ int run_server(const ServerOptions& opts) {
     }
     spdlog::info("HTTP API on {} (peer tracker: peers expire after {} s)", http_address,
                  opts.peer_timeout);
+    sweeper = std::make_unique<http::DeadlineSweeper>(life);
+    sweeper->start();
   }
 
   for (const Listener& l : listeners) spdlog::info("listening on {}", l.address);
@@ -187,6 +220,7 @@ int run_server(const ServerOptions& opts) {
   }
   sd_notify(0, "STOPPING=1");
   if (http_server) http_server->stop();
+  if (sweeper) sweeper->stop();
   if (peer_tracker) log_tracker(*peer_tracker);
   shared.stopping = true;
   for (auto& l : loops) l->wake();
