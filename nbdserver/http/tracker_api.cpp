@@ -13,6 +13,8 @@ namespace {
 
 using nlohmann::json;
 
+constexpr size_t kTrackerBodyMax = 1 << 20;
+
 // What every tracker call is about: a generation and the node asking.
 struct Call {
   std::string image, gen, key;  // key "IMAGE@GEN"
@@ -26,6 +28,12 @@ struct Call {
 // replies and returns false.
 bool begin_call(exports::Store& store, const httplib::Request& req, httplib::Response& res,
                 Call* c) {
+  // The server takes bodies up to a verification report's size; tracker
+  // calls stay within 1 MiB.
+  if (req.body.size() > kTrackerBodyMax) {
+    reply_error(res, 413, "request body too large (at most 1 MiB)");
+    return false;
+  }
   std::string err;
   if (!parse_generation(req.matches[1], &c->image, &c->gen, &err)) {
     reply_error(res, 400, err);
