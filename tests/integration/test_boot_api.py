@@ -352,6 +352,13 @@ def test_bad_host_header_is_refused(boot, host):
     assert tree_hash(store) == before
 
 
+def test_no_host_header_needs_advertise(boot):
+    srv, store = boot()
+    code, body = curl(srv, f"/boot/{NODE}.ipxe", "-H", "Host:")
+    assert code == 400 and "--advertise" in error_of(body)
+    assert not os.path.exists(os.path.join(store, "nodes", NODE))
+
+
 def test_advertise_names_the_server(boot):
     srv, _ = boot("--advertise", "boot.example")
     http_port = srv.http.split(":")[1]
