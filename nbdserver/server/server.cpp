@@ -76,6 +76,12 @@ int run_server(const ServerOptions& opts) {
   raise_fd_limit();
   // A ready file left by a killed server must not announce this one early.
   if (!opts.ready_file.empty()) unlink(opts.ready_file.c_str());
+  // The only tier there is: say plainly what it does and does not do.
+  spdlog::warn("security tier 'lab': no authentication and no encryption. Any host that "
+               "reaches the NBD port can read or write any node's view by naming it. The lab "
+               "tier only guards against accidents (one writer per view, optional address "
+               "pinning, canonical export names); anyone on the LAN can spoof an address. "
+               "See docs/security.md");
   exports::Registry registry;
   for (const exports::ExportSpec& spec : opts.exports) {
     std::string err;
