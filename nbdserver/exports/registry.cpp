@@ -95,6 +95,12 @@ std::shared_ptr<const nbd::ExportInfo> Registry::find(std::string_view name) con
 
 std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
                                                         std::string* why) const {
+  return attach(nbd::Client{}, name, why);
+}
+
+std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& client,
+                                                        std::string_view name,
+                                                        std::string* why) const {
   if (name.empty() && !default_.empty()) name = default_;
   auto it = by_name_.find(name);
   if (it != by_name_.end()) return it->second;
@@ -116,7 +122,7 @@ std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
     // A node's view: every connection of the node is served by one loop
     // from one in-memory map, and a flush covers the whole diff, so a flush
     // on any connection covers writes acknowledged on all of them.
-    e->view = store_->view(sn.image, sn.node, sn.attach, &err);
+    e->view = store_->view(sn.image, sn.node, sn.attach, client.address, &e->attachment, &err);
     e->resume = sn.attach.resume;
     if (!e->view) {
       spdlog::error("export '{}': {}", name, err);

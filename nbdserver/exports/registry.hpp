@@ -29,6 +29,9 @@ struct ServedExport : nbd::ExportInfo {
   std::shared_ptr<storage::NodeView> view;
   std::shared_ptr<storage::Generation> gen;  // keeps a generation's files open
   std::shared_ptr<Store> store;              // for a node view's attach counts
+  // Holds the node's view for this client's address while the export is in
+  // use (declared after `store`, so it goes first).
+  std::unique_ptr<Store::Attachment> attachment;
   bool resume = false;  // a node reconnecting within one boot (IMAGE/NODE?resume)
   unsigned index = 0;  // --export: position in the registry, for per-loop tables
 };
@@ -58,6 +61,10 @@ class Registry : public nbd::ExportCatalog {
 
   std::shared_ptr<const nbd::ExportInfo> find(std::string_view name) const override;
   std::shared_ptr<const nbd::ExportInfo> lookup(std::string_view name,
+                                                std::string* why) const override;
+  // lookup() for `client`: a node's view is attached from one address at a
+  // time (Store::view).
+  std::shared_ptr<const nbd::ExportInfo> attach(const nbd::Client& client, std::string_view name,
                                                 std::string* why) const override;
   // A node's export as GO would serve it, from its record and generation
   // size, without opening its view; other names as lookup().

@@ -176,12 +176,43 @@ int Store::lock_node(const std::string& node, bool wait, std::string* err) const
   return fd;
 }
 
+namespace {
+std::string address_text(const std::string& a) { return a.empty() ? "an unknown address" : a; }
+}  // namespace
+
+Store::Attachment::~Attachment() {
+  std::lock_guard<std::mutex> g(store_->mu_);
+  auto it = store_->writers_.find(node_);
+  if (it != store_->writers_.end() && --it->second.attachments == 0) store_->writers_.erase(it);
+}
+
 std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const std::string& node,
-                                               const AttachOptions& how, std::string* err) {
+                                               const AttachOptions& how,
+                                               const std::string& address,
+                                               std::unique_ptr<Attachment>* held,
+                                               std::string* err) {
   // Checked at every attach, a node's further connections too: a node an
   // admin failed or retired while it ran gets no new connection.
   if (!may_attach(node, err)) return nullptr;
   std::lock_guard<std::mutex> g(mu_);
+  if (auto w = writers_.find(node); w != writers_.end() && w->second.address != address) {
+    *err = "node '" + node + "' is attached from " + address_text(w->second.address) +
+           "; refusing " + (how.resume ? "a resume" : "an attach") + " from " +
+           address_text(address) + " (one writer per view: detach it there first)";
+    return nullptr;
+  }
+  auto v = open_view(image, node, how, err);
+  if (!v) return nullptr;
+  Writer& w = writers_[node];
+  w.address = address;
+  ++w.attachments;
+  held->reset(new Attachment(this, node));
+  return v;
+}
+
+std::shared_ptr<storage::NodeView> Store::open_view(const std::string& image,
+                                                    const std::string& node,
+                                                    const AttachOptions& how, std::string* err) {
   auto wrong_mode = [&](storage::NodeMode has) {
     *err = "node '" + node + "' is " + storage::mode_name(has) + " but attached with mode=" +
            storage::mode_name(how.mode) + " (nbdroot.mode=); change its mode with `nbdserver " +

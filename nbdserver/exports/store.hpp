@@ -14,6 +14,13 @@
 // generation is picked up without a restart; nodes keep the generation they
 // were created on (node.json) until an admin resets them onto another.
 //
+// One writer per view (the lab tier, docs/security.md): while a node's view
+// is attached from one client address, attaches from any other address are
+// refused, resumes included; more connections from the same address (multi-
+// connection, a resume that supersedes them) are not. Each attach holds an
+// Attachment, counted per node under the mutex, so the rule holds whichever
+// loop runs the handshake.
+//
 // Threads: any loop may call the lookups; a mutex guards the caches. Node
 // records are changed by this process under the node's flock, so admin
 // commands (another process) and the server never change a node at once.
@@ -74,6 +81,22 @@ bool parse_store_name(const std::string& name, StoreName* out, std::string* err)
 
 class Store {
  public:
+  // A node's view attached from one address: while any of a node's
+  // Attachments lives, attaches from other addresses are refused. Owned by
+  // the connection's export; may be destroyed on any thread, before the Store.
+  class Attachment {
+   public:
+    ~Attachment();
+    Attachment(const Attachment&) = delete;
+    Attachment& operator=(const Attachment&) = delete;
+
+   private:
+    friend class Store;
+    Attachment(Store* store, std::string node) : store_(store), node_(std::move(node)) {}
+    Store* store_;
+    std::string node_;
+  };
+
   Store(std::string root, StoreOptions opts) : root_(std::move(root)), opts_(opts) {}
   const std::string& root() const { return root_; }
   const StoreOptions& options() const { return opts_; }
@@ -89,8 +112,12 @@ class Store {
                                                   std::string* err);
   // The node's view, opened on first use (creating the node under
   // --nodes auto) and shared by all its connections until the last one goes.
+  // `address` is the client's (nbd::Client); *held is set to the attachment
+  // that keeps other addresses out. Refused (nullptr, *err naming both
+  // addresses) while the node is attached from another address.
   std::shared_ptr<storage::NodeView> view(const std::string& image, const std::string& node,
-                                          const AttachOptions& how, std::string* err);
+                                          const AttachOptions& how, const std::string& address,
+                                          std::unique_ptr<Attachment>* held, std::string* err);
   // What a node's export would be, without opening its view (no lock, no
   // layer files, no record update): for NBD_OPT_INFO and the meta-context
   // options. Creates the node under --nodes auto, as an attach would.
@@ -144,6 +171,9 @@ class Store {
                                                          const std::string& gen, std::string* err);
   bool generation_size_locked(const std::string& image, const std::string& gen, uint64_t* size,
                               std::string* err);
+  // view() without the writer check; mu_ held.
+  std::shared_ptr<storage::NodeView> open_view(const std::string& image, const std::string& node,
+                                               const AttachOptions& how, std::string* err);
   // The node's record, creating the node first if the rules allow.
   bool existing_record(const std::string& image, const std::string& node,
                        const AttachOptions& how, NodeRecord* rec, std::string* err);
@@ -157,6 +187,11 @@ class Store {
   std::mutex mu_;
   std::map<std::string, std::weak_ptr<storage::Generation>> gens_;  // "image@gen"
   std::map<std::string, std::weak_ptr<storage::NodeView>> views_;   // node
+  struct Writer {  // who has a node attached: one address, how many times
+    std::string address;
+    unsigned attachments = 0;
+  };
+  std::map<std::string, Writer> writers_;  // node
   std::map<std::string, uint64_t> gen_sizes_;  // "image@gen"; generations never change
   // read_node() for listings: node.json as last parsed, while the file has
   // the same inode, size and mtime (records are replaced by rename).

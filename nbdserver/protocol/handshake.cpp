@@ -177,7 +177,7 @@ void Handshake::on_option(uint32_t opt, std::string_view data) {
 
 void Handshake::opt_export_name(std::string_view data) {
   std::string why;
-  auto e = valid_string(data) ? catalog_.lookup(data, &why) : nullptr;
+  auto e = valid_string(data) ? catalog_.attach(client_, data, &why) : nullptr;
   if (!e) {
     // NBD_OPT_EXPORT_NAME cannot be answered with an error: hard disconnect.
     close("NBD_OPT_EXPORT_NAME: " +
@@ -230,7 +230,7 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
     return;
   }
   std::string why;
-  auto e = opt == kOptGo ? catalog_.lookup(name, &why) : catalog_.describe(name, &why);
+  auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(name, &why);
   if (!e) {
     reply_error(opt, kRepErrUnknown,
                 why.empty() ? "unknown export '" + std::string(name.substr(0, 256)) + "'" : why);

@@ -37,6 +37,14 @@ struct ExportInfo {
   std::vector<std::string> contexts;
 };
 
+// Who is asking. Catalogs whose answer depends on the client (a node's view
+// is attached from one address at a time) read it; others ignore it.
+struct Client {
+  // The peer's address without its port ("10.0.0.5", "fd00::5"), "unix" for
+  // a Unix-socket client, "" when unknown (unit tests, the fuzzer).
+  std::string address;
+};
+
 // The exports a handshake may offer. Implementations must outlive every
 // Handshake that uses them and be safe to call from any loop thread.
 class ExportCatalog {
@@ -50,9 +58,16 @@ class ExportCatalog {
     (void)why;
     return find(name);
   }
+  // What NBD_OPT_GO and NBD_OPT_EXPORT_NAME use: lookup() on behalf of
+  // `client`, which may be refused what another client would get.
+  virtual std::shared_ptr<const ExportInfo> attach(const Client& client, std::string_view name,
+                                                   std::string* why) const {
+    (void)client;
+    return lookup(name, why);
+  }
   // What NBD_OPT_INFO and NBD_OPT_*_META_CONTEXT report: the export as
   // lookup() would serve it, but without attaching anything (a store node's
-  // view is not opened). NBD_OPT_GO and NBD_OPT_EXPORT_NAME use lookup().
+  // view is not opened). NBD_OPT_GO and NBD_OPT_EXPORT_NAME use attach().
   virtual std::shared_ptr<const ExportInfo> describe(std::string_view name,
                                                      std::string* why) const {
     return lookup(name, why);
@@ -109,6 +124,8 @@ class Handshake {
   const std::string& close_reason() const { return close_reason_; }
   // True when the client ended the handshake with NBD_OPT_ABORT.
   bool aborted() const { return aborted_; }
+  // Who the client is, for the catalog's attach(). Call before feeding.
+  void set_client(Client client) { client_ = std::move(client); }
   // After this, options other than NBD_OPT_ABORT get NBD_REP_ERR_SHUTDOWN.
   void set_shutting_down() { shutting_down_ = true; }
   // How many bytes the state machine waits for before it can move on.
@@ -143,6 +160,7 @@ class Handshake {
 
   const ExportCatalog& catalog_;
   HandshakeLimits limits_;
+  Client client_;
   State state_ = State::kGreeting;
   Status status_ = Status::kContinue;
   std::string in_;  // partial message being collected

@@ -46,6 +46,28 @@ std::string peer_name(int fd) {
   return "unix";
 }
 
+// The peer's address without its port, as nbd::Client wants it: an IPv4
+// address (also when it came mapped into IPv6), an IPv6 address, or "unix".
+std::string peer_address(int fd) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return "?";
+  char host[INET6_ADDRSTRLEN] = "";
+  if (ss.ss_family == AF_INET) {
+    inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&ss)->sin_addr, host, sizeof host);
+  } else if (ss.ss_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(&a)) {
+      inet_ntop(AF_INET, a.s6_addr + 12, host, sizeof host);
+    } else {
+      inet_ntop(AF_INET6, &a, host, sizeof host);
+    }
+  } else {
+    return "unix";
+  }
+  return host;
+}
+
 std::string errno_text(int err) { return strerror(err); }
 
 bool retryable(int res) { return res == -EAGAIN || res == -EINTR; }
@@ -370,6 +392,7 @@ void Loop::start_connection(int fd) {
   c.rbuf.resize(kHandshakeBuffer);
   nbd::HandshakeLimits limits;
   c.hs = std::make_unique<nbd::Handshake>(shared_.registry, limits);
+  c.hs->set_client(nbd::Client{peer_address(fd)});
   c.handshake_deadline =
       Clock::now() + seconds(shared_.opts.handshake_timeout);
   spdlog::debug("conn {}: accepted from {} on loop {}", c.id, c.peer, index_);

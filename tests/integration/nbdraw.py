@@ -200,8 +200,9 @@ class RawClient:
     tests combine them, so they can also send things a real client never
     would."""
 
-    def __init__(self, address, timeout=DEFAULT_TIMEOUT, connect=True):
+    def __init__(self, address, timeout=DEFAULT_TIMEOUT, connect=True, source=None):
         self.address = address
+        self.source = source  # a local address to connect from (TCP only)
         self.timeout = timeout
         self.sock = None
         self.structured = False
@@ -222,7 +223,9 @@ class RawClient:
             s.settimeout(self.timeout)
             s.connect(self.address)
         else:
-            s = socket.create_connection(self.address, timeout=self.timeout)
+            s = socket.create_connection(
+                self.address, timeout=self.timeout,
+                source_address=(self.source, 0) if self.source else None)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.settimeout(self.timeout)
         self.sock = s

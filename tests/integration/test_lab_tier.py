@@ -15,10 +15,11 @@ but guards against accidents.
 
 import json
 import os
+import time
 
 import pytest
 
-from nbdraw import RawClient, REP_ACK
+from nbdraw import CMD_FLUSH, Closed, RawClient, REP_ACK
 from storeutil import admin, make_store, serve_store
 
 
@@ -31,3 +32,120 @@ def test_start_warns_once_that_nothing_is_authenticated(nbdserver, tmp_path):
     # It says what the tier guards against, and what it does not.
     for word in ("one writer per view", "spoof"):
         assert word in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- one writer per view
+
+A, B = "127.0.0.2", "127.0.0.3"
+MAX_REASON = 512  # a refusal's text stays short, whatever it names
+
+
+def attach(srv, export, source, check=True):
+    """A raw client from `source` that sends NBD_OPT_GO for `export`.
+    Returns (client, final reply); with check, the reply must be an ACK."""
+    c = RawClient(srv.tcp, source=source)
+    c.handshake()
+    c.opt_structured_reply()
+    final = c.opt_go(export, check=False)[-1]
+    if check:
+        assert final.type == REP_ACK, f"{export} from {source}: {final!r} {final.data!r}"
+    return c, final
+
+
+def pread(c, length, offset):
+    err, data, _ = c.read(offset, length)
+    assert err == 0, f"read error {err}"
+    return data
+
+
+def pwrite(c, data, offset):
+    assert c.write(offset, data) == 0
+
+
+def refused(srv, export, source):
+    c, final = attach(srv, export, source, check=False)
+    c.close()
+    assert final.is_error, f"{export} from {source} was not refused"
+    reason = final.data.decode(errors="replace")
+    assert len(final.data) <= MAX_REASON, reason
+    return reason
+
+
+def attach_eventually(srv, export, source, timeout=10.0):
+    """Attaches once the server has let go of the view's other connections
+    (it notices their close asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c, final = attach(srv, export, source, check=False)
+        if final.type == REP_ACK:
+            return c
+        c.close()
+        assert time.monotonic() < deadline, f"still refused: {final.data!r}"
+        time.sleep(0.02)
+
+
+def test_one_writer_per_view(nbdserver, tmp_path):
+    store, _ = make_store(tmp_path)
+    srv = serve_store(nbdserver, store, threads=2)
+    # Several connections from one address (multi-connection), enough that
+    # both loops run handshakes for the node.
+    first = [attach(srv, "lab/n1", A)[0] for _ in range(6)]
+    for _ in range(6):
+        reason = refused(srv, "lab/n1", B)
+        assert A in reason and B in reason and "n1" in reason, reason
+    # NBD_OPT_EXPORT_NAME has no error reply: the connection is closed.
+    c = RawClient(srv.tcp, source=B)
+    c.handshake()
+    with pytest.raises(Closed):
+        c.opt_export_name("lab/n1")
+    c.close()
+    assert f"refusing an attach from {B}" in srv.stderr()
+    # Another node, and the read-only generation, are not held by n1's writer.
+    attach(srv, "lab/n2", B)[0].close()
+    attach(srv, "lab", B)[0].close()
+    # Data written from A is what A reads; B wrote nothing.
+    pwrite(first[0], b"A" * 4096, 0)
+    assert pread(first[1], 4096, 0) == b"A" * 4096
+    for c in first:
+        c.close()
+    # Once every connection from A is gone, B may attach (and then A may not).
+    second = attach_eventually(srv, "lab/n1", B)
+    assert pread(second, 4096, 0) == b"A" * 4096
+    reason = refused(srv, "lab/n1", A)
+    assert f"attached from {B}" in reason and f"from {A}" in reason, reason
+    second.close()
+
+
+def test_resume_from_the_same_address_supersedes_from_another_is_refused(nbdserver, tmp_path):
+    store, _ = make_store(tmp_path)
+    srv = serve_store(nbdserver, store, threads=2)
+    old = attach(srv, "lab/n1", A)[0]
+    pwrite(old, b"o" * 4096, 0)
+    # A resume from another address would close the writer's connections:
+    # refused, and the writer keeps its connection.
+    reason = refused(srv, "lab/n1?resume", B)
+    assert "refusing a resume" in reason and A in reason and B in reason, reason
+    assert pread(old, 4096, 0) == b"o" * 4096
+    # The node's own resume (same host, new connection) supersedes the old one.
+    new = attach(srv, "lab/n1?resume", A)[0]
+    old.wait_closed()
+    assert pread(new, 4096, 0) == b"o" * 4096
+    new.close()
+
+
+def test_resume_after_restart_from_the_same_address(nbdserver, tmp_path):
+    store, _ = make_store(tmp_path)
+    srv = serve_store(nbdserver, store, threads=2)
+    conns = [attach(srv, "lab/n1", A)[0] for _ in range(3)]
+    pwrite(conns[0], b"r" * 4096, 8192)
+    assert conns[0].command(CMD_FLUSH).error == 0
+    rc = srv.terminate()
+    assert rc == 0, srv.stderr()[-3000:]
+    for c in conns:
+        c.close()
+    srv = serve_store(nbdserver, store, threads=2)
+    again = [attach(srv, "lab/n1?resume", A)[0] for _ in range(3)]
+    assert pread(again[2], 4096, 8192) == b"r" * 4096
+    assert B in refused(srv, "lab/n1?resume", B)
+    for c in again:
+        c.close()
