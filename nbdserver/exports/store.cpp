@@ -2,6 +2,7 @@
 
 #include "storage/json_file.hpp"
 
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
@@ -195,6 +196,14 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   // admin failed or retired while it ran gets no new connection.
   if (!may_attach(node, err)) return nullptr;
   std::lock_guard<std::mutex> g(mu_);
+  std::string pin;
+  if (valid_store_name(node) && !read_pin(node, &pin, err)) return nullptr;
+  if (!pin.empty() && pin != address) {
+    *err = "node '" + node + "' is pinned to " + pin + "; refusing " +
+           (how.resume ? "a resume" : "an attach") + " from " + address_text(address) +
+           " (nbdserver admin pin/unpin)";
+    return nullptr;
+  }
   if (auto w = writers_.find(node); w != writers_.end() && w->second.address != address) {
     *err = "node '" + node + "' is attached from " + address_text(w->second.address) +
            "; refusing " + (how.resume ? "a resume" : "an attach") + " from " +
@@ -207,7 +216,97 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   w.address = address;
   ++w.attachments;
   held->reset(new Attachment(this, node));
+  if (pin.empty() && opts_.pin_addresses && !address.empty()) pin_first(node, address);
   return v;
+}
+
+void Store::pin_first(const std::string& node, const std::string& address) {
+  // Created only if absent (link fails on an existing name), so a pin an
+  // admin set meanwhile is never replaced.
+  const std::string path = node_dir(node) + "/pin";
+  const std::string tmp = path + ".first." + std::to_string(getpid());
+  std::string err;
+  bool ok = write_file_atomic(tmp, address + "\n", true, &err);
+  if (ok && link(tmp.c_str(), path.c_str()) != 0) {
+    if (errno != EEXIST) err = path + ": " + strerror(errno);
+    ok = false;
+  }
+  ok = ok && sync_dir(node_dir(node), &err);
+  unlink(tmp.c_str());
+  if (ok) {
+    spdlog::info("node '{}': pinned to {} at its first attach (--pin-addresses)", node, address);
+  } else if (!err.empty()) {
+    spdlog::warn("node '{}': cannot pin it to {}: {}", node, address, err);
+  }
+}
+
+bool canonical_address(const std::string& text, std::string* out) {
+  if (text == "unix") {
+    *out = text;
+    return true;
+  }
+  char buf[INET6_ADDRSTRLEN];
+  in_addr a4;
+  in6_addr a6;
+  if (inet_pton(AF_INET, text.c_str(), &a4) == 1) {
+    inet_ntop(AF_INET, &a4, buf, sizeof buf);
+  } else if (inet_pton(AF_INET6, text.c_str(), &a6) == 1) {
+    if (IN6_IS_ADDR_V4MAPPED(&a6)) {
+      inet_ntop(AF_INET, a6.s6_addr + 12, buf, sizeof buf);
+    } else {
+      inet_ntop(AF_INET6, &a6, buf, sizeof buf);
+    }
+  } else {
+    return false;
+  }
+  *out = buf;
+  return true;
+}
+
+bool Store::read_pin(const std::string& node, std::string* address, std::string* err) const {
+  const std::string path = node_dir(node) + "/pin";
+  address->clear();
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return true;
+    *err = path + ": " + strerror(errno);
+    return false;
+  }
+  char buf[128];
+  const ssize_t n = ::read(fd, buf, sizeof buf);
+  ::close(fd);
+  std::string line(buf, size_t(std::max<ssize_t>(n, 0)));
+  line = line.substr(0, line.find('\n'));
+  if (!canonical_address(line, address)) {
+    *err = path + ": holds no address (expected an IPv4 or IPv6 address, or unix)";
+    return false;
+  }
+  return true;
+}
+
+bool Store::pin_node(const std::string& node, const std::string& address, std::string* canonical,
+                     std::string* err) {
+  NodeRecord r;
+  if (!read_node(node, &r, err)) return false;
+  if (!canonical_address(address, canonical)) {
+    *err = "bad address '" + address.substr(0, 64) +
+           "' (expected an IPv4 or IPv6 address, or unix for Unix-socket clients)";
+    return false;
+  }
+  return write_file_atomic(node_dir(node) + "/pin", *canonical + "\n", true, err) &&
+         sync_dir(node_dir(node), err);
+}
+
+bool Store::unpin_node(const std::string& node, bool* was_pinned, std::string* err) {
+  NodeRecord r;
+  if (!read_node(node, &r, err)) return false;
+  const std::string path = node_dir(node) + "/pin";
+  *was_pinned = unlink(path.c_str()) == 0;
+  if (!*was_pinned && errno != ENOENT) {
+    *err = path + ": " + strerror(errno);
+    return false;
+  }
+  return !*was_pinned || sync_dir(node_dir(node), err);
 }
 
 std::shared_ptr<storage::NodeView> Store::open_view(const std::string& image,

@@ -7,6 +7,8 @@
 //   nodes/<node>/<image>.<gen>.diff/.bitmap the node's layer (layer_file.hpp)
 //   nodes/<node>/lock                       flock()ed while a server has the view open,
 //                                           and by admin commands that change the node
+//   nodes/<node>/pin                        the one address the node attaches from, if
+//                                           pinned (admin pin, or --pin-addresses)
 //
 // Export names: "<image>" is the current generation, read-only;
 // "<image>@<gen>" a given generation, read-only; "<image>/<node>" the
@@ -17,7 +19,10 @@
 // One writer per view (the lab tier, docs/security.md): while a node's view
 // is attached from one client address, attaches from any other address are
 // refused, resumes included; more connections from the same address (multi-
-// connection, a resume that supersedes them) are not. Each attach holds an
+// connection, a resume that supersedes them) are not. A pinned node
+// (nodes/<node>/pin) is attached from its pinned address only. The pin is
+// read at each attach; a pin set while the node is attached elsewhere
+// refuses that address's next attach, not the connections it has. Each attach holds an
 // Attachment, counted per node under the mutex, so the rule holds whichever
 // loop runs the handshake.
 //
@@ -46,7 +51,15 @@ struct StoreOptions {
   NodePolicy nodes = NodePolicy::kAuto;
   storage::NodeMode mode = storage::NodeMode::kPersistent;  // for nodes created on attach
   uint32_t block_size = 4096;                                // for nodes created on attach
+  // --pin-addresses: a node with no pin is pinned to the address of its
+  // first successful attach.
+  bool pin_addresses = false;
 };
+
+// The canonical text of a client address as nbd::Client gives it: IPv4
+// dotted quad (also for an IPv4-mapped IPv6 address), IPv6 as inet_ntop
+// writes it, or "unix" for Unix-socket clients. False when `text` is none.
+bool canonical_address(const std::string& text, std::string* out);
 
 // A node's record, node.json.
 struct NodeRecord {
@@ -163,6 +176,15 @@ class Store {
   // ("" = keep; "current" = the current one). Refused while attached.
   bool reset_node(const std::string& node, const std::string& gen, std::string* err);
   bool delete_node(const std::string& node, std::string* err);
+  // The node's pinned address, "" when it has none; false and *err when the
+  // pin file cannot be read or holds no address.
+  bool read_pin(const std::string& node, std::string* address, std::string* err) const;
+  // Pins an existing node to `address` (canonical_address), replacing any
+  // pin; durable. *canonical is the address as stored.
+  bool pin_node(const std::string& node, const std::string& address, std::string* canonical,
+                std::string* err);
+  // Removes the node's pin; *was_pinned says whether there was one.
+  bool unpin_node(const std::string& node, bool* was_pinned, std::string* err);
   // Takes the node's lock without waiting; -1 and *err when a server holds it.
   int lock_node(const std::string& node, bool wait, std::string* err) const;
 
@@ -171,6 +193,8 @@ class Store {
                                                          const std::string& gen, std::string* err);
   bool generation_size_locked(const std::string& image, const std::string& gen, uint64_t* size,
                               std::string* err);
+  // --pin-addresses: pins the node to `address` unless it has a pin; mu_ held.
+  void pin_first(const std::string& node, const std::string& address);
   // view() without the writer check; mu_ held.
   std::shared_ptr<storage::NodeView> open_view(const std::string& image, const std::string& node,
                                                const AttachOptions& how, std::string* err);

@@ -41,6 +41,9 @@ constexpr const char* kAdminUsage =
     "         [--block-size N]             register nodes (pinned to GEN, default: current)\n"
     "  reset NODE [--generation GEN|current]   drop the node's changes; optionally move it\n"
     "  delete NODE                         remove the node and its changes\n"
+    "  pin NODE ADDRESS                    attach the node from ADDRESS only (an IPv4 or\n"
+    "                                      IPv6 address, or unix for Unix-socket clients)\n"
+    "  unpin NODE                          remove the node's pin\n"
     "  extents NODE [--json]               the node's changed blocks (at its last flush)\n"
     "  state NODE new|verify|ready|failed|retired [--reason TEXT]\n"
     "                                      set the node's state (only ready nodes attach)\n"
@@ -318,7 +321,9 @@ int run_admin(int argc, const char* const* argv) {
     if (nodes.size() != 2) return usage_error("state: expected NODE STATE");
     return cmd_state(st, nodes[0], nodes[1], reason);
   }
-  if (command != "create" && nodes.size() > 1) return usage_error(command + ": one node at a time");
+  if (command == "pin" && nodes.size() != 2) return usage_error("pin: expected NODE ADDRESS");
+  if (command != "create" && command != "pin" && nodes.size() > 1)
+    return usage_error(command + ": one node at a time");
   const std::string node = nodes.empty() ? std::string() : nodes[0];
   bool ok = true;
   if (command == "list") return cmd_list(st, json);
@@ -338,6 +343,22 @@ int run_admin(int argc, const char* const* argv) {
     ok = st.reset_node(node, gen, &err);
   } else if (command == "delete") {
     ok = st.delete_node(node, &err);
+  } else if (command == "pin") {
+    std::string address;
+    if (!st.pin_node(node, nodes[1], &address, &err)) {
+      fprintf(stderr, "nbdserver admin pin: %s\n", err.c_str());
+      return 1;
+    }
+    printf("pinned %s to %s\n", node.c_str(), address.c_str());
+    return 0;
+  } else if (command == "unpin") {
+    bool was = false;
+    if (!st.unpin_node(node, &was, &err)) {
+      fprintf(stderr, "nbdserver admin unpin: %s\n", err.c_str());
+      return 1;
+    }
+    printf(was ? "unpinned %s\n" : "%s was not pinned\n", node.c_str());
+    return 0;
   } else {
     return usage_error("unknown command '" + command + "'");
   }

@@ -73,6 +73,9 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "each new attach)")
       ("block-size", po::value(&sf->block_size)->default_value(4096),
        "copy-on-write block size of nodes created at attach (512 to 1048576, a power of two)")
+      ("pin-addresses", po::bool_switch(&o->store_opts.pin_addresses),
+       "pin each node without a pin to the address of its first attach (nodes/NODE/pin); "
+       "see `nbdserver admin pin`")
       ("http", po::value(&o->http_listen),
        "serve the HTTP API (node info, chunk digests, the peer tracker) on HOST:PORT; port 0 "
        "picks a free one; needs --store")

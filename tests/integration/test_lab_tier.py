@@ -149,3 +149,84 @@ def test_resume_after_restart_from_the_same_address(nbdserver, tmp_path):
     assert B in refused(srv, "lab/n1?resume", B)
     for c in again:
         c.close()
+
+
+# ---------------------------------------------------------------- address pinning
+
+def read_pin(store, node):
+    with open(os.path.join(store, "nodes", node, "pin")) as f:
+        return f.read().strip()
+
+
+def test_admin_pin_and_unpin(nbdserver, tmp_path):
+    store, _ = make_store(tmp_path)
+    admin(store, "create", "n1", "n2", "--image", "lab")
+    r = admin(store, "pin", "n1", A)
+    assert r.stdout.strip() == f"pinned n1 to {A}", r.stdout
+    # An IPv4-mapped IPv6 address is the IPv4 address the server sees.
+    assert admin(store, "pin", "n2", f"::ffff:{B}").stdout.strip() == f"pinned n2 to {B}"
+    assert read_pin(store, "n2") == B
+    srv = serve_store(nbdserver, store, threads=2)
+    # Refused from another address even though nothing is attached.
+    reason = refused(srv, "lab/n1", B)
+    assert f"pinned to {A}" in reason and f"from {B}" in reason, reason
+    assert f"pinned to {B}" in refused(srv, "lab/n2", A)
+    c = attach(srv, "lab/n1", A)[0]
+    pwrite(c, b"p" * 4096, 0)
+    c.close()
+    r = admin(store, "unpin", "n1")
+    assert r.stdout.strip() == "unpinned n1", r.stdout
+    assert not os.path.exists(os.path.join(store, "nodes", "n1", "pin"))
+    assert admin(store, "unpin", "n1").stdout.strip() == "n1 was not pinned"
+    c = attach_eventually(srv, "lab/n1", B)
+    assert pread(c, 4096, 0) == b"p" * 4096
+    c.close()
+
+
+def test_admin_pin_refuses_bad_input(tmp_path):
+    store, _ = make_store(tmp_path)
+    admin(store, "create", "n1", "--image", "lab")
+    for bad in ("10.0.0", "10.0.0.1:10809", "host.example", "", "x" * 5000):
+        r = admin(store, "pin", "n1", bad, check=False)
+        assert r.returncode == 1, (bad, r)
+        assert "bad address" in r.stderr and len(r.stderr) < 300, r.stderr
+    r = admin(store, "pin", "ghost", A, check=False)
+    assert r.returncode == 1 and "does not exist" in r.stderr, r.stderr
+    assert admin(store, "pin", "n1", check=False).returncode == 2
+    assert admin(store, "unpin", "ghost", check=False).returncode == 1
+    assert not os.path.exists(os.path.join(store, "nodes", "n1", "pin"))
+    assert not os.path.exists(os.path.join(store, "nodes", "ghost"))
+
+
+def test_pin_addresses_pins_at_first_attach(nbdserver, tmp_path):
+    store, _ = make_store(tmp_path)
+    admin(store, "create", "n1", "--image", "lab")
+    admin(store, "pin", "n1", B)
+    srv = serve_store(nbdserver, store, "--pin-addresses", threads=2)
+    # n2 is created at its first attach, and pinned to that address.
+    c = attach(srv, "lab/n2", A)[0]
+    assert read_pin(store, "n2") == A
+    c.close()
+    # An admin's pin is never replaced.
+    attach(srv, "lab/n1", B)[0].close()
+    assert read_pin(store, "n1") == B
+    # The pin outlives the connection and the server.
+    rc = srv.terminate()
+    assert rc == 0, srv.stderr()[-3000:]
+    srv = serve_store(nbdserver, store, threads=2)
+    reason = refused(srv, "lab/n2", B)
+    assert f"pinned to {A}" in reason, reason
+    attach(srv, "lab/n2", A)[0].close()
+
+
+def test_unix_socket_clients_have_the_address_unix(nbdserver, tmp_path):
+    store, _ = make_store(tmp_path)
+    sock = str(tmp_path / "nbd.sock")
+    srv = serve_store(nbdserver, store, "--socket", sock, "--pin-addresses", threads=2)
+    c = RawClient(sock)
+    c.handshake()
+    c.opt_go("lab/n1")
+    assert read_pin(store, "n1") == "unix"
+    reason = refused(srv, "lab/n1", A)
+    assert "pinned to unix" in reason, reason
+    c.close()
