@@ -107,7 +107,7 @@ std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& clien
   StoreName sn;
   std::string bad;
   if (!store_ || !parse_store_name(std::string(name), &sn, &bad)) {
-    if (!bad.empty()) *why = "export '" + std::string(name) + "': " + bad;
+    if (!bad.empty()) *why = "export " + nbd::quoted(name, 32) + ": " + bad;
     return nullptr;
   }
   if (access((store_->root() + "/images/" + sn.image).c_str(), F_OK) != 0) return nullptr;
@@ -125,8 +125,8 @@ std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& clien
     e->view = store_->view(sn.image, sn.node, sn.attach, client.address, &e->attachment, &err);
     e->resume = sn.attach.resume;
     if (!e->view) {
-      spdlog::error("export '{}': {}", name, err);
-      *why = "export '" + e->name + "' cannot be served: " + err;
+      spdlog::error("export {}: {}", nbd::quoted(name), err);
+      *why = "export " + nbd::quoted(e->name) + " cannot be served: " + err;
       return nullptr;
     }
     e->store = store_;
@@ -139,8 +139,8 @@ std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& clien
   }
   e->gen = store_->generation(sn.image, sn.generation, &err);
   if (!e->gen) {
-    spdlog::error("export '{}': {}", name, err);
-    *why = "export '" + e->name + "' cannot be served: " + err;
+    spdlog::error("export {}: {}", nbd::quoted(name), err);
+    *why = "export " + nbd::quoted(e->name) + " cannot be served: " + err;
     return nullptr;
   }
   e->size = e->gen->size();
@@ -166,8 +166,8 @@ std::shared_ptr<const nbd::ExportInfo> Registry::describe(std::string_view name,
   uint64_t size = 0;
   std::string err;
   if (!store_->describe(sn.image, sn.node, sn.attach, &rec, &size, &err)) {
-    spdlog::error("export '{}': {}", name, err);
-    *why = "export '" + std::string(name) + "' cannot be served: " + err;
+    spdlog::error("export {}: {}", nbd::quoted(name), err);
+    *why = "export " + nbd::quoted(name) + " cannot be served: " + err;
     return nullptr;
   }
   auto e = std::make_shared<nbd::ExportInfo>();

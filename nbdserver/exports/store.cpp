@@ -1,5 +1,6 @@
 #include "exports/store.hpp"
 
+#include "protocol/wire.hpp"
 #include "storage/json_file.hpp"
 
 #include <arpa/inet.h>
@@ -55,6 +56,11 @@ bool sync_dir(const std::string& path, std::string* err) {
   return ok;
 }
 
+std::string fold_case(std::string s) {
+  for (char& c : s) c = char(tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
 bool make_dir(const std::string& path, std::string* err) {
   if (mkdir(path.c_str(), 0750) == 0 || errno == EEXIST) return true;
   *err = path + ": cannot create: " + strerror(errno);
@@ -88,7 +94,8 @@ bool parse_attach_options(const std::string& text, AttachOptions* out, std::stri
     } else if (opt.rfind("mode=", 0) == 0 && storage::parse_mode(opt.substr(5), &out->mode)) {
       out->has_mode = true;
     } else {
-      *err = "unknown attach option '" + opt + "' (expected resume or mode=persistent|ephemeral)";
+      *err = "unknown attach option " + nbd::quoted(opt, 32) +
+             " (expected resume or mode=persistent|ephemeral)";
       return false;
     }
     pos = end + 1;
@@ -550,10 +557,14 @@ bool Store::create_nodes(const std::vector<std::string>& nodes, const std::strin
   }
   std::vector<std::string> sorted = nodes;
   std::sort(sorted.begin(), sorted.end());
+  // Names are case-sensitive, and a name that differs from another only in
+  // case is a typo (a MAC typed in capitals): refused, not a second node.
+  std::map<std::string, std::string> folded;  // lower case -> the name
+  for (const std::string& n : this->nodes()) folded.emplace(fold_case(n), n);
   for (size_t i = 0; i < sorted.size(); ++i) {
     if (!valid_store_name(sorted[i])) {
-      *err = "bad node name '" + sorted[i].substr(0, 256) +
-             "' (use letters, digits, '.', '_' and '-')";
+      *err = "bad node name " + nbd::quoted(sorted[i]) + " (use at most " +
+             std::to_string(storage::kMaxStoreName) + " letters, digits, '.', '_' and '-')";
       return false;
     }
     if (i && sorted[i] == sorted[i - 1]) {
@@ -565,6 +576,12 @@ bool Store::create_nodes(const std::vector<std::string>& nodes, const std::strin
     // registered, or created by its first attach, like an unknown one.
     if (access((node_dir(sorted[i]) + "/node.json").c_str(), F_OK) == 0) {
       *err = "node '" + sorted[i] + "' already exists";
+      return false;
+    }
+    auto [it, fresh] = folded.emplace(fold_case(sorted[i]), sorted[i]);
+    if (!fresh) {
+      *err = "node '" + sorted[i] + "' differs from the node '" + it->second +
+             "' only in case (names are case-sensitive)";
       return false;
     }
   }

@@ -181,7 +181,7 @@ void Handshake::opt_export_name(std::string_view data) {
   if (!e) {
     // NBD_OPT_EXPORT_NAME cannot be answered with an error: hard disconnect.
     close("NBD_OPT_EXPORT_NAME: " +
-          (why.empty() ? "unknown export '" + std::string(data.substr(0, 256)) + "'" : why));
+          (why.empty() ? "unknown export " + quoted(data) : why));
     return;
   }
   if (meta_export_ != e->name) session_.contexts.clear();
@@ -233,7 +233,7 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
   auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(name, &why);
   if (!e) {
     reply_error(opt, kRepErrUnknown,
-                why.empty() ? "unknown export '" + std::string(name.substr(0, 256)) + "'" : why);
+                why.empty() ? "unknown export " + quoted(name) : why);
     return;
   }
   bool want_name = false, want_desc = false;
@@ -330,7 +330,7 @@ void Handshake::opt_meta_context(uint32_t opt, std::string_view data) {
   auto e = catalog_.describe(name, &why);
   if (!e) {
     reply_error(opt, kRepErrUnknown,
-                why.empty() ? "unknown export '" + std::string(name.substr(0, 256)) + "'" : why);
+                why.empty() ? "unknown export " + quoted(name) : why);
     return;
   }
   std::vector<MetaContext> chosen;

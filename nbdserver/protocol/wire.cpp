@@ -30,6 +30,23 @@ Error error_from_errno(int err, bool fast_zero) {
   }
 }
 
+std::string quoted(std::string_view s, size_t max) {
+  static const char kHex[] = "0123456789abcdef";
+  std::string out = "'";
+  for (unsigned char ch : s.substr(0, max)) {
+    if (ch >= 0x20 && ch < 0x7f && ch != '\'' && ch != '\\') {
+      out += char(ch);
+    } else {
+      out += "\\x";
+      out += kHex[ch >> 4];
+      out += kHex[ch & 15];
+    }
+  }
+  out += "'";
+  if (s.size() > max) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
+}
+
 const char* opt_name(uint32_t opt) {
   switch (opt) {
     case kOptExportName: return "NBD_OPT_EXPORT_NAME";

@@ -148,6 +148,11 @@ inline constexpr std::string_view kContextBaseAllocation = "base:allocation";
 Error error_from_errno(int err, bool fast_zero = false);
 
 // Names for logs.
+// A client's string (an export name) for a reply or a log line: in single
+// quotes, at most `max` bytes of it, bytes outside printable ASCII and the
+// quote and backslash as \xNN, then "... (N bytes)" when it was cut.
+std::string quoted(std::string_view s, size_t max = 64);
+
 const char* opt_name(uint32_t opt);
 const char* rep_name(uint32_t rep);
 const char* cmd_name(uint16_t cmd);

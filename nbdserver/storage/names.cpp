@@ -5,7 +5,7 @@
 namespace storage {
 
 bool valid_store_name(const std::string& s) {
-  if (s.empty() || s.size() > 200 || s[0] == '.') return false;
+  if (s.empty() || s.size() > kMaxStoreName || s[0] == '.') return false;
   for (char c : s)
     if (!(isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-'))
       return false;

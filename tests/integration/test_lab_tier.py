@@ -13,6 +13,7 @@ but guards against accidents.
 - The audit log of admin changes.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -230,3 +231,85 @@ def test_unix_socket_clients_have_the_address_unix(nbdserver, tmp_path):
     reason = refused(srv, "lab/n1", A)
     assert "pinned to unix" in reason, reason
     c.close()
+
+
+# ---------------------------------------------------------------- canonical names
+
+def tree(store):
+    """Every path under the store with its contents' digest: the store's bytes."""
+    out = {}
+    for root, dirs, files in os.walk(store):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), store) + "/"] = None
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, store)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+LONG = "x" * 201  # one byte over the 200-byte limit of an image, generation or node name
+TRICKS = [
+    b"lab/N1", b"LAB/n1", b"Lab/n1",                       # case
+    b"lab/n%31", b"lab%2Fn1", b"lab/%6E1",                 # percent-encoding
+    b"lab/../n1", b"lab/..", b"../lab/n1", b"lab/./n1",   # dot parts
+    b"lab//n1", b"/lab/n1", b"lab/", b"/n1", b"lab@",     # empty parts
+    b"lab/n1/", b"lab/n1//",                               # trailing slashes
+    b"lab/n1 ", b"lab/n1\n", b" lab/n1", b"lab/n1\t",      # blanks
+    "lab/n\uff11".encode(), "l\u0430b/n1".encode(),         # look-alike letters
+    b"lab/n1?", b"lab/n1?resume&", b"lab/n1?RESUME",      # malformed options
+    b"lab@g1/n1",                                         # a node on a named generation
+    ("lab/" + LONG).encode(), (LONG + "/n1").encode(), ("lab@" + LONG).encode(),
+    b"lab/n1?" + b"\x01\xff" * 2000,                        # long, unprintable options
+    b"lab/" + b"\x1b[31m" * 500,                            # terminal escapes
+]
+
+
+def test_spelling_tricks_are_refused_and_change_nothing(nbdserver, tmp_path):
+    store, _ = make_store(tmp_path)
+    admin(store, "create", "n1", "--image", "lab")
+    srv = serve_store(nbdserver, store, threads=2)  # --nodes auto: a typo could create a node
+    attach(srv, "lab/n1", A)[0].close()
+    c = attach_eventually(srv, "lab/n1", B)  # n1's view is held from B meanwhile
+    before = tree(store)
+    for name in TRICKS:
+        for source in (A, B):
+            c2, final = attach(srv, name, source, check=False)
+            c2.close()
+            assert final.is_error, f"{name!r} was accepted from {source}"
+            reason = final.data
+            assert len(reason) <= MAX_REASON, (name, reason)
+            # A refusal echoes at most 64 bytes of the name, escaped.
+            assert b"x" * 65 not in reason and b"\x1b" not in reason, (name, reason)
+            assert all(32 <= ch < 127 for ch in reason), (name, reason)
+        # NBD_OPT_EXPORT_NAME: closed, and the log line is as bounded.
+        r = RawClient(srv.tcp, source=A)
+        r.handshake()
+        with pytest.raises(Closed):
+            r.send_option(1, name)
+            r.recv_exact(1)
+        r.close()
+    pwrite(c, b"still here", 0)
+    c.close()
+    srv.assert_alive()
+    after = tree(store)
+    after = {k: v for k, v in after.items() if not k.endswith("node.json") and ".g1." not in k}
+    before = {k: v for k, v in before.items() if not k.endswith("node.json") and ".g1." not in k}
+    assert after == before
+    assert "x" * 65 not in srv.stderr() and "\x1b" not in srv.stderr()
+
+
+def test_admin_create_refuses_a_case_variant(tmp_path):
+    store, _ = make_store(tmp_path)
+    admin(store, "create", "node-a", "--image", "lab")
+    before = tree(store)
+    for name in ("Node-A", "NODE-A"):
+        r = admin(store, "create", name, "--image", "lab", check=False)
+        assert r.returncode == 1, r
+        assert "only in case" in r.stderr and "node-a" in r.stderr, r.stderr
+    r = admin(store, "create", "n2", "N2", "--image", "lab", check=False)
+    assert r.returncode == 1 and "only in case" in r.stderr, r.stderr
+    r = admin(store, "create", "y" * 201, "--image", "lab", check=False)
+    assert r.returncode == 1 and len(r.stderr) < 1000, r.stderr
+    assert tree(store) == before
+
