@@ -2,7 +2,9 @@
 //
 // Commands that change a node take its flock, which a running server holds
 // while the node is attached, so they refuse instead of pulling a disk from
-// under a node. Read-only commands (list, extents) read the persisted map:
+// under a node. Each change that succeeded is recorded in <store>/audit.log
+// (exports/audit.hpp); a command whose change succeeded but whose audit
+// line could not be written says so and exits 1. Read-only commands (list, extents) read the persisted map:
 // what was true at the node's last flush.
 #include "server/admin.hpp"
 
@@ -21,6 +23,7 @@
 #include <sstream>
 #include <vector>
 
+#include "exports/audit.hpp"
 #include "exports/store.hpp"
 #include "lifecycle/lifecycle.hpp"
 #include "lifecycle/report.hpp"
@@ -326,6 +329,14 @@ int run_admin(int argc, const char* const* argv) {
     return usage_error(command + ": one node at a time");
   const std::string node = nodes.empty() ? std::string() : nodes[0];
   bool ok = true;
+  // Records a change made; false (with a message) when the log is unwritable.
+  auto record = [&](const std::string& action, const std::string& detail) {
+    std::string why;
+    if (exports::audit(store, action, detail, &why)) return true;
+    fprintf(stderr, "nbdserver admin %s: done, but not recorded in the audit log: %s\n",
+            command.c_str(), why.c_str());
+    return false;
+  };
   if (command == "list") return cmd_list(st, json);
   if (command == "extents") return cmd_extents(st, node, json);
   if (command == "report") return cmd_report(st, node, json);
@@ -337,12 +348,23 @@ int run_admin(int argc, const char* const* argv) {
       return usage_error("--block-size must be a power of two from 512 to 1048576");
     size_t created = 0;
     ok = st.create_nodes(nodes, image, gen, m, block_size, &created, &err);
-    for (size_t i = 0; i < created; ++i) printf("created %s\n", nodes[i].c_str());
-    if (ok) return 0;
+    bool recorded = true;
+    for (size_t i = 0; i < created; ++i) {
+      printf("created %s\n", nodes[i].c_str());
+      exports::NodeRecord r;
+      std::string ignored;
+      const std::string pinned_gen = st.read_node(nodes[i], &r, &ignored) ? r.generation : gen;
+      recorded &= record("create", nodes[i] + " image=" + image + " generation=" + pinned_gen +
+                                       " mode=" + mode + " block_size=" +
+                                       std::to_string(block_size));
+    }
+    if (ok) return recorded ? 0 : 1;
   } else if (command == "reset") {
     ok = st.reset_node(node, gen, &err);
+    if (ok && !record("reset", node + (gen.empty() ? "" : " generation=" + gen))) return 1;
   } else if (command == "delete") {
     ok = st.delete_node(node, &err);
+    if (ok && !record("delete", node)) return 1;
   } else if (command == "pin") {
     std::string address;
     if (!st.pin_node(node, nodes[1], &address, &err)) {
@@ -350,7 +372,7 @@ int run_admin(int argc, const char* const* argv) {
       return 1;
     }
     printf("pinned %s to %s\n", node.c_str(), address.c_str());
-    return 0;
+    return record("pin", node + " " + address) ? 0 : 1;
   } else if (command == "unpin") {
     bool was = false;
     if (!st.unpin_node(node, &was, &err)) {
@@ -358,7 +380,7 @@ int run_admin(int argc, const char* const* argv) {
       return 1;
     }
     printf(was ? "unpinned %s\n" : "%s was not pinned\n", node.c_str());
-    return 0;
+    return !was || record("unpin", node) ? 0 : 1;
   } else {
     return usage_error("unknown command '" + command + "'");
   }

@@ -313,3 +313,38 @@ def test_admin_create_refuses_a_case_variant(tmp_path):
     assert r.returncode == 1 and len(r.stderr) < 1000, r.stderr
     assert tree(store) == before
 
+
+# ---------------------------------------------------------------- audit log
+
+def audit_lines(store):
+    with open(os.path.join(store, "audit.log")) as f:
+        return [json.loads(l) for l in f]
+
+
+def test_admin_changes_are_audited(tmp_path):
+    store, _ = make_store(tmp_path)
+    admin(store, "create", "n1", "n2", "--image", "lab")
+    admin(store, "pin", "n1", A)
+    admin(store, "unpin", "n1")
+    admin(store, "unpin", "n1")  # changes nothing: no line
+    admin(store, "reset", "n2", "--generation", "current")
+    admin(store, "delete", "n2")
+    admin(store, "list")  # reads only: no line
+    admin(store, "extents", "n1")
+    assert admin(store, "delete", "ghost", check=False).returncode == 1  # failed: no line
+    lines = audit_lines(store)
+    assert [(l["action"], l["detail"].split()[0]) for l in lines] == [
+        ("create", "n1"), ("create", "n2"), ("pin", "n1"), ("unpin", "n1"),
+        ("reset", "n2"), ("delete", "n2")]
+    assert lines[2]["detail"] == f"n1 {A}"
+    assert "image=lab" in lines[0]["detail"]
+    for l in lines:
+        assert set(l) == {"time", "uid", "pid", "action", "detail"}, l
+        assert l["uid"] == os.getuid() and isinstance(l["pid"], int)
+        assert l["time"].endswith("Z")
+    # The log is appended to, never rewritten.
+    with open(os.path.join(store, "audit.log"), "rb") as f:
+        head = f.read()
+    admin(store, "create", "n3", "--image", "lab")
+    with open(os.path.join(store, "audit.log"), "rb") as f:
+        assert f.read().startswith(head)
