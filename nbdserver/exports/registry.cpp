@@ -130,6 +130,7 @@ std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& clien
       return nullptr;
     }
     e->store = store_;
+    if (stats_) e->counters = stats_->node(sn.node);
     e->size = e->view->overlay().id().size;
     e->description = "node " + sn.node + " on " + sn.image + "@" + e->view->generation().name() +
                      " (" + storage::mode_name(e->view->mode()) + ")";

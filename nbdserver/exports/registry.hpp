@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "protocol/handshake.hpp"
+#include "exports/stats.hpp"
 #include "exports/store.hpp"
 #include "storage/image_file.hpp"
 
@@ -29,6 +30,7 @@ struct ServedExport : nbd::ExportInfo {
   std::shared_ptr<storage::NodeView> view;
   std::shared_ptr<storage::Generation> gen;  // keeps a generation's files open
   std::shared_ptr<Store> store;              // for a node view's attach counts
+  std::shared_ptr<NodeCounters> counters;    // a node view's, when the registry has Stats
   // Holds the node's view for this client's address while the export is in
   // use (declared after `store`, so it goes first).
   std::unique_ptr<Store::Attachment> attachment;
@@ -56,6 +58,8 @@ class Registry : public nbd::ExportCatalog {
   void set_max_block(uint32_t max_block) { max_block_ = max_block; }
   // Serves the store's images and node views too.
   void set_store(std::shared_ptr<Store> store) { store_ = std::move(store); }
+  // Node views get their node's counters from `stats` (GET /metrics).
+  void set_stats(std::shared_ptr<Stats> stats) { stats_ = std::move(stats); }
   // Which export an empty name selects; must name an added export.
   bool set_default(const std::string& name, std::string* err);
 
@@ -83,6 +87,7 @@ class Registry : public nbd::ExportCatalog {
   std::vector<std::shared_ptr<ServedExport>> order_;
   std::string default_;
   std::shared_ptr<Store> store_;
+  std::shared_ptr<Stats> stats_;
   uint32_t max_block_ = 32 << 20;
 };
 

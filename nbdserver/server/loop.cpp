@@ -306,6 +306,7 @@ void Loop::on_timer() {
     if (!cp || cp->fd < 0 || cp->phase == Connection::Phase::kClosing) continue;
     Connection& c = *cp;
     if (c.phase == Connection::Phase::kHandshake && now > c.handshake_deadline) {
+      exports::bump(shared_.stats.server().handshake_failures);
       close_connection(c, fmt::format("handshake: no option finished in {} s (--handshake-timeout)",
                                       shared_.opts.handshake_timeout), true);
     } else if ((c.partial_header && now - c.header_since > request_limit) ||
@@ -317,6 +318,8 @@ void Loop::on_timer() {
       close_connection(c, "shutdown timeout reached with requests still in flight", true);
     }
   }
+  for (const ViewState& vs : views_)
+    if (vs.view && vs.conns) publish_dirty(vs);
   post_timer();
 }
 
@@ -372,6 +375,7 @@ void Loop::begin_shutdown() {
 void Loop::start_connection(int fd) {
   if (shared_.connections.fetch_add(1) >= shared_.opts.max_connections) {
     shared_.connections--;
+    exports::bump(shared_.stats.server().refused);
     spdlog::warn("refusing a connection from {}: --max-connections {} reached", peer_name(fd),
                  shared_.opts.max_connections);
     ::close(fd);
@@ -386,6 +390,8 @@ void Loop::start_connection(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
 
+  exports::bump(shared_.stats.server().connections_total);
+  exports::bump(shared_.stats.server().connections_open);
   Connection& c = new_connection(fd);
   c.id = shared_.next_conn_id++;
   c.peer = peer_name(fd);
@@ -534,7 +540,10 @@ void Loop::on_handshake_input(Connection& c) {
   // exports takes as long as it takes, a message trickled in never finishes.
   if (c.hs->progress() != progress)
     c.handshake_deadline = Clock::now() + seconds(shared_.opts.handshake_timeout);
-  for (const std::string& e : c.hs->take_errors()) spdlog::info("conn {}: {}", c.id, e);
+  for (const std::string& e : c.hs->take_errors()) {
+    spdlog::info("conn {}: {}", c.id, e);
+    exports::bump(shared_.stats.server().option_errors);
+  }
   std::string out = std::move(c.hs->out());
   c.hs->out().clear();
   switch (c.hs->status()) {
@@ -571,6 +580,7 @@ void Loop::on_handshake_input(Connection& c) {
         spdlog::debug("conn {}: {}", c.id, c.hs->close_reason());
       } else {
         spdlog::warn("conn {}: {}: handshake refused: {}", c.id, c.peer, c.hs->close_reason());
+        exports::bump(shared_.stats.server().handshake_failures);
       }
       c.close_after_send = true;
       c.rpos = c.rlen;
@@ -715,6 +725,7 @@ void Loop::refuse(Connection& c, const nbd::Request& req, uint64_t payload,
 }
 
 void Loop::reject(Connection& c, const nbd::Request& req, const nbd::Verdict& v) {
+  count_reply(c, req, v.error);
   OutMsg m;
   m.extra = nbd::encode_done(c.session, req, v.error, v.why);
   queue(c, std::move(m));
@@ -799,6 +810,7 @@ void Loop::close_connection(Connection& c, const std::string& why, bool error) {
   if (c.phase == Connection::Phase::kClosing) return;
   if (error) {
     spdlog::warn("conn {}: {}: closing: {}", c.id, c.peer, why);
+    exports::bump(shared_.stats.server().connection_errors);
   } else {
     spdlog::debug("conn {}: closing: {}", c.id, why);
   }
@@ -828,6 +840,7 @@ void Loop::maybe_free(Connection& c) {
   free_conns_.push_back(c.slot);
   --live_conns_;
   shared_.connections--;
+  exports::bump(shared_.stats.server().connections_open, -1);
 }
 
 // ---------------------------------------------------------------- requests
@@ -1085,6 +1098,19 @@ void Loop::reply_block_status(uint32_t op) {
   }
 }
 
+// Counts a reply for /metrics: the node's bytes, or an error.
+void Loop::count_reply(const Connection& c, const nbd::Request& req, nbd::Error err) {
+  exports::NodeCounters* n = c.exp ? c.exp->counters.get() : nullptr;
+  if (err != nbd::kOk) {
+    exports::bump(shared_.stats.server().error_replies);
+    if (n) exports::bump(n->errors);
+  } else if (n && req.type == nbd::kCmdRead) {
+    exports::bump(n->read_bytes, req.length);
+  } else if (n && req.type == nbd::kCmdWrite) {
+    exports::bump(n->written_bytes, req.length);
+  }
+}
+
 // The one place a request completes: queue its reply and release it.
 void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
   Op& o = ops_[op];
@@ -1093,6 +1119,7 @@ void Loop::finish(uint32_t op, nbd::Error err, const std::string& why) {
   if (err != nbd::kOk)
     spdlog::warn("conn {}: {} offset {} length {}: {}: {}", c.id, nbd::cmd_name(o.req.type),
                  o.req.offset, o.req.length, nbd::error_name(err), why);
+  count_reply(c, o.req, err);
   if (c.phase != Connection::Phase::kClosing) {
     if (err == nbd::kOk && o.req.type == nbd::kCmdBlockStatus) {
       reply_block_status(op);

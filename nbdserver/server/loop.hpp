@@ -47,6 +47,7 @@ struct Shared {
   const ServerOptions& opts;
   const exports::Registry& registry;
   const std::vector<Listener>& listeners;
+  exports::Stats& stats;  // counters for /metrics (relaxed atomics)
   std::atomic<unsigned> connections{0};
   std::atomic<uint64_t> next_conn_id{1};
   std::atomic<bool> stopping{false};
@@ -115,6 +116,7 @@ class Loop {
   void submit_file_io(uint32_t op);
   void on_file(uint32_t op, int res);
   void finish(uint32_t op, nbd::Error err, const std::string& why);
+  void count_reply(const Connection& c, const nbd::Request& req, nbd::Error err);
   void reply_block_status(uint32_t op);
   bool try_mapped_read(Connection& c, const nbd::Request& req);
   bool view_mapped_read(Connection& c, const nbd::Request& req);
@@ -132,6 +134,7 @@ class Loop {
   };
   struct ViewState {  // a writable view attached on this loop
     std::shared_ptr<storage::NodeView> view;
+    std::shared_ptr<exports::NodeCounters> counters;  // the node's, for /metrics
     unsigned conns = 0;
     bool in_flight = false;  // a flush is running
     unsigned step = 0;
@@ -148,6 +151,7 @@ class Loop {
   };
   void attach_view(Connection& c);
   void detach_view(Connection& c);
+  void publish_dirty(const ViewState& vs);  // the view's dirty bytes, for /metrics
   uint32_t view_slot(storage::NodeView* v);
   void execute_view(uint32_t op);
   void view_read(uint32_t op);

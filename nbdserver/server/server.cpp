@@ -94,6 +94,8 @@ int run_server(const ServerOptions& opts) {
                  spec.read_only ? "read-only" : "writable");
   }
   registry.set_max_block(opts.max_block);
+  auto stats = std::make_shared<exports::Stats>();
+  registry.set_stats(stats);
   std::shared_ptr<exports::Store> store;
   // Node states: the NBD side asks it whether a node may attach, the HTTP
   // modules (boot scripts, reports, heartbeats, status) drive it.
@@ -144,7 +146,7 @@ int run_server(const ServerOptions& opts) {
     return 1;
   }
 
-  Shared shared{opts, registry, listeners};
+  Shared shared{opts, registry, listeners, *stats};
   std::vector<std::unique_ptr<Loop>> loops;
   for (unsigned i = 0; i < opts.threads; ++i) {
     loops.push_back(std::make_unique<Loop>(shared, i));

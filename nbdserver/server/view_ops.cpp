@@ -125,9 +125,24 @@ void Loop::attach_view(Connection& c) {
       close_connection(*other, "superseded by the node's resumed connection", false);
     }
   }
+  if (c.exp->counters) {
+    exports::NodeCounters& n = *c.exp->counters;
+    if (vs.conns == 0 && !c.exp->resume) exports::bump(n.boots);
+    exports::bump(n.connections);
+    n.last_attach.store(time(nullptr), std::memory_order_relaxed);
+    vs.counters = c.exp->counters;
+  }
   ++vs.conns;
   c.view_attached = true;
   c.exp->store->attached(v->node(), +1);
+  publish_dirty(vs);
+}
+
+void Loop::publish_dirty(const ViewState& vs) {
+  if (!vs.counters) return;
+  const storage::Overlay& o = vs.view->overlay();
+  vs.counters->dirty_bytes.store(int64_t(o.map().dirty.cardinality() * o.block_size()),
+                                 std::memory_order_relaxed);
 }
 
 // The node's last connection on this loop going away: flush, then let go
@@ -137,6 +152,11 @@ void Loop::detach_view(Connection& c) {
   const uint32_t slot = view_slot(v);
   c.view_attached = false;
   c.exp->store->attached(v->node(), -1);
+  if (exports::NodeCounters* n = c.exp->counters.get()) {
+    exports::bump(n->connections, -1);
+    n->last_attach.store(time(nullptr), std::memory_order_relaxed);
+    if (views_[slot].conns == 1) n->dirty_bytes.store(-1, std::memory_order_relaxed);
+  }
   if (--views_[slot].conns == 0) view_flush(slot, kNone);
 }
 
@@ -582,6 +602,7 @@ void Loop::view_flush_done(uint32_t slot, int err) {
     // destructor has nothing left to write unless a write raced in.
     view_slots_.erase(vs.view.get());
     vs.view.reset();
+    vs.counters.reset();
     free_views_.push_back(slot);
   }
 }
