@@ -163,6 +163,9 @@ class Store {
   // status updates (last seen, connections) skip it.
   bool write_node(const NodeRecord& r, bool durable, std::string* err) const;
   std::vector<std::string> nodes() const;
+  // read_node() for listings: node.json as last parsed, while the file has
+  // the same inode, size and mtime (records are replaced by rename).
+  bool read_node_cached(const std::string& node, NodeRecord* r) const;
   // Creates a node pinned to `gen` ("" = current). Fails if it exists.
   bool create_node(const std::string& node, const std::string& image, const std::string& gen,
                    storage::NodeMode mode, uint32_t block_size, std::string* err);
@@ -217,9 +220,6 @@ class Store {
   };
   std::map<std::string, Writer> writers_;  // node
   std::map<std::string, uint64_t> gen_sizes_;  // "image@gen"; generations never change
-  // read_node() for listings: node.json as last parsed, while the file has
-  // the same inode, size and mtime (records are replaced by rename).
-  bool read_node_cached(const std::string& node, NodeRecord* r) const;
   struct CachedRecord {
     dev_t dev = 0;
     ino_t ino = 0;

@@ -16,6 +16,7 @@
 #include "http/boot_api.hpp"
 #include "http/boot_template.hpp"
 #include "http/server.hpp"
+#include "http/status_api.hpp"
 #include "http/store_api.hpp"
 #include "http/tracker_api.hpp"
 #include "lifecycle/lifecycle.hpp"
@@ -195,6 +196,7 @@ int run_server(const ServerOptions& opts) {
     bo.boot_image = opts.boot_image;
     bo.boot_cmdline = opts.boot_cmdline;
     http::add_boot_api(http_server->routes(), store, life, bo);
+    http::add_status_api(http_server->routes(), store, stats, life);
     if (!http_server->start(&http_address, &err)) {
       spdlog::error("{}", err);
       shared.stopping = true;
