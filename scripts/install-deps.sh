@@ -16,6 +16,9 @@ packages=(
   libext2fs-dev nlohmann-json3-dev squashfs-tools musl-tools
   # bench/httpboot.py's peer HTTP server
   nginx-light
+  # /metrics checked by promtool (package prometheus); the status page in a
+  # real headless browser (tests/integration/test_status_metrics.py)
+  prometheus python3-selenium chromium chromium-driver
   # VM boot tests (tests/e2e). Deliberately not installed on the host:
   # nbd-client, linux-image-* (the tests download and unpack them) and
   # dracut (it replaces initramfs-tools; it goes into a chroot instead).
