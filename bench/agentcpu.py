@@ -9,8 +9,9 @@ agent's Unix socket) one after the other:
   peer     agent nK, peers on: every chunk comes from n0 (which serves it)
   off      agent nK, --peers off: every read goes to the node's view
 
-For each phase it prints the reading agent's CPU (utime and stime from
-/proc/PID/stat) per chunk it fetched and per read, and for `peer` also the
+For each phase it prints the reading agent's CPU (`perf stat -e task-clock`
+when perf is there; the user/sys split from /proc/PID/stat's ticks) per
+chunk it fetched and per read, and for `peer` also the
 CPU the serving agent n0 spent meanwhile. `--reps` repeats `peer` and `off`
 with fresh nodes (medians). `--wrap "valgrind --tool=callgrind ..."` runs
 the reading agents of `peer` under a tool (then --peer-timeout-ms is
@@ -114,10 +115,36 @@ def spawn(argv, log):
 
 
 def cpu(pid):
-    """(utime, stime) in seconds of a process, its exited threads included."""
+    """(utime, stime) in seconds of a process, its exited threads included
+    (the scheduler's tick accounting: 10 ms steps, statistical)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+class TaskClock:
+    """perf stat -e task-clock on a process, threads made later included:
+    the CPU time the scheduler measured, in ns, not ticks. None without perf."""
+
+    def __init__(self, pid, path):
+        self.path = path
+        try:
+            self.p = subprocess.Popen(["perf", "stat", "-e", "task-clock", "-x", ",", "-p", str(pid),
+                                       "-o", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except FileNotFoundError:
+            self.p = None
+        time.sleep(0.3)  # perf attaches (no known point to wait for)
+
+    def stop(self):
+        if not self.p:
+            return None
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait()
+        with open(self.path) as f:
+            for line in f:
+                if "task-clock" in line:
+                    return float(line.split(",")[0]) / 1e3  # msec -> s
+        return None
 
 
 def stop(p):
@@ -185,10 +212,13 @@ def phase(run, node, peers, reads, serving=None, wrap=(), extra=(), perf=None):
                                 "-o", os.path.join(perf, f"{node}.perf.data")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # perf attaches (no known point to wait for; a profile only)
+    tc = TaskClock(p.pid, os.path.join(run.work, f"{node}.task-clock"))
+    tcs = TaskClock(serving.pid, os.path.join(run.work, f"{node}.serving.task-clock")) if serving else None
     a0, s0 = cpu(p.pid), cpu(serving.pid) if serving else (0, 0)
     wall = replay(sock, reads)
-    time.sleep(0.3)  # the stats file is rewritten every 250 ms
     a1, s1 = cpu(p.pid), cpu(serving.pid) if serving else (0, 0)
+    task, task_s = tc.stop(), tcs.stop() if tcs else None
+    time.sleep(0.3)  # the stats file is rewritten every 250 ms
     if rec:
         rec.send_signal(signal.SIGINT)
         rec.wait()
@@ -197,6 +227,7 @@ def phase(run, node, peers, reads, serving=None, wrap=(), extra=(), perf=None):
     chunks = (st["gen_server_bytes"] + st["gen_peer_bytes"]) / CHUNK
     return {"node": node, "wall": wall, "user": a1[0] - a0[0], "sys": a1[1] - a0[1],
             "serve_user": s1[0] - s0[0], "serve_sys": s1[1] - s0[1], "chunks": chunks,
+            "task": task, "serve_task": task_s,
             "peer_chunks": st["gen_peer_bytes"] / CHUNK, "server_chunks": st["gen_server_bytes"] / CHUNK,
             "peer_failures": st["peer_failures"], "view_mb": st["view_read_bytes"] / 1e6}
 
@@ -205,8 +236,11 @@ def show(name, rs, nreads):
     def med(k):
         return statistics.median(r[k] for r in rs)
     cpu_ms = med("user") * 1e3 + med("sys") * 1e3
+    src = "ticks"
+    if all(r.get("task") for r in rs):
+        cpu_ms, src = med("task") * 1e3, "task-clock"
     chunks = med("chunks") or None
-    line = (f"{name:5} wall {med('wall'):6.2f} s  agent CPU {cpu_ms:7.1f} ms "
+    line = (f"{name:5} wall {med('wall'):6.2f} s  agent CPU {cpu_ms:7.1f} ms {src} "
             f"(user {med('user') * 1e3:.0f}, sys {med('sys') * 1e3:.0f})  "
             f"{cpu_ms / nreads:.3f} ms/read")
     if chunks:
@@ -214,6 +248,8 @@ def show(name, rs, nreads):
                  f"{med('server_chunks'):.0f} from the server, {med('peer_failures'):.0f} peer failures)")
     if name == "peer":
         sv = (med("serve_user") + med("serve_sys")) * 1e3
+        if all(r.get("serve_task") for r in rs):
+            sv = med("serve_task") * 1e3
         line += f"\n      serving agent CPU {sv:.1f} ms, {sv / max(1, med('peer_chunks')):.3f} ms/chunk served"
     print(line, flush=True)
 
@@ -241,12 +277,14 @@ def main():
         run.server(store)
         seed, _ = run.agent("n0", True, extra=args.agent_arg)
         # The seed's CPU, measured on n0 itself (it keeps serving afterwards).
+        tc = TaskClock(seed.pid, os.path.join(work, "n0.task-clock"))
         a0 = cpu(seed.pid)
         wall = replay(os.path.join(work, "n0.sock"), reads)
-        time.sleep(0.3)
         a1 = cpu(seed.pid)
+        task = tc.stop()
+        time.sleep(0.3)
         st = run.stats("n0")
-        seed_r = {"wall": wall, "user": a1[0] - a0[0], "sys": a1[1] - a0[1], "serve_user": 0,
+        seed_r = {"wall": wall, "user": a1[0] - a0[0], "sys": a1[1] - a0[1], "task": task, "serve_user": 0,
                   "serve_sys": 0, "chunks": st["gen_server_bytes"] / CHUNK, "peer_chunks": 0,
                   "server_chunks": st["gen_server_bytes"] / CHUNK, "peer_failures": 0}
         if "seed" in phases:
