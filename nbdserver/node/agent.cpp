@@ -324,6 +324,7 @@ class Agent {
   std::unique_ptr<storage::ChunkDigests> digests_;
   int digests_fd_ = -1;
   ChunkCache cache_;
+  std::unique_ptr<ChunkArena> arena_;  // the chunks' memory, made with the cache
   uint16_t peer_port_ = 0;
   std::unique_ptr<TrackerClient> tracker_;  // set when peers are on
 
@@ -514,7 +515,9 @@ bool Agent::fetch_run_from_server(uint64_t first, size_t n, std::vector<ChunkByt
   for (size_t i = 0; i < n; ++i) {
     const uint64_t at = i * chunk_size_;
     const uint64_t l = std::min<uint64_t>(chunk_size_, len - at);
-    out->push_back(std::make_shared<std::vector<uint8_t>>(buf.get() + at, buf.get() + at + l));
+    std::shared_ptr<Chunk> d = arena_->make(l);
+    memcpy(d->data(), buf.get() + at, l);
+    out->push_back(std::move(d));
   }
   return true;
 }
@@ -576,7 +579,7 @@ ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
     std::lock_guard<std::mutex> g(peers_mu_);
     peer_used_[slot] = Clock::now();
   }
-  auto buf = std::make_shared<std::vector<uint8_t>>(chunk_len(c));
+  std::shared_ptr<Chunk> buf = arena_->make(chunk_len(c));
   Result r = conn->pread(buf->data(), uint32_t(buf->size()), c * chunk_size_, o_.peer_timeout_ms);
   if (!r.ok()) {
     if (r.kind == Result::kTimeout) ++stats_.peer_timeouts;
@@ -740,6 +743,7 @@ bool Agent::setup_generation(std::string* err) {
     *err = "the digests' chunk size differs from the tracker's";
     return false;
   }
+  arena_ = std::make_unique<ChunkArena>(cache_.limit(), chunk_size_);
   gen_ = std::make_unique<Link>(o_.servers, gen_name_, std::vector<std::string>{}, stats_, stopping_);
   if (!gen_->connect_first(err)) return false;
   if (gen_->size() != gen_size_) {

@@ -17,9 +17,11 @@
 #include <unordered_set>
 #include <vector>
 
+#include "node/chunk_arena.hpp"
+
 namespace node {
 
-using ChunkBytes = std::shared_ptr<const std::vector<uint8_t>>;
+using ChunkBytes = std::shared_ptr<const Chunk>;
 
 class ChunkCache {
  public:

@@ -2,12 +2,16 @@
 // chunk cache's claims, waiters and bound.
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+
 #include <atomic>
+#include <cstring>
 #include <chrono>
 #include <random>
 #include <thread>
 #include <vector>
 
+#include "node/chunk_arena.hpp"
 #include "node/chunk_cache.hpp"
 #include "node/read_plan.hpp"
 
@@ -18,7 +22,12 @@ using node::ChunkCache;
 using node::DirtyBlocks;
 using node::Piece;
 
-ChunkBytes bytes(size_t n, uint8_t v) { return std::make_shared<std::vector<uint8_t>>(n, v); }
+ChunkBytes bytes(size_t n, uint8_t v) {
+  static node::ChunkArena heap(0, 0);
+  std::shared_ptr<node::Chunk> c = heap.make(n);
+  memset(c->data(), v, n);
+  return c;
+}
 
 // Every byte of a read comes from the view exactly when its block is
 // changed; chunk pieces never cross a chunk; pieces tile the range in order.
@@ -88,11 +97,11 @@ TEST(ChunkCache, FirstReaderClaimsLaterOnesWaitForIt) {
     waiters.emplace_back([&] {
       bool c2 = true;
       ChunkBytes b = cache.get_or_claim(7, 10000, &c2);
-      if (b && !c2 && (*b)[0] == 0xab) ++got;
+      if (b && !c2 && b->data()[0] == 0xab) ++got;
     });
   std::thread peer([&] {
     ChunkBytes b = cache.get(7, 10000);  // a peer's request waits too
-    if (b && (*b)[0] == 0xab) ++got;
+    if (b && b->data()[0] == 0xab) ++got;
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   cache.put(7, bytes(65536, 0xab));
@@ -142,6 +151,59 @@ TEST(ChunkCache, ZeroLimitKeepsNothing) {
   cache.put(1, bytes(100, 1));
   EXPECT_EQ(cache.bytes(), 0u);
   EXPECT_EQ(cache.get(1, 0), nullptr);
+}
+
+}  // namespace
+
+namespace {
+
+// Slots go lowest first and come back when the last holder lets go; past
+// the mapping, chunks come from the heap; every chunk's bytes are its own.
+TEST(ChunkArena, SlotsAreReusedAndTheHeapTakesTheOverflow) {
+  const uint32_t cs = 65536;
+  node::ChunkArena arena(4 * cs, cs);
+  ASSERT_TRUE(arena.mapped());
+  const size_t n = arena.slots();
+  ASSERT_GE(n, 4u);
+  std::vector<std::shared_ptr<node::Chunk>> held;
+  for (size_t i = 0; i < n + 3; ++i) {
+    held.push_back(arena.make(i % 2 ? cs : 100));
+    memset(held.back()->data(), int(i), held.back()->size());
+  }
+  EXPECT_EQ(arena.slots_in_use(), n);
+  for (size_t i = 1; i < n; ++i) EXPECT_EQ(held[i]->data(), held[0]->data() + i * cs) << i;
+  for (size_t i = 0; i < held.size(); ++i)
+    for (size_t k = 0; k < held[i]->size(); k += 997) ASSERT_EQ(held[i]->data()[k], uint8_t(i));
+  const uint8_t* third = held[2]->data();
+  held[2].reset();
+  EXPECT_EQ(arena.slots_in_use(), n - 1);
+  EXPECT_EQ(arena.make(cs)->data(), third);  // the freed slot, while still mapped
+  EXPECT_EQ(arena.slots_in_use(), n - 1);    // ...and back again
+  auto big = arena.make(cs + 1);             // larger than a slot: the heap
+  memset(big->data(), 7, big->size());
+  EXPECT_EQ(arena.slots_in_use(), n - 1);
+  held.clear();
+  EXPECT_EQ(arena.slots_in_use(), 0u);
+}
+
+// A chunk outlives the arena that made it (a reader still sending it).
+TEST(ChunkArena, AChunkKeepsItsMemoryAfterTheArenaIsGone) {
+  std::shared_ptr<node::Chunk> c;
+  {
+    node::ChunkArena arena(1 << 20, 65536);
+    c = arena.make(65536);
+  }
+  memset(c->data(), 0x5a, c->size());
+  EXPECT_EQ(c->data()[65535], 0x5a);
+}
+
+// The cache's memory is one mapping in huge pages (when the kernel has
+// them): touching it does not fault page by page.
+TEST(ChunkArena, TheMappingAsksForHugePages) {
+  node::ChunkArena arena(8 << 20, 65536);
+  ASSERT_TRUE(arena.mapped());
+  auto c = arena.make(65536);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(c->data()) % (2 << 20), 0u) << "slots start on a 2 MiB boundary";
 }
 
 }  // namespace
