@@ -339,6 +339,8 @@ class Agent {
   double upload_tokens_ = 0;
   Clock::time_point upload_at_ = Clock::now();
 
+  std::string last_stats_;  // what write_stats() last wrote (housekeeping's thread)
+
   KernelBackend kernel_backend_;
   PeerBackend peer_backend_;
   // NBDROOT_FAULT_PEER (tests only): corrupt|hang|hangup|lack|othergen,
@@ -771,12 +773,17 @@ void Agent::write_stats() {
             {"cache_bytes", cache_.bytes()},
             {"cache_limit", cache_.limit()},
             {"generation", gen_name_}};
+  // An idle agent's counters do not change: no rewrite then (a file, a
+  // rename and a directory update every 250 ms, for nothing).
+  std::string text = j.dump() + "\n";
+  if (text == last_stats_) return;
   std::string tmp = o_.stats_file + ".tmp";
   {
     std::ofstream f(tmp);
-    f << j.dump() << "\n";
+    f << text;
   }
   ::rename(tmp.c_str(), o_.stats_file.c_str());
+  last_stats_ = std::move(text);
 }
 
 void Agent::housekeeping() {
@@ -913,7 +920,7 @@ int run_agent(int argc, char** argv) {
       "peer-timeout-ms", po::value(&o.peer_timeout_ms)->default_value(o.peer_timeout_ms),
       "a peer slower than this is skipped for the server")(
       "ready-file", po::value(&o.ready_file), "written once serving: 'unix PATH' and 'peer HOST:PORT'")(
-      "stats-file", po::value(&o.stats_file), "counters as JSON, rewritten every 250 ms")(
+      "stats-file", po::value(&o.stats_file), "counters as JSON, rewritten every 250 ms when they changed")(
       "log-level", po::value(&o.log_level)->default_value(o.log_level), "trace|debug|info|warn|error");
   po::variables_map vm;
   try {

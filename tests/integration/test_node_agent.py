@@ -107,6 +107,25 @@ def tracker(srv):
 
 # ---------------------------------------------------------------- the kernel's side
 
+def test_an_idle_agent_does_not_rewrite_its_stats_file(nbdserver, store, sockdir):
+    """The stats file is replaced (a new inode) only when a counter changed."""
+    root, base = store
+    srv = serve(nbdserver, root, http=False)
+    a = agent(nbdserver, srv, sockdir, "n1", peers=False)
+    h = a.handle()
+    assert h.pread(BS, 0) == base[:BS]
+    a.wait_stats(lambda s: s["view_read_bytes"] >= BS)
+    ino = os.stat(a.stats_path).st_ino
+    time.sleep(1.0)  # four rewrite periods with nothing to say: no event to wait for
+    assert os.stat(a.stats_path).st_ino == ino, "an unchanged stats file was rewritten"
+    assert h.pread(BS, BS) == base[BS:2 * BS]
+    st = a.wait_stats(lambda s: s["view_read_bytes"] >= 2 * BS)
+    assert st["view_read_bytes"] >= 2 * BS
+    assert os.stat(a.stats_path).st_ino != ino
+    h.shutdown()
+
+
+
 def test_agent_serves_the_nodes_view_and_writes_reach_the_server(nbdserver, store, sockdir):
     root, base = store
     srv = serve(nbdserver, root, http=False)
