@@ -6,11 +6,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <set>
 
+#include "lifecycle/parsers.hpp"
 #include "storage/durable_file.hpp"
 #include "storage/names.hpp"
 
@@ -165,6 +167,97 @@ void check_step(Check& c, const json& s, size_t i, std::set<std::string>* names)
   }
 }
 
+// Why a memtester log does not back a step status of `claimed` ("" when
+// it does). Failures in the log outrank any status but failed; a run that
+// ended early, or none at all, only contradicts a pass.
+std::string memtester_contradiction(const MemtesterResult& m, const std::string& claimed) {
+  if (claimed == "failed") return "";
+  if (m.failure_lines > 0 || m.failed > 0) {
+    std::string t = "memtester.log shows " + std::to_string(m.failure_lines) + " FAILURE lines";
+    if (!m.failed_names.empty()) {
+      t += " (failed:";
+      for (size_t i = 0; i < m.failed_names.size(); ++i)
+        t += (i ? ", " : " ") + m.failed_names[i];
+      t += ")";
+    }
+    return t;
+  }
+  if (claimed != "passed") return "";
+  if (!m.started) return "memtester.log shows no memtester run";
+  if (m.ended_early) {
+    std::string t = "memtester.log ends before \"Done.\" (killed or timed out";
+    for (const MemtesterTest& test : m.tests)
+      if (test.outcome == MemtesterTest::kInterrupted)
+        t += ", in " + test.name + " of loop " + std::to_string(test.loop);
+    return t + ")";
+  }
+  if (!m.ok()) return "memtester.log shows no finished test";
+  return "";
+}
+
+// Results the log tells and the node did not send; the node's own values
+// are kept. Returns the names filled.
+json fill_memtester_results(const MemtesterResult& m, json* results) {
+  json passed = json::array(), failed = json::array();
+  for (const std::string& n : m.failed_names) failed.push_back(n);
+  for (const MemtesterTest& t : m.tests)
+    if (t.outcome == MemtesterTest::kPassed &&
+        std::find(m.failed_names.begin(), m.failed_names.end(), t.name) == m.failed_names.end() &&
+        std::find(passed.begin(), passed.end(), t.name) == passed.end())
+      passed.push_back(t.name);
+  char mask[16] = "all";
+  if (m.testmask) snprintf(mask, sizeof mask, "0x%x", unsigned(*m.testmask));
+  const std::pair<const char*, json> from_log[] = {
+      {"bytes_tested", m.completed ? m.bytes_tested() : 0},
+      {"loops", m.loops_done},
+      {"tests_passed", passed},
+      {"tests_failed", failed},
+      {"failure_lines", m.failure_lines},
+      {"testmask", mask},
+  };
+  json filled = json::array();
+  for (const auto& [key, value] : from_log)
+    if (!results->contains(key)) {
+      (*results)[key] = value;
+      filled.push_back(key);
+    }
+  return filled;
+}
+
+// The memtester step checked against the raw log (when both are there):
+// a status the log contradicts becomes "failed", with the node's claim
+// and the reason kept in the step; missing results are filled.
+void check_memtester_log(json* steps, const json& logs) {
+  auto log = logs.find("memtester.log");
+  if (log == logs.end()) return;
+  for (json& step : *steps) {
+    if (step["name"] != "memtester") continue;
+    const MemtesterResult m = parse_memtester(log->get<std::string>());
+    const std::string claimed = step["status"].get<std::string>();
+    if (const std::string why = memtester_contradiction(m, claimed); !why.empty()) {
+      step["status"] = "failed";
+      step["claimed_status"] = claimed;
+      step["server_check"] = "the node reported " + claimed + ", but " + why;
+    }
+    if (!m.started) return;
+    if (!step.contains("results")) step["results"] = json::object();
+    json filled = fill_memtester_results(m, &step["results"]);
+    if (!filled.empty()) step["results"]["filled_from_log"] = std::move(filled);
+    return;
+  }
+}
+
+// The worst status of (checked) steps; *name is the first step with it.
+std::string worst_status(const json& steps, std::string* name) {
+  int worst = -1;
+  for (const json& s : steps)
+    if (const int sev = severity(s["status"].get<std::string>()); sev > worst) {
+      worst = sev;
+      *name = s["name"].get<std::string>();
+    }
+  return kStatuses[worst];
+}
+
 std::string human_mib(uint64_t bytes) {
   return std::to_string(bytes >> 20) + " MiB";
 }
@@ -186,6 +279,8 @@ std::string report_summary(const json& doc) {
           if (s->contains("exit_code") && (*s)["exit_code"].is_number_integer() &&
               (*s)["exit_code"].get<int64_t>() != 0)
             t += " (exit " + std::to_string((*s)["exit_code"].get<int64_t>()) + ")";
+          if (s->contains("server_check") && (*s)["server_check"].is_string())
+            t += ": " + (*s)["server_check"].get<std::string>();
           bad.push_back(t);
         }
     for (const json* s : steps) {
@@ -261,25 +356,16 @@ bool validate_report(const std::string& body, const std::string& node, Report* o
   if (steps && steps->empty()) return c.fail("steps", "empty: a report has at least one step");
   if (steps && steps->size() > kMaxSteps)
     return c.fail("steps", "more than " + std::to_string(kMaxSteps) + " steps");
-  int worst = -1;
-  std::string worst_step;
   std::set<std::string> names;
-  for (size_t i = 0; steps && c.ok() && i < steps->size(); ++i) {
-    check_step(c, (*steps)[i], i, &names);
-    if (!c.ok()) break;
-    const int sev = severity((*steps)[i]["status"].get<std::string>());
-    if (sev > worst) {
-      worst = sev;
-      worst_step = (*steps)[i]["name"].get<std::string>();
-    }
-  }
+  for (size_t i = 0; steps && c.ok() && i < steps->size(); ++i) check_step(c, (*steps)[i], i, &names);
   if (!c.ok()) return false;
-  const std::string overall = kStatuses[worst];
+  std::string worst_step;
+  const std::string claimed_overall = worst_status(*steps, &worst_step);
   if (const json* claimed = c.member(doc, "", "status", "a string", false)) {
-    if (*claimed != overall)
+    if (*claimed != claimed_overall)
       return c.fail("status", "\"" + claimed->get<std::string>().substr(0, 64) +
-                                  "\", but the worst step is " + worst_step + ": \"" + overall +
-                                  "\" (the overall status is the worst step's)");
+                                  "\", but the worst step is " + worst_step + ": \"" +
+                                  claimed_overall + "\" (the overall status is the worst step's)");
   }
   json logs = json::object();
   if (const json* l = c.member(doc, "", "logs", "an object", false)) {
@@ -295,6 +381,9 @@ bool validate_report(const std::string& body, const std::string& node, Report* o
     logs = *l;
   }
   if (!c.ok()) return false;
+  // The node's word checked against its raw log (docs/verification.md).
+  check_memtester_log(&doc["steps"], logs);
+  const std::string overall = worst_status(doc["steps"], &worst_step);
   doc.erase("logs");
   doc["status"] = overall;
   json files = json::array();

@@ -17,6 +17,15 @@ using nlohmann::json;
 
 constexpr const char* kNode = "52-54-00-12-34-56";
 
+// Captured output (tests/data/README.md says how each was made).
+std::string fixture(const std::string& name) {
+  std::ifstream f(std::string(NBDROOT_TEST_DATA) + "/" + name, std::ios::binary);
+  EXPECT_TRUE(f) << name;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
 json good() {
   return {
       {"schema", "nbdroot.report/1"},
@@ -41,7 +50,7 @@ json good() {
          {"duration_s", 60},
          {"results", {{"bytes_tested", 432013312}, {"ram_share", 0.83}, {"loops", 1}}}},
         {{"name", "stress_ng"}, {"status", "skipped"}, {"exit_code", nullptr}, {"duration_s", 0}}}},
-      {"logs", {{"memtester.log", "Loop 1/1:\n  Stuck Address       : ok\n"}}}};
+      {"logs", {{"memtester.log", fixture("memtester-4.6-vm-388M-mask1.txt")}}}};
 }
 
 bool validate(const json& j, Report* r, std::string* err) {
@@ -117,6 +126,139 @@ TEST(ReportValidate, FailingSummaryNamesWorstStepsFirst) {
   ASSERT_TRUE(validate(j, &r, &err)) << err;
   EXPECT_EQ(r.status, "skipped");
   EXPECT_EQ(r.summary.rfind("every step skipped", 0), 0u) << r.summary;
+}
+
+// The server reads memtester.log itself: a log that shows failures, or a
+// run that never got to "Done.", makes the step failed whatever the node
+// claimed (the claim is kept beside it), so such a node never becomes ready.
+json with_memtester_log(const std::string& fixture_name, const std::string& claimed) {
+  json j = good();
+  j["logs"]["memtester.log"] = fixture(fixture_name);
+  j["steps"][1]["status"] = claimed;
+  j["status"] = claimed;
+  return j;
+}
+
+TEST(ReportMemtesterLog, FailuresInTheLogOverrideAPassedClaim) {
+  Report r;
+  std::string err;
+  ASSERT_TRUE(validate(with_memtester_log("memtester-4.6-mask2-failures.txt", "passed"), &r, &err))
+      << err;
+  const json& step = r.doc["steps"][1];
+  EXPECT_EQ(step["status"], "failed");
+  EXPECT_EQ(step["claimed_status"], "passed");
+  const std::string check = step["server_check"].get<std::string>();
+  EXPECT_NE(check.find("8 FAILURE lines"), std::string::npos) << check;
+  EXPECT_NE(check.find("Compare XOR"), std::string::npos) << check;
+  EXPECT_EQ(r.status, "failed");
+  EXPECT_EQ(r.doc["status"], "failed");
+  // The failed node's reason names the contradiction.
+  EXPECT_EQ(r.summary.rfind("memtester failed: the node reported passed, but memtester.log", 0),
+            0u)
+      << r.summary;
+  // The raw log is kept as it came.
+  EXPECT_EQ(r.logs["memtester.log"], fixture("memtester-4.6-mask2-failures.txt"));
+  // degraded, skipped: still less than what the log shows.
+  for (const char* claim : {"degraded", "skipped", "timedout"}) {
+    json j = with_memtester_log("memtester-4.6-mask2-failures.txt", claim);
+    j.erase("status");  // "skipped" is not the worst of the steps as sent
+    ASSERT_TRUE(validate(j, &r, &err)) << err;
+    EXPECT_EQ(r.status, "failed") << claim;
+    EXPECT_EQ(r.doc["steps"][1]["claimed_status"], claim);
+  }
+}
+
+TEST(ReportMemtesterLog, AnEarlyEndOverridesAPassedClaim) {
+  Report r;
+  std::string err;
+  ASSERT_TRUE(validate(with_memtester_log("memtester-4.6-killed.txt", "passed"), &r, &err)) << err;
+  EXPECT_EQ(r.status, "failed");
+  const std::string check = r.doc["steps"][1]["server_check"].get<std::string>();
+  EXPECT_NE(check.find("ends before \"Done.\""), std::string::npos) << check;
+  EXPECT_NE(check.find("Stuck Address"), std::string::npos) << check;
+  // A node that says it timed out is right: nothing to correct.
+  ASSERT_TRUE(validate(with_memtester_log("memtester-4.6-killed.txt", "timedout"), &r, &err))
+      << err;
+  EXPECT_EQ(r.status, "timedout");
+  EXPECT_FALSE(r.doc["steps"][1].contains("claimed_status"));
+}
+
+TEST(ReportMemtesterLog, ALogWithoutAMemtesterRunDoesNotPass) {
+  json j = good();
+  j["logs"]["memtester.log"] = "memtester: command not found\n";
+  Report r;
+  std::string err;
+  ASSERT_TRUE(validate(j, &r, &err)) << err;
+  EXPECT_EQ(r.status, "failed");
+  EXPECT_NE(r.doc["steps"][1]["server_check"].get<std::string>().find("no memtester run"),
+            std::string::npos);
+  // A skipped step with such a log is what the initrd sends without memtester.
+  j["steps"][1]["status"] = "skipped";
+  ASSERT_TRUE(validate(j, &r, &err)) << err;
+  EXPECT_EQ(r.doc["steps"][1]["status"], "skipped");
+  EXPECT_FALSE(r.doc["steps"][1].contains("server_check"));
+}
+
+TEST(ReportMemtesterLog, ACleanLogKeepsTheClaimAndFillsResults) {
+  Report r;
+  std::string err;
+  json j = with_memtester_log("memtester-4.6-pass-4M.txt", "passed");
+  j["steps"][1]["results"] = {{"bytes_tested", 4194304}, {"ram_share", 0.5}};
+  ASSERT_TRUE(validate(j, &r, &err)) << err;
+  EXPECT_EQ(r.status, "passed");
+  const json& res = r.doc["steps"][1]["results"];
+  EXPECT_EQ(res["bytes_tested"], 4194304);  // sent: kept
+  EXPECT_EQ(res["ram_share"], 0.5);
+  EXPECT_EQ(res["loops"], 1);  // filled from the log
+  ASSERT_TRUE(res["tests_passed"].is_array());
+  EXPECT_EQ(res["tests_passed"].size(), 18u);
+  EXPECT_EQ(res["tests_passed"][0], "Stuck Address");
+  EXPECT_EQ(res["tests_passed"][17], "16-bit Writes");
+  EXPECT_EQ(res["tests_failed"], json::array());
+  EXPECT_EQ(res["failure_lines"], 0);
+  EXPECT_EQ(res["testmask"], "all");
+  EXPECT_EQ(res["filled_from_log"],
+            json::array({"loops", "tests_passed", "tests_failed", "failure_lines", "testmask"}));
+  EXPECT_FALSE(r.doc["steps"][1].contains("server_check"));
+  // What the node sent wins over the log where both say something.
+  j["steps"][1]["results"]["loops"] = 1;
+  j["steps"][1]["results"]["testmask"] = "0xffff";
+  ASSERT_TRUE(validate(j, &r, &err)) << err;
+  EXPECT_EQ(r.doc["steps"][1]["results"]["testmask"], "0xffff");
+  EXPECT_EQ(r.doc["steps"][1]["results"]["filled_from_log"],
+            json::array({"tests_passed", "tests_failed", "failure_lines"}));
+  // A step without results gets them from the log.
+  j["steps"][1].erase("results");
+  j["logs"]["memtester.log"] = fixture("memtester-4.6-vm-388M-mask1.txt");
+  ASSERT_TRUE(validate(j, &r, &err)) << err;
+  EXPECT_EQ(r.doc["steps"][1]["results"]["bytes_tested"], 406847488);
+  EXPECT_EQ(r.doc["steps"][1]["results"]["testmask"], "0x1");
+  EXPECT_EQ(r.doc["steps"][1]["results"]["tests_passed"],
+            json::array({"Stuck Address", "Random Value"}));
+}
+
+TEST(ReportMemtesterLog, AFailedClaimOnACleanLogStaysFailed) {
+  // nbdroot.fake_memtester_fail=1, or a failure the log cannot show: the
+  // server never turns a step the node failed into a pass.
+  Report r;
+  std::string err;
+  ASSERT_TRUE(validate(with_memtester_log("memtester-4.6-pass-4M.txt", "failed"), &r, &err)) << err;
+  EXPECT_EQ(r.status, "failed");
+  EXPECT_FALSE(r.doc["steps"][1].contains("claimed_status"));
+}
+
+TEST(ReportMemtesterLog, NoLogOrNoStepChangesNothing) {
+  json j = good();
+  j["logs"].erase("memtester.log");
+  Report r;
+  std::string err;
+  ASSERT_TRUE(validate(j, &r, &err)) << err;
+  EXPECT_EQ(r.status, "passed");
+  EXPECT_EQ(r.doc["steps"][1]["results"], good()["steps"][1]["results"]);
+  j = with_memtester_log("memtester-4.6-mask2-failures.txt", "passed");
+  j["steps"].erase(1);  // no memtester step: the log is kept, nothing is checked
+  ASSERT_TRUE(validate(j, &r, &err)) << err;
+  EXPECT_EQ(r.status, "passed");
 }
 
 TEST(ReportValidate, BadJson) {
