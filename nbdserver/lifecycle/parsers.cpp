@@ -300,3 +300,22 @@ std::string Memtest86Result::verdict() const {
 }
 
 }  // namespace lifecycle
+
+namespace lifecycle {
+
+bool memtest86_log_verdict(const std::string& serial_log, bool* passed, std::string* summary) {
+  const Memtest86Result r = parse_memtest86(serial_log);
+  const std::string v = r.verdict();
+  if (v != "passed" && v != "failed") return false;
+  *passed = v == "passed";
+  const uint64_t passes = r.passes.value_or(0), errors = r.errors.value_or(0);
+  *summary = std::to_string(passes) + (passes == 1 ? " pass, " : " passes, ") +
+             std::to_string(errors) + (errors == 1 ? " error" : " errors");
+  if (!*passed && !r.test.empty()) *summary += ", in test " + r.test;
+  *summary += " (memtest86+ " + r.version;
+  if (r.memory_mb) *summary += ", " + std::to_string(r.memory_mb) + " MiB";
+  *summary += ")";
+  return true;
+}
+
+}  // namespace lifecycle

@@ -77,4 +77,10 @@ struct Memtest86Result {
 
 Memtest86Result parse_memtest86(std::string_view serial_log);
 
+// The serial log's verdict, shaped for Lifecycle::set_memtest_log_reader:
+// true with *passed and *summary ("1 pass, 0 errors (memtest86+ 6.10, 39 MiB)")
+// when the log says passed or failed; false when it holds no verdict (no
+// memtest86+ screen, or no pass finished and no error yet).
+bool memtest86_log_verdict(const std::string& serial_log, bool* passed, std::string* summary);
+
 }  // namespace lifecycle

@@ -20,6 +20,7 @@
 #include "http/store_api.hpp"
 #include "http/tracker_api.hpp"
 #include "lifecycle/lifecycle.hpp"
+#include "lifecycle/parsers.hpp"
 #include "lifecycle/report.hpp"
 #include "tracker/tracker.hpp"
 #include "server/listen.hpp"
@@ -109,6 +110,9 @@ int run_server(const ServerOptions& opts) {
       return 1;
     }
     life = std::make_shared<lifecycle::Lifecycle>(opts.store, opts.new_nodes, opts.deadlines);
+    // nodes/<node>/memtest86.log (a console server's capture) gives the
+    // memtest86+ step its verdict; without one it is "ran, result unknown".
+    life->set_memtest_log_reader(lifecycle::memtest86_log_verdict);
     store->set_lifecycle(life);
     registry.set_store(store);
     spdlog::info("store {}: exports IMAGE, IMAGE@GEN and IMAGE/NODE (nodes: {}, new nodes {})",

@@ -2,6 +2,7 @@
 // deadlines with a clock the test drives, the NBD side's may_attach, and
 // state.json's durability and locking.
 #include "lifecycle/lifecycle.hpp"
+#include "lifecycle/parsers.hpp"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -359,6 +360,56 @@ TEST_F(LifecycleTest, Memtest86SerialLogVerdict) {
   l = boot(lc, kT0 + 250);
   EXPECT_EQ(l.step, "linux");
   EXPECT_NE(l.memtest86.find("result unknown"), std::string::npos) << l.memtest86;
+}
+
+// The reader the server sets (server.cpp): lifecycle::memtest86_log_verdict
+// on real serial logs (tests/data/README.md).
+std::string data_file(const std::string& name) {
+  std::ifstream f(std::string(NBDROOT_TEST_DATA) + "/" + name, std::ios::binary);
+  EXPECT_TRUE(f) << name;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+TEST_F(LifecycleTest, Memtest86SerialLogThroughTheParser) {
+  d_.memtest_s = 600;
+  Lifecycle lc(root_, NewNodes::kVerify, d_);
+  lc.set_memtest_log_reader(memtest86_log_verdict);
+  std::string err;
+  // Pass 1 done, no errors: the step passed, the run goes on.
+  boot(lc, kT0);
+  std::ofstream(dir() + "/memtest86.log", std::ios::binary)
+      << data_file("memtest86+-6.10-serial-pass1.txt");
+  NodeLife l = boot(lc, kT0 + 610);
+  EXPECT_EQ(l.state, State::kVerify);
+  EXPECT_EQ(l.step, "linux");
+  EXPECT_EQ(l.memtest86, "passed: 1 pass, 0 errors (memtest86+ 6.10, 39 MiB)");
+  EXPECT_EQ(read_state()["memtest86"], l.memtest86);
+  // Cut off in pass 1 (the time box ended first): no verdict.
+  ASSERT_TRUE(lc.set_state(kNode, State::kVerify, "admin", "", kT0 + 700, &err)) << err;
+  boot(lc, kT0 + 710);
+  std::ofstream(dir() + "/memtest86.log", std::ios::binary)
+      << data_file("memtest86+-6.10-serial-start.txt");
+  l = boot(lc, kT0 + 1320);
+  EXPECT_EQ(l.state, State::kVerify);
+  EXPECT_EQ(l.memtest86, "ran, result unknown (serial log kept, no verdict in it)");
+  // Errors on the screen (the real log, then one repaint of its counters
+  // row as memtest86+ draws it, with Errors: 2): failed, counts in the reason.
+  ASSERT_TRUE(lc.set_state(kNode, State::kVerify, "admin", "", kT0 + 1400, &err)) << err;
+  boot(lc, kT0 + 1410);
+  std::ofstream(dir() + "/memtest86.log", std::ios::binary)
+      << data_file("memtest86+-6.10-serial-start.txt")
+      << "\x1b[9;1HUsing: All Cores                          | Pass:  0        Errors: 2"
+         "           ";
+  l = boot(lc, kT0 + 2020);
+  EXPECT_EQ(l.state, State::kFailed);
+  EXPECT_EQ(l.reason,
+            "memtest86+ failed: 0 passes, 2 errors, in test #6  [Moving inversions, 64 bit "
+            "pattern] (memtest86+ 6.10, 255 MiB)");
+  std::string why;
+  EXPECT_FALSE(lc.may_attach(kNode, &why));
+  EXPECT_NE(why.find("memtest86+ failed: 0 passes, 2 errors"), std::string::npos) << why;
 }
 
 TEST_F(LifecycleTest, SweepFailsSilentNodesNamingTheStep) {
