@@ -49,7 +49,7 @@ struct Change {
   std::string at;  // ISO 8601 UTC
   State from = State::kNew, to = State::kNew;
   std::string reason;  // "passed verification", "timed out in memtester", ...
-  std::string by;      // "http", "report", "deadline", "admin", "attach"
+  std::string by;      // "http", "report", "deadline", "admin (uid N)", "attach"
 };
 
 // What the node said when it fetched its script (query parameters), kept.

@@ -209,8 +209,9 @@ int cmd_state(exports::Store& st, const std::string& node, const std::string& st
   std::string err;
   auto before = life.get(node, &err);
   if (!err.empty() ||
-      !life.set_state(node, s, "admin", reason.empty() ? "set by an admin" : reason,
-                      int64_t(time(nullptr)), &err)) {
+      !life.set_state(node, s, "admin (uid " + std::to_string(getuid()) + ")",
+                      reason.empty() ? "set by an admin" : reason, int64_t(time(nullptr)),
+                      &err)) {
     fprintf(stderr, "nbdserver admin state: %s\n", err.c_str());
     return 1;
   }

@@ -188,6 +188,22 @@ def test_lifecycle_flags_are_checked(store, flag, value, word):
 
 # ---------------------------------------------------------------- admin
 
+def test_admin_state_is_in_the_history_with_who_and_why(store):
+    """Each `admin state` is one history entry: from, to, the reason given
+    (or "set by an admin"), and by "admin (uid N)", N the caller's uid."""
+    root, _ = store
+    admin(root, "create", "n1", "--image", "lab")
+    admin(root, "state", "n1", "failed", "--reason", "DIMM B2 reseated, retest")
+    admin(root, "state", "n1", "verify")
+    hist = state_json(root, "n1")["history"]
+    by = f"admin (uid {os.getuid()})"
+    assert [(c["from"], c["to"], c["reason"], c["by"]) for c in hist] == [
+        ("ready", "failed", "DIMM B2 reseated, retest", by),
+        ("failed", "verify", "set by an admin", by)]
+    st = state_json(root, "n1")
+    assert (st["state"], st["reason"]) == ("verify", "set by an admin")
+
+
 def test_admin_state_wrong_input(store):
     root, _ = store
     admin(root, "create", "n1", "--image", "lab")
