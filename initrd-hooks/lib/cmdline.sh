@@ -262,6 +262,12 @@ nbdroot_parse() {
 			_nr_fail "${_nr_w%%=*}: bad value '${_nr_w#*=}'"; return 2 ;;
 		nbdroot.shell=*) [ -z "$_nr_glob" ] && set +f
 			_nr_fail "nbdroot.shell: expected 1 or 0, got '${_nr_w#*=}'"; return 2 ;;
+		# The verification initrd's own (docs/verification.md): a server's
+		# --boot-cmdline may give them to every boot, so the root's initrd
+		# lets them pass.
+		nbdroot.verify=* | nbdroot.run=* | nbdroot.reserve=* | nbdroot.stress=* | \
+		nbdroot.after=* | nbdroot.heartbeat=* | nbdroot.memtester_mask=* | \
+		nbdroot.memtester_loops=* | nbdroot.fake_memtester_fail=*) ;;
 		nbdroot.*) [ -z "$_nr_glob" ] && set +f
 			_nr_fail "unknown parameter '${_nr_w%%=*}'"; return 2 ;;
 		rootfstype=*) _nr_fstype=${_nr_w#*=} ;;

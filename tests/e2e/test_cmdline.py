@@ -29,6 +29,11 @@ ACCEPTED = [
      dict(SERVERS="10.0.2.2:10810", IMAGE="lab", NODE="", EXPORT="", PANIC="5",
           IP_METHOD="dhcp", MODE="persistent")),
     ("nbdroot=server/lab", dict(SERVERS="server:10809", IMAGE="lab")),
+    # The verification initrd's parameters pass (a server's --boot-cmdline
+    # may give them to every boot).
+    ("nbdroot=server/lab nbdroot.memtester_mask=0x1 nbdroot.stress=8 nbdroot.reserve=32 "
+     "nbdroot.after=poweroff nbdroot.memtester_loops=1 nbdroot.fake_memtester_fail=1",
+     dict(SERVERS="server:10809", IMAGE="lab")),
     ("nbdroot=server.example.org:1/lab-1.x_y", dict(SERVERS="server.example.org:1",
                                                     IMAGE="lab-1.x_y")),
     ("nbdroot=10.0.0.1:65535/lab/node7", dict(SERVERS="10.0.0.1:65535", NODE="node7",
