@@ -239,8 +239,9 @@ class Server:
     With `net` (a PeerNet) it runs in that namespace on the bridge's
     address instead, with the HTTP API (the tracker) on port+1."""
 
-    def __init__(self, binary, store, workdir, port=None, net=None):
+    def __init__(self, binary, store, workdir, port=None, net=None, args=(), http=False):
         self.binary = binary
+        self.args = list(args)
         self.store = store
         self.workdir = workdir
         # In its own namespace nothing else listens: fixed ports.
@@ -248,6 +249,13 @@ class Server:
         self.net = net
         self.host = net.HOST if net else "127.0.0.1"
         self.tracker = f"{self.host}:{self.port + 1}" if net else None
+        # http=True: the HTTP service (boot scripts, boot files, reports) on
+        # a free port of its own; guests reach it at 10.0.2.2:http_port.
+        if http and not self.tracker:
+            self.http_port = free_port()
+            self.tracker = f"{self.host}:{self.http_port}"
+        else:
+            self.http_port = self.port + 1 if net else None
         self.proc = None
         self.log = os.path.join(workdir, "nbdserver.log")
         self.starts = 0
@@ -264,7 +272,7 @@ class Server:
                 self.proc = subprocess.Popen(
                     (self.net.prefix if self.net else []) +
                     [self.binary, "--listen", f"{self.host}:{self.port}", "--store", self.store,
-                     "--threads", "1", "--ready-file", ready] + extra,
+                     "--threads", "1", "--ready-file", ready] + extra + self.args,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             while time.monotonic() < deadline:
                 if os.path.exists(ready) and open(ready).read().strip():
@@ -304,7 +312,7 @@ class VM:
     """One qemu node. The console goes to a file, read while it runs."""
 
     def __init__(self, lab, name, append, mac, vmlinuz=None, initrd=None, memory_mib=None,
-                 net=None):
+                 net=None, netboot=None, firmware="bios", smp=1, reboot=False):
         self.lab = lab
         self.vmlinuz = vmlinuz or lab.kernel.vmlinuz
         self.initrd = initrd or lab.initrd
@@ -318,6 +326,18 @@ class VM:
             self.nic, self.address = net.nic(mac)
             self.append = append.replace(
                 "ip=dhcp", f"ip={self.address}::{net.HOST}:255.255.255.0:::off")
+        # netboot=URL: no -kernel; the firmware's iPXE asks DHCP, which
+        # hands it URL (qemu's user network), and follows it over HTTP.
+        # `firmware` "ovmf" boots UEFI (OVMF and its iPXE) instead of SeaBIOS.
+        # reboot=True lets a guest's reboot start it again (the verification
+        # initrd reboots into the node's next boot script).
+        self.netboot = netboot
+        self.firmware = firmware
+        self.smp = smp
+        self.reboot = reboot
+        if netboot:
+            self.nic = ["-netdev", f"user,id=n0,bootfile={netboot}",
+                        "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
         self.console_path = os.path.join(lab.workdir, f"console-{name}.log")
         self.proc = None
         self.started = None
@@ -325,10 +345,20 @@ class VM:
 
     def start(self):
         cmd = ["qemu-system-x86_64", "-accel", self.lab.accel, "-m", str(self.memory_mib),
-               "-smp", "1", "-display", "none", "-no-reboot", "-monitor", "none",
-               "-serial", f"file:{self.console_path}",
-               "-kernel", self.vmlinuz, "-initrd", self.initrd,
-               "-append", self.append] + self.nic
+               "-smp", str(self.smp), "-display", "none", "-monitor", "none",
+               "-serial", f"file:{self.console_path}"]
+        if not self.reboot:
+            cmd.append("-no-reboot")
+        if self.firmware == "ovmf":
+            varstore = os.path.join(self.lab.workdir, f"ovmf-vars-{self.name}.fd")
+            shutil.copy("/usr/share/OVMF/OVMF_VARS_4M.fd", varstore)
+            cmd += ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    "-drive", f"if=pflash,format=raw,file={varstore}"]
+        if self.netboot:
+            cmd += ["-boot", "n"]
+        else:
+            cmd += ["-kernel", self.vmlinuz, "-initrd", self.initrd, "-append", self.append]
+        cmd += self.nic
         self.started = time.monotonic()
         prefix = self.net.prefix if self.net else []
         self.proc = subprocess.Popen(prefix + ["nice", "-n", "5"] + cmd, stdin=subprocess.DEVNULL,
