@@ -7,13 +7,22 @@
 #      becomes generation 1 of image "demo" in a fresh store (imagebuilder
 #      build, publish);
 #   3. nbdserver serves the store on 127.0.0.1 (qemu's user network lets the
-#      VM reach this host as 10.0.2.2); imagebuilder boot writes the node's
-#      kernel, initrd (initrd-hooks/mkinitrd.sh) and boot.ipxe;
-#   4. node A boots them: its initrd attaches node A's own copy-on-write view
+#      VM reach this host as 10.0.2.2), over NBD and HTTP, with new nodes
+#      verified before they get their root (--new-nodes verify);
+#      imagebuilder boot writes the node's kernel, initrd
+#      (initrd-hooks/mkinitrd.sh) and the verification initrd
+#      (initrd-hooks/mkverify.sh) into the store, and boot.ipxe for step 5;
+#   4. node A is new: its firmware's iPXE is handed one URL by DHCP,
+#      http://SERVER/boot/${net0/mac:hexhyp}.ipxe, and the server decides the
+#      rest: A is `new`, so it boots the verification initrd (memtester over
+#      its free RAM, EDAC counters, the inventory), which reports to the
+#      server and reboots; A is `ready` now, and its next script boots its
+#      root: its initrd attaches node A's own copy-on-write view
 #      demo/52-54-00-12-34-56 over NBD and switches into it; the example's
 #      /sbin/init (examples/rootfs/sbin/init) shows the root, counts the boot
-#      in /var/lib/demo and powers off;
-#   5. node A boots again and finds what it wrote: boot number 2;
+#      in /var/lib/demo and powers off; the report's summary is shown;
+#   5. node A boots again (kernel and initrd handed to qemu as boot.ipxe
+#      says) and finds what it wrote: boot number 2;
 #   6. the root is edited and rebuilt (an incremental generation); a new
 #      node B boots it, node A stays on the generation it started with;
 #      node B stays up, its node agent serving the blocks it read;
@@ -24,7 +33,10 @@
 # the demo makes and removes: needs root; without it node B boots on
 # qemu's user network and step 7 is skipped). Every VM and nbdserver run
 # in that namespace then.
-# Each boot must end within $NBDROOT_DEMO_BOOT_TIMEOUT seconds (180). qemu
+# Nodes B and C are registered by the admin (admin create), which vouches
+# for them: they attach without a verification run.
+# Each boot must end within $NBDROOT_DEMO_BOOT_TIMEOUT seconds (180; twice
+# that for node A's verification and boot). qemu
 # emulates the CPU (TCG) unless NBDROOT_DEMO_ACCEL=kvm.
 # Pass --keep to leave the server running at the end.
 set -euo pipefail
@@ -100,7 +112,7 @@ gen1="$("$ib" -q --store "$store" build demo --from "$tree" | tail -1)"
 # nbdserver also listens) and a tap device per peer VM. inns runs a command
 # in it.
 inns=()
-serve=(--listen 127.0.0.1:0)
+serve=(--listen 127.0.0.1:0 --http 127.0.0.1:0)
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
   ns="nbdroot-demo-$$"
   ip netns add "$ns" || fail "ip netns add $ns"
@@ -116,29 +128,41 @@ if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
     done
   }
   peers_net || fail "could not make the peers' network in namespace $ns"
-  serve+=(--listen 10.0.3.1:0 --http 10.0.3.1:0)
+  # The bridge's listener first: boot scripts name the server by the address
+  # the node used (10.0.3.1 from inside the namespace) and the first port.
+  serve=(--listen 10.0.3.1:0 --listen 127.0.0.1:0 --http 10.0.3.1:0)
 fi
 
-echo "== 3. nbdserver --store on 127.0.0.1; imagebuilder boot (kernel, initrd, boot.ipxe)"
+echo "== 3. nbdserver --store on 127.0.0.1 (NBD and HTTP); imagebuilder boot (kernel, initrd, verification initrd)"
+# memtester runs one pattern (mask 0x1) so that the demo's emulated CPU
+# gets through it in a minute; a lab leaves the mask out (all patterns).
 "${inns[@]}" "$server" --store "$store" "${serve[@]}" --ready-file "$work/ready" \
+  --new-nodes verify --boot-cmdline "console=ttyS0 quiet panic=5 no_timer_check nbdroot.memtester_mask=0x1" \
   2>>"$work/server.log" &
 pid=$!
 for _ in $(seq 100); do [ -s "$work/ready" ] && break; sleep 0.1; done
 [ -s "$work/ready" ] || fail "nbdserver did not start"
-port="$(head -1 "$work/ready")"
+port="$(grep '^127\.0\.0\.1:' "$work/ready")"
 port="${port##*:}"
+http="$(grep '^http://' "$work/ready")"
+http="${http#http://}"
+# What a node on qemu's user network calls the HTTP service.
+case "$http" in 127.0.0.1:*) node_http="10.0.2.2:${http##*:}" ;; *) node_http="$http" ;; esac
 echo "   listening on 127.0.0.1:$port: the VMs reach it as 10.0.2.2:$port"
 if [ -n "$ns" ]; then
   bport="$(grep '^10\.0\.3\.1:' "$work/ready")"
   bport="${bport##*:}"
-  tracker="$(grep '^http://' "$work/ready")"
-  tracker="${tracker#http://}"
+  tracker="$http"
   echo "   and, in network namespace $ns, on the bridge: 10.0.3.1:$bport, its tracker (HTTP) on $tracker"
 fi
 "$ib" -q --store "$store" boot demo --out "$boot" --server "10.0.2.2:$port" \
   --cmdline "console=ttyS0 quiet panic=5" 2>"$work/mkinitrd.log" | indent ||
   { cat "$work/mkinitrd.log" >&2; fail "imagebuilder boot"; }
 grep '^kernel' "$boot/boot.ipxe" | sed 's/^/   boot.ipxe: /'
+"$ib" -q --store "$store" boot demo --http-server "$node_http" 2>>"$work/mkinitrd.log" | indent ||
+  { tail -n 20 "$work/mkinitrd.log" >&2; fail "imagebuilder boot (into the store)"; }
+echo "   HTTP on $http; iPXE's chain line ($store/boot/chain.ipxe):"
+grep '^chain' "$store/boot/chain.ipxe" | indent
 
 # boot_node NAME MAC: boots a VM with no disk as iPXE would with boot.ipxe
 # (its kernel, initrd and command line, with the MAC where iPXE puts it),
@@ -188,9 +212,30 @@ boot_node() {
   echo "   (node $name: $((SECONDS - t0)) s from qemu's start to power-off)"
 }
 
-echo "== 4. node A boots with no disk: its root is its own view of 'demo', over NBD"
-boot_node A 52:54:00:12:34:56
+echo "== 4. node A is new: iPXE over HTTP, verification, report; then, ready, its root over NBD"
+# shellcheck disable=SC2016  # iPXE's variable, literally
+url='http://'"$node_http"'/boot/${net0/mac:hexhyp}.ipxe'
+console="$work/console-A-http.log"
+qemu=(qemu-system-x86_64 -accel "$accel" -m 512 -smp 2 -display none -monitor none
+  -serial stdio -boot n -nic "user,model=virtio-net-pci,mac=52:54:00:12:34:56,bootfile=$url")
+echo "   \$ ${qemu[*]}"
+t0=$SECONDS
+rc=0
+"${inns[@]}" timeout --foreground $((2 * boot_timeout)) "${qemu[@]}" -pidfile "$work/qemu.pid" \
+  </dev/null | sed -u "s/\r\$//; s/^/   A | /" | tee "$console" || rc=$?
+[ "$rc" = 124 ] && fail "node A did not get through verification and boot within $((2 * boot_timeout)) s (console above)"
+[ "$rc" = 0 ] || fail "qemu exited with status $rc (node A)"
+grep -q "nbdroot-verify: report accepted" "$console" || fail "node A's verification report was not taken (console above)"
 grep -q "this is boot number 1 of this node" "$console" || fail "node A's first boot did not count 1"
+echo "   (node A: $((SECONDS - t0)) s from power-on through verification to power-off)"
+echo "   its life, from the store (nbdserver admin list):"
+"$server" admin --store "$store" list | awk 'NR == 1 || $1 == "52-54-00-12-34-56"' | indent
+python3 -c 'import json, sys
+s = json.load(open(sys.argv[1]))
+print(" -> ".join([s["history"][0]["from"]] + [c["to"] for c in s["history"]]))' \
+  "$store/nodes/52-54-00-12-34-56/state.json" | sed 's/^/   states: /'
+echo "   its verification report (nbdserver admin report 52-54-00-12-34-56):"
+"$server" admin --store "$store" report 52-54-00-12-34-56 | indent
 
 echo "== 5. node A boots again: what it wrote is still there"
 boot_node A 52:54:00:12:34:56
@@ -203,6 +248,8 @@ echo "Welcome to generation 2 of the nbdroot example, built after node A's boots
 gen2="$("$ib" -q --store "$store" build demo --from "$tree" | tail -1)"
 "$ib" -q --store "$store" publish demo "$gen2" >/dev/null
 "$ib" --store "$store" list demo | indent
+# The admin registers B and C: registered nodes skip verification.
+"$server" admin --store "$store" create 52-54-00-12-34-57 52-54-00-12-34-58 --image demo | indent
 if [ -n "$ns" ]; then
   PEER=10.0.3.11 STAY=1 boot_node B 52:54:00:12:34:57
 else
@@ -238,8 +285,10 @@ cat <<EOF
 == Summary ($SECONDS s)
    Image 'demo': $gen1 (examples/rootfs + busybox + Debian's kernel $kver),
    then $gen2 (/etc/motd edited: a delta over it).
-   Node A (MAC 52:54:00:12:34:56) booted twice in a qemu VM with no disk: kernel and
-   initrd from 'imagebuilder boot', root over NBD from nbdserver. Its second boot
+   Node A (MAC 52:54:00:12:34:56), new, was verified first (iPXE over HTTP, the
+   verification initrd, its report: $(sed -n 's/.*"status": *"\([a-z]*\)".*/\1/p' "$store/nodes/52-54-00-12-34-56/state.json" >/dev/null; "$server" admin --store "$store" report 52-54-00-12-34-56 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')),
+   then booted twice in a qemu VM with no disk: kernel and initrd from
+   'imagebuilder boot', root over NBD from nbdserver. Its second boot
    found what the first wrote (boot counter 2, boot-1.txt), kept in node A's own
    copy-on-write view ($(dirty 52-54-00-12-34-56) changed), still on $gen1.
    Node B booted after the rebuild and got $gen2 ($(dirty 52-54-00-12-34-57) changed).
