@@ -286,7 +286,7 @@ cat <<EOF
    Image 'demo': $gen1 (examples/rootfs + busybox + Debian's kernel $kver),
    then $gen2 (/etc/motd edited: a delta over it).
    Node A (MAC 52:54:00:12:34:56), new, was verified first (iPXE over HTTP, the
-   verification initrd, its report: $(sed -n 's/.*"status": *"\([a-z]*\)".*/\1/p' "$store/nodes/52-54-00-12-34-56/state.json" >/dev/null; "$server" admin --store "$store" report 52-54-00-12-34-56 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')),
+   verification initrd, its report: $("$server" admin --store "$store" report 52-54-00-12-34-56 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')),
    then booted twice in a qemu VM with no disk: kernel and initrd from
    'imagebuilder boot', root over NBD from nbdserver. Its second boot
    found what the first wrote (boot counter 2, boot-1.txt), kept in node A's own
