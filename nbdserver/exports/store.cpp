@@ -578,8 +578,9 @@ bool Store::create_nodes(const std::vector<std::string>& nodes, const std::strin
       *err = "node '" + sorted[i] + "' already exists";
       return false;
     }
+    // Its own directory (a node that fetched a boot script) is no variant.
     auto [it, fresh] = folded.emplace(fold_case(sorted[i]), sorted[i]);
-    if (!fresh) {
+    if (!fresh && it->second != sorted[i]) {
       *err = "node '" + sorted[i] + "' differs from the node '" + it->second +
              "' only in case (names are case-sensitive)";
       return false;
