@@ -356,10 +356,11 @@ def test_unknown_names_and_path_tricks(tracker):
         assert "bad image or generation name" in api.error(method, path, body if method ==
                                                            "POST" else None), path
     assert "bad image or node name" in api.error("GET", "/v1/nodes/lab/..")
-    # Slashes, raw or encoded, never reach a name: no route matches.
+    # Slashes, raw or encoded, never reach a name: no route matches. ("/"
+    # is the status page, tests/integration/test_status_metrics.py.)
     for path in ["/v1/generations/lab@g1/../../../etc/passwd",
                  "/v1/generations/..%2F..%2Fetc@x/chunks.sha256",
-                 "/v1/nodes/lab/n1/extra", "/nope", "/"]:
+                 "/v1/nodes/lab/n1/extra", "/nope", "/nope/"]:
         assert api.error("GET", path, expect=404), path
     # curl, without its own path cleaning.
     r = subprocess.run(["curl", "-s", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}",
