@@ -445,8 +445,9 @@ bool Lifecycle::on_boot_script(const std::string& node, const Hints& h, int64_t 
   return true;
 }
 
-bool Lifecycle::on_heartbeat(const std::string& node, const std::string& run,
-                             const std::string& step, int64_t now, std::string* err) {
+bool Lifecycle::in_current_run(const std::string& node, const std::string& run, const char* what,
+                               int64_t now, const std::function<void(NodeLife*)>& update,
+                               std::string* err) {
   if (bad_node(node, err)) return false;
   const std::string dir = root_ + "/nodes/" + node;
   std::lock_guard<std::mutex> g(mu_);
@@ -464,61 +465,43 @@ bool Lifecycle::on_heartbeat(const std::string& node, const std::string& run,
     return false;
   }
   if (run != l.run) {
-    *err = "run '" + run + "' is not node '" + node + "''s current run '" + l.run + "'";
+    *err = std::string(what) + " of run '" + run + "', but node '" + node +
+           "''s current run is '" + l.run + "'";
     return false;
   }
   l.last_seen = now;
   if (expire(&l, now)) {
-    *err = "node '" + node + "': run " + run + " " + l.reason;
+    *err = "node '" + node + "': run " + run + " " + l.reason + " before its " + what + " came";
     std::string save_err;
     if (!save(l, &save_err)) spdlog::warn("{}", save_err);
     return false;
   }
-  // Heartbeats come from the Linux step only.
-  l.step = "linux";
-  if (!step.empty()) l.task = step.substr(0, 64);
-  l.deadline = capped(l, now + d_.heartbeat_s);
+  update(&l);
   return save(l, err);
+}
+
+bool Lifecycle::on_heartbeat(const std::string& node, const std::string& run,
+                             const std::string& step, int64_t now, std::string* err) {
+  return in_current_run(node, run, "heartbeat", now, [&](NodeLife* l) {
+    // Heartbeats come from the Linux step only.
+    l->step = "linux";
+    if (!step.empty()) l->task = step.substr(0, 64);
+    l->deadline = capped(*l, now + d_.heartbeat_s);
+  }, err);
 }
 
 bool Lifecycle::on_report(const std::string& node, const std::string& run,
                           const std::string& overall, const std::string& summary, int64_t now,
                           std::string* err) {
-  if (bad_node(node, err)) return false;
-  const std::string dir = root_ + "/nodes/" + node;
-  std::lock_guard<std::mutex> g(mu_);
-  if (!exists(dir)) {
-    *err = "node '" + node + "' does not exist";
-    return false;
-  }
-  Locked lock(dir, err);
-  NodeLife l;
-  bool found = false;
-  if (!lock.ok() || !load(node, &l, &found, err)) return false;
-  if (!found || l.state != State::kVerify || l.run.empty()) {
-    *err = "node '" + node + "' is not verifying (state " +
-           (found ? to_string(l.state) : "unknown") + ")";
-    return false;
-  }
-  if (run != l.run) {
-    *err = "report of run '" + run + "', but node '" + node + "''s current run is '" + l.run + "'";
-    return false;
-  }
-  l.last_seen = now;
-  if (expire(&l, now)) {
-    *err = "node '" + node + "': run " + run + " " + l.reason + " before its report came";
-    std::string save_err;
-    if (!save(l, &save_err)) spdlog::warn("{}", save_err);
-    return false;
-  }
-  if (overall == "passed") {
-    change(&l, State::kReady, "report", "passed verification (run " + run + ")", now);
-  } else {
-    // The summary of a report that did not pass names its worst steps first.
-    change(&l, State::kFailed, "report",
-           summary.empty() ? "verification " + overall + " (run " + run + ")" : summary, now);
-  }
-  return save(l, err);
+  return in_current_run(node, run, "report", now, [&](NodeLife* l) {
+    if (overall == "passed") {
+      change(l, State::kReady, "report", "passed verification (run " + run + ")", now);
+    } else {
+      // The summary of a report that did not pass names its worst steps first.
+      change(l, State::kFailed, "report",
+             summary.empty() ? "verification " + overall + " (run " + run + ")" : summary, now);
+    }
+  }, err);
 }
 
 bool Lifecycle::set_state(const std::string& node, State s, const std::string& by,

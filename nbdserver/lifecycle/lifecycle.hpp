@@ -142,6 +142,13 @@ class Lifecycle {
   std::string state_path(const std::string& node) const;
 
  private:
+  // A heartbeat's or report's common part: under the locks, loads the node
+  // and checks that it is verifying in `run` and within its deadline (else
+  // false, *err naming `what`; a passed deadline fails the node), then
+  // applies `update` and saves.
+  bool in_current_run(const std::string& node, const std::string& run, const char* what,
+                      int64_t now, const std::function<void(NodeLife*)>& update,
+                      std::string* err);
   class Locked;  // a node's state.lock, held; defined in lifecycle.cpp
   // state.json, or the implied record (node.json only: ready); *exists is
   // false when the node has neither. False and *err when unreadable.
