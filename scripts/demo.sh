@@ -279,7 +279,7 @@ fi
 
 echo "== nbdserver admin list: the nodes, the generation each is pinned to, the bytes each changed"
 "$server" admin --store "$store" list | indent
-dirty() { "$server" admin --store "$store" list | awk -v n="$1" '$1 == n { print $5 " " $6 }'; }
+dirty() { "$server" admin --store "$store" list | awk -v n="$1" '$1 == n { print $6 " " $7 }'; }
 
 cat <<EOF
 == Summary ($SECONDS s)
