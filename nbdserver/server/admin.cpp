@@ -215,8 +215,16 @@ int cmd_state(exports::Store& st, const std::string& node, const std::string& st
     fprintf(stderr, "nbdserver admin state: %s\n", err.c_str());
     return 1;
   }
-  printf("node %s: %s -> %s\n", node.c_str(),
-         before ? lifecycle::to_string(before->state) : "(no record)", lifecycle::to_string(s));
+  const char* from = before ? lifecycle::to_string(before->state) : "(no record)";
+  printf("node %s: %s -> %s\n", node.c_str(), from, lifecycle::to_string(s));
+  if (!exports::audit(st.root(), "state",
+                      node + " " + from + " -> " + lifecycle::to_string(s) +
+                          (reason.empty() ? "" : ": " + reason),
+                      &err)) {
+    fprintf(stderr, "nbdserver admin state: done, but not recorded in the audit log: %s\n",
+            err.c_str());
+    return 1;
+  }
   return 0;
 }
 

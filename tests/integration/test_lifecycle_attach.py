@@ -202,6 +202,12 @@ def test_admin_state_is_in_the_history_with_who_and_why(store):
         ("failed", "verify", "set by an admin", by)]
     st = state_json(root, "n1")
     assert (st["state"], st["reason"]) == ("verify", "set by an admin")
+    # And in the store's audit log, one line each.
+    with open(os.path.join(root, "audit.log")) as f:
+        lines = [json.loads(l) for l in f if '"state"' in l]
+    assert [(l["action"], l["detail"]) for l in lines] == [
+        ("state", "n1 ready -> failed: DIMM B2 reseated, retest"),
+        ("state", "n1 failed -> verify")], lines
 
 
 def test_admin_state_wrong_input(store):
