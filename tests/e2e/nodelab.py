@@ -197,13 +197,14 @@ class PeerNet:
     """A virtual network for VMs that talk to each other (qemu's user
     network keeps every VM alone): network namespace NAME with a bridge at
     10.0.3.1/24 and a tap device per VM. nbdserver and qemu run inside it
-    (`prefix`); VM i is 10.0.3.(10 + i). Needs root."""
+    (`prefix`); the i-th MAC seen is 10.0.3.(10 + i). Needs root."""
 
     HOST = "10.0.3.1"
 
     def __init__(self, name=None):
         self.name = name or f"nbdroot-e2e-{os.getpid()}-{next(_peernets)}"
         self.taps = 0
+        self.addresses = {}
         run(["ip", "netns", "add", self.name])
         try:
             for cmd in (["link", "set", "lo", "up"], ["link", "add", "br0", "type", "bridge"],
@@ -223,7 +224,12 @@ class PeerNet:
         run(["ip", "-n", self.name, "link", "set", tap, "master", "br0", "up"])
         args = ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                 "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
-        return args, f"10.0.3.{10 + self.taps}"
+        # One address per MAC, as a DHCP server's reservations give: a node
+        # that boots again comes back from the same address (the server lets
+        # one address at a time write a node's view, and a powered-off VM's
+        # connection lingers until the server times it out).
+        index = self.addresses.setdefault(mac, len(self.addresses) + 1)
+        return args, f"10.0.3.{10 + index}"
 
     def close(self):
         subprocess.run(["ip", "netns", "delete", self.name], stdin=subprocess.DEVNULL,
