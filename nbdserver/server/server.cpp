@@ -164,6 +164,15 @@ int run_server(const ServerOptions& opts) {
   for (auto& l : loops) shared.loops.push_back(l.get());
   std::vector<std::thread> threads;
   for (auto& l : loops) threads.emplace_back([&l] { l->run(); });
+  // A start that fails once the loops run: stops them, and exits 1.
+  auto stop_loops_after = [&](const std::string& why) {
+    spdlog::error("{}", why);
+    shared.stopping = true;
+    for (auto& l : loops) l->wake();
+    for (auto& t : threads) t.join();
+    close_listeners(&listeners);
+    return 1;
+  };
 
   // The HTTP API, on its own threads; started after the signals are blocked
   // so that they inherit the mask.
@@ -186,12 +195,7 @@ int run_server(const ServerOptions& opts) {
     http::add_tracker_api(http_server->routes(), store, peer_tracker);
     std::vector<std::string> written;
     if (!http::install_default_templates(opts.store, &written, &err)) {
-      spdlog::error("{}", err);
-      shared.stopping = true;
-      for (auto& l : loops) l->wake();
-      for (auto& t : threads) t.join();
-      close_listeners(&listeners);
-      return 1;
+      return stop_loops_after(err);
     }
     for (const std::string& w : written) spdlog::info("wrote the default boot script template {}", w);
     http::BootOptions bo;
@@ -202,12 +206,7 @@ int run_server(const ServerOptions& opts) {
     http::add_boot_api(http_server->routes(), store, life, bo);
     http::add_status_api(http_server->routes(), store, stats, life);
     if (!http_server->start(&http_address, &err)) {
-      spdlog::error("{}", err);
-      shared.stopping = true;
-      for (auto& l : loops) l->wake();
-      for (auto& t : threads) t.join();
-      close_listeners(&listeners);
-      return 1;
+      return stop_loops_after(err);
     }
     spdlog::info("HTTP API on {} (peer tracker: peers expire after {} s)", http_address,
                  opts.peer_timeout);
