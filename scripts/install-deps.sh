@@ -24,6 +24,9 @@ packages=(
   # dracut (it replaces initramfs-tools; it goes into a chroot instead).
   qemu-system-x86 ipxe-qemu busybox-static cpio zstd xz-utils kmod
   libnl-3-200 libnl-genl-3-200 libgnutls30 debootstrap
+  # TLS tier tests: psktool makes keys as stock clients expect them, tcpdump
+  # captures a node's connection to show no image byte crosses in plaintext
+  gnutls-bin tcpdump
   # the verification initrd's tools (initrd-hooks/mkverify.sh copies them
   # from this host), and memtest86+ under SeaBIOS and OVMF (tests/e2e)
   memtester dmidecode stress-ng memtest86+ ovmf
