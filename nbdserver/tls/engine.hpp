@@ -32,32 +32,30 @@ using Key = std::array<uint8_t, 32>;
 // (unknown identity, removed or expired key). Called during the handshake,
 // on the engine owner's thread; *why is for the log and never reaches the
 // peer (the peer sees a failed handshake only).
-using KeyLookup = std::function<std::optional<Key>(std::string_view identity,
-                                                   std::string *why)>;
+using KeyLookup = std::function<std::optional<Key>(std::string_view identity, std::string* why)>;
 
 class Engine {
-public:
+ public:
   enum class Status {
-    kHandshaking, // more bytes from the peer are needed (see outbox())
-    kOpen,        // handshake done: read() and write() work
-    kClosed,      // the peer sent close_notify
-    kFailed,      // handshake or record error; error() says what
+    kHandshaking,  // more bytes from the peer are needed (see outbox())
+    kOpen,         // handshake done: read() and write() work
+    kClosed,       // the peer sent close_notify
+    kFailed,       // handshake or record error; error() says what
   };
 
   // A server engine that authenticates clients with `lookup`. nullptr and
   // *why on a GnuTLS setup failure.
-  static std::unique_ptr<Engine> server(KeyLookup lookup, std::string *why);
+  static std::unique_ptr<Engine> server(KeyLookup lookup, std::string* why);
   // A client engine that authenticates as `identity` with `key`.
-  static std::unique_ptr<Engine> client(std::string identity, const Key &key,
-                                        std::string *why);
+  static std::unique_ptr<Engine> client(std::string identity, const Key& key, std::string* why);
 
   ~Engine();
-  Engine(const Engine &) = delete;
-  Engine &operator=(const Engine &) = delete;
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
 
   // Appends bytes received from the peer, then advances the handshake if it
   // is still running. Returns status().
-  Status feed(const uint8_t *data, size_t len);
+  Status feed(const uint8_t* data, size_t len);
   // Starts the handshake (a client's ClientHello lands in outbox()). Servers
   // need not call it: feed() starts theirs.
   Status start();
@@ -66,12 +64,12 @@ public:
   // Decrypts into dst up to `cap` bytes of plaintext from the records fed so
   // far. Returns the bytes written; 0 when no whole record is buffered (or
   // the peer closed: see status()). Only when status() == kOpen.
-  size_t read(uint8_t *dst, size_t cap);
+  size_t read(uint8_t* dst, size_t cap);
   // Plaintext bytes decrypted and not yet read (part of a record).
   size_t pending() const;
   // Encrypts `len` bytes into outbox(). Only when status() == kOpen; on a
   // GnuTLS error status() becomes kFailed and false is returned.
-  bool write(const uint8_t *data, size_t len);
+  bool write(const uint8_t* data, size_t len);
   // Between cork() and uncork(), write()s are gathered into full records
   // (a reply's header and payload share one record, not one each).
   void cork();
@@ -81,15 +79,15 @@ public:
 
   // Ciphertext to send to the peer, in order; the owner sends a prefix and
   // erases it (or swaps the string out).
-  std::string &outbox() { return out_; }
+  std::string& outbox() { return out_; }
   // The identity the peer authenticated as (server), or ours (client).
-  const std::string &identity() const { return identity_; }
+  const std::string& identity() const { return identity_; }
   // Why status() is kFailed; for the log.
-  const std::string &error() const { return error_; }
+  const std::string& error() const { return error_; }
   // "TLS1.3/AES-128-GCM", once open; for the log.
   std::string description() const;
 
-private:
+ private:
   struct Impl;
   explicit Engine(std::unique_ptr<Impl> impl);
   void step_handshake();
@@ -108,9 +106,9 @@ struct PskLine {
   std::string identity;
   Key key;
 };
-std::optional<PskLine> parse_psk_line(std::string_view line, std::string *why);
-std::string format_psk_line(std::string_view identity, const Key &key);
+std::optional<PskLine> parse_psk_line(std::string_view line, std::string* why);
+std::string format_psk_line(std::string_view identity, const Key& key);
 // 256 bits from the kernel's random source (getrandom); false on failure.
-bool random_key(Key *key);
+bool random_key(Key* key);
 
-} // namespace tls
+}  // namespace tls

@@ -1,7 +1,5 @@
 // Tests for tls/engine.{hpp,cpp}: a real GnuTLS client engine against a real
 // server engine, the bytes shuttled between them in memory.
-#include "tls/engine.hpp"
-
 #include <gtest/gtest.h>
 
 #include <map>
@@ -9,13 +7,14 @@
 #include <string>
 #include <vector>
 
+#include "tls/engine.hpp"
+
 namespace tls {
 namespace {
 
 Key key_of(uint8_t seed) {
   Key k;
-  for (size_t i = 0; i < k.size(); ++i)
-    k[i] = uint8_t(seed + i * 7);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = uint8_t(seed + i * 7);
   return k;
 }
 
@@ -24,12 +23,12 @@ struct Pair {
   std::vector<std::string> lookups;
   std::unique_ptr<Engine> server, client;
 
-  Pair(const std::string &identity, const Key &client_key) {
+  Pair(const std::string& identity, const Key& client_key) {
     keys["node-a"] = key_of(1);
     keys["node-b"] = key_of(2);
     std::string why;
     server = Engine::server(
-        [this](std::string_view id, std::string *reason) -> std::optional<Key> {
+        [this](std::string_view id, std::string* reason) -> std::optional<Key> {
           lookups.emplace_back(id);
           auto it = keys.find(std::string(id));
           if (it == keys.end()) {
@@ -48,28 +47,23 @@ struct Pair {
     for (int i = 0; i < 20; ++i) {
       std::string c = std::exchange(client->outbox(), {});
       std::string s = std::exchange(server->outbox(), {});
-      if (c.empty() && s.empty())
-        return;
-      if (!c.empty())
-        server->feed(reinterpret_cast<const uint8_t *>(c.data()), c.size());
-      if (!s.empty())
-        client->feed(reinterpret_cast<const uint8_t *>(s.data()), s.size());
+      if (c.empty() && s.empty()) return;
+      if (!c.empty()) server->feed(reinterpret_cast<const uint8_t*>(c.data()), c.size());
+      if (!s.empty()) client->feed(reinterpret_cast<const uint8_t*>(s.data()), s.size());
     }
   }
 
   bool connect() {
     client->start();
     shuttle();
-    return server->status() == Engine::Status::kOpen &&
-           client->status() == Engine::Status::kOpen;
+    return server->status() == Engine::Status::kOpen && client->status() == Engine::Status::kOpen;
   }
 };
 
-std::string read_all(Engine &e) {
+std::string read_all(Engine& e) {
   std::string got;
   uint8_t buf[4096];
-  while (size_t n = e.read(buf, sizeof buf))
-    got.append(reinterpret_cast<char *>(buf), n);
+  while (size_t n = e.read(buf, sizeof buf)) got.append(reinterpret_cast<char*>(buf), n);
   return got;
 }
 
@@ -85,16 +79,13 @@ TEST(TlsEngine, DataCrossesBothWaysAndCloseNotifyEnds) {
   Pair p("node-b", key_of(2));
   ASSERT_TRUE(p.connect());
   std::string big(1 << 20, '\0');
-  for (size_t i = 0; i < big.size(); ++i)
-    big[i] = char(i * 131 + 7);
-  ASSERT_TRUE(p.client->write(reinterpret_cast<const uint8_t *>(big.data()),
-                              big.size()));
+  for (size_t i = 0; i < big.size(); ++i) big[i] = char(i * 131 + 7);
+  ASSERT_TRUE(p.client->write(reinterpret_cast<const uint8_t*>(big.data()), big.size()));
   std::string wire = p.client->outbox();
-  EXPECT_EQ(wire.find(big.substr(1000, 64)), std::string::npos)
-      << "plaintext on the wire";
+  EXPECT_EQ(wire.find(big.substr(1000, 64)), std::string::npos) << "plaintext on the wire";
   p.shuttle();
   EXPECT_EQ(read_all(*p.server), big);
-  ASSERT_TRUE(p.server->write(reinterpret_cast<const uint8_t *>("pong"), 4));
+  ASSERT_TRUE(p.server->write(reinterpret_cast<const uint8_t*>("pong"), 4));
   p.shuttle();
   EXPECT_EQ(read_all(*p.client), "pong");
   p.client->close();
@@ -108,8 +99,7 @@ TEST(TlsEngine, CorkedWritesShareRecords) {
   ASSERT_TRUE(p.connect());
   p.client->cork();
   for (int i = 0; i < 100; ++i)
-    ASSERT_TRUE(p.client->write(
-        reinterpret_cast<const uint8_t *>("0123456789abcdef"), 16));
+    ASSERT_TRUE(p.client->write(reinterpret_cast<const uint8_t*>("0123456789abcdef"), 16));
   ASSERT_TRUE(p.client->uncork());
   // One record: 5 bytes of header, 1600 of data, a content-type byte and a
   // 16-byte tag.
@@ -121,14 +111,13 @@ TEST(TlsEngine, CorkedWritesShareRecords) {
 TEST(TlsEngine, RecordsFedAByteAtATimeStillDecrypt) {
   Pair p("node-a", key_of(1));
   ASSERT_TRUE(p.connect());
-  ASSERT_TRUE(p.client->write(reinterpret_cast<const uint8_t *>("hello"), 5));
+  ASSERT_TRUE(p.client->write(reinterpret_cast<const uint8_t*>("hello"), 5));
   std::string wire = std::exchange(p.client->outbox(), {});
   std::string got;
   uint8_t buf[64];
   for (char ch : wire) {
-    p.server->feed(reinterpret_cast<const uint8_t *>(&ch), 1);
-    while (size_t n = p.server->read(buf, sizeof buf))
-      got.append(reinterpret_cast<char *>(buf), n);
+    p.server->feed(reinterpret_cast<const uint8_t*>(&ch), 1);
+    while (size_t n = p.server->read(buf, sizeof buf)) got.append(reinterpret_cast<char*>(buf), n);
   }
   EXPECT_EQ(got, "hello");
 }
@@ -137,8 +126,7 @@ TEST(TlsEngine, WrongKeyFailsAndTheServerSaysWhyOnlyInItsError) {
   Pair p("node-a", key_of(9));
   EXPECT_FALSE(p.connect());
   EXPECT_EQ(p.server->status(), Engine::Status::kFailed);
-  EXPECT_NE(p.server->error().find("TLS handshake failed"), std::string::npos)
-      << p.server->error();
+  EXPECT_NE(p.server->error().find("TLS handshake failed"), std::string::npos) << p.server->error();
   EXPECT_EQ(p.server->identity(), "");
 }
 
@@ -146,21 +134,18 @@ TEST(TlsEngine, UnknownIdentityFailsWithTheLookupsReason) {
   Pair p("node-z", key_of(1));
   EXPECT_FALSE(p.connect());
   EXPECT_EQ(p.server->status(), Engine::Status::kFailed);
-  EXPECT_NE(p.server->error().find("no key for node-z"), std::string::npos)
-      << p.server->error();
+  EXPECT_NE(p.server->error().find("no key for node-z"), std::string::npos) << p.server->error();
   // The client learns nothing but a failed handshake.
-  EXPECT_EQ(p.client->error().find("no key"), std::string::npos)
-      << p.client->error();
+  EXPECT_EQ(p.client->error().find("no key"), std::string::npos) << p.client->error();
 }
 
 TEST(TlsEngine, GarbageInsteadOfAClientHelloFails) {
   std::string why;
-  auto s = Engine::server(
-      [](std::string_view, std::string *) { return std::optional<Key>(); },
-      &why);
+  auto s =
+      Engine::server([](std::string_view, std::string*) { return std::optional<Key>(); }, &why);
   ASSERT_TRUE(s);
   std::string junk = "IHAVEOPT this is plaintext NBD, not a TLS record";
-  s->feed(reinterpret_cast<const uint8_t *>(junk.data()), junk.size());
+  s->feed(reinterpret_cast<const uint8_t*>(junk.data()), junk.size());
   EXPECT_EQ(s->status(), Engine::Status::kFailed);
 }
 
@@ -183,5 +168,5 @@ TEST(TlsEngine, PskLinesAsPsktoolWritesThem) {
   EXPECT_NE(a, b);
 }
 
-} // namespace
-} // namespace tls
+}  // namespace
+}  // namespace tls
