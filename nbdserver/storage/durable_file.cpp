@@ -38,10 +38,14 @@ bool sync_dir(const std::string& dir, std::string* err) {
   return ok;
 }
 
-bool write_file_durable(const std::string& path, const std::string& text, std::string* err) {
+bool write_file_durable(const std::string& path, const std::string& text, std::string* err,
+                        mode_t mode) {
   const std::string tmp = path + ".tmp." + std::to_string(getpid()) + "." +
                           std::to_string(std::hash<std::thread::id>()(std::this_thread::get_id()));
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  // A leftover of a crashed writer with this pid may have another mode (or
+  // be open elsewhere): never write into it.
+  unlink(tmp.c_str());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
   bool ok = fd >= 0 && write_all(fd, text) && fsync(fd) == 0;
   int e = errno;
   if (fd >= 0 && ::close(fd) != 0 && ok) {

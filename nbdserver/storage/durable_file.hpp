@@ -4,13 +4,18 @@
 // one, never a torn or empty file.
 #pragma once
 
+#include <sys/types.h>
+
 #include <string>
 
 namespace storage {
 
-// Replaces `path` with `text` as above. False and *err ("PATH: cannot
-// write: ...") on any failure; the temporary file is removed then.
-bool write_file_durable(const std::string& path, const std::string& text, std::string* err);
+// Replaces `path` with `text` as above. The temporary file is created
+// afresh (O_EXCL) with `mode` (less the umask), so the new file never had
+// a wider one: 0600 for secrets. False and *err ("PATH: cannot write:
+// ...") on any failure; the temporary file is removed then.
+bool write_file_durable(const std::string& path, const std::string& text, std::string* err,
+                        mode_t mode = 0640);
 
 // fsync() of a directory, after entries in it were created or renamed.
 bool sync_dir(const std::string& dir, std::string* err);
