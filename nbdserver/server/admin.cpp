@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <ctime>
 #include <cstdio>
@@ -27,8 +29,11 @@
 #include "exports/store.hpp"
 #include "lifecycle/lifecycle.hpp"
 #include "lifecycle/report.hpp"
+#include "protocol/wire.hpp"
 #include "storage/json_file.hpp"
 #include "storage/layer_file.hpp"
+#include "storage/names.hpp"
+#include "storage/node_keys.hpp"
 
 namespace po = boost::program_options;
 
@@ -50,7 +55,13 @@ constexpr const char* kAdminUsage =
     "  extents NODE [--json]               the node's changed blocks (at its last flush)\n"
     "  state NODE new|verify|ready|failed|retired [--reason TEXT]\n"
     "                                      set the node's state (only ready nodes attach)\n"
-    "  report NODE [--json]                the node's latest verification report\n";
+    "  report NODE [--json]                the node's latest verification report\n"
+    "  key NODE [--expires DURATION]       create or rotate the node's TLS key; prints\n"
+    "                                      NODE:HEX (psktool format) on stdout; DURATION:\n"
+    "                                      30d, 12h, 90m, 3600s, or 0 for never (default)\n"
+    "  key NODE --arm                      let the node's next boot script carry its key,\n"
+    "                                      once (creates and prints a key if it has none)\n"
+    "  key NODE --show | --remove          print the key without rotating it | delete it\n";
 
 struct MapInfo {
   bool ok = false;
@@ -284,6 +295,155 @@ int cmd_report(exports::Store& st, const std::string& node, bool json) {
   return 0;
 }
 
+// What `admin key` was asked to do.
+struct KeyFlags {
+  bool arm = false, show = false, remove = false;
+  std::string expires;  // "" when not given
+};
+
+// The node's key, printed for psktool, nbdinfo's tls-psk-file and the node
+// agent: the only thing `admin key` writes on stdout.
+void print_key(const storage::NodeKey& k) { printf("%s\n", storage::psk_line(k).c_str()); }
+
+std::string key_summary(const storage::NodeKey& k) {
+  return "generation " + std::to_string(k.generation) + ", expires " +
+         (k.expires ? storage::utc_time(k.expires) : "never");
+}
+
+// Creates or rotates the key, prints it and records it. Exit status.
+int key_create(const std::string& store, const std::string& node, int64_t lifetime) {
+  storage::NodeKey k;
+  bool rotated = false;
+  std::string err;
+  const int64_t now = int64_t(time(nullptr));
+  storage::KeyStatus before;
+  storage::load(store, node, now, &err, &before);
+  if (!storage::create_or_rotate(store, node, lifetime, now, &k, &rotated, &err)) {
+    fprintf(stderr, "nbdserver admin key: %s\n", err.c_str());
+    return 1;
+  }
+  print_key(k);
+  const char* what = rotated ? "rotated" : "created";
+  fprintf(stderr, "%s the key of %s (%s)%s\n", what, node.c_str(), key_summary(k).c_str(),
+          rotated ? ": its old key no longer works"
+          : before == storage::KeyStatus::kCorrupt ? ", replacing a corrupt key file" : "");
+  if (!exports::audit(store, "key", node + " " + what + " (" + key_summary(k) + ")", &err)) {
+    fprintf(stderr, "nbdserver admin key: done, but not recorded in the audit log: %s\n",
+            err.c_str());
+    return 1;
+  }
+  return 0;
+}
+
+// `key NODE --arm`: arms the node's key, made first if it has none.
+int key_arm(const std::string& store, const std::string& node, const KeyFlags& f,
+            int64_t lifetime) {
+  std::string err;
+  storage::KeyStatus st;
+  const int64_t now = int64_t(time(nullptr));
+  storage::load(store, node, now, &err, &st);
+  if (st == storage::KeyStatus::kMissing) {
+    const int rc = key_create(store, node, lifetime);
+    if (rc != 0) return rc;
+  } else if (st == storage::KeyStatus::kExpired) {
+    fprintf(stderr, "nbdserver admin key: node %s: %s: rotate it (nbdserver admin key %s), "
+            "then arm it\n", node.c_str(), err.c_str(), node.c_str());
+    return 1;
+  } else if (st != storage::KeyStatus::kOk) {
+    fprintf(stderr, "nbdserver admin key: node %s: %s\n", node.c_str(), err.c_str());
+    return 1;
+  } else if (!f.expires.empty()) {
+    fprintf(stderr, "nbdserver admin key: node %s has a key: --expires applies to a new key "
+            "(rotate it with `nbdserver admin key %s --expires %s`, then arm it)\n",
+            node.c_str(), node.c_str(), f.expires.c_str());
+    return 1;
+  }
+  storage::NodeKey k;
+  if (!storage::arm(store, node, now, &k, &err)) {
+    fprintf(stderr, "nbdserver admin key: node %s: %s\n", node.c_str(), err.c_str());
+    return 1;
+  }
+  fprintf(stderr, "armed the key of %s (%s): its next boot script under --tls require carries "
+          "it, once\n", node.c_str(), key_summary(k).c_str());
+  if (!exports::audit(store, "key", node + " armed (" + key_summary(k) + ")", &err)) {
+    fprintf(stderr, "nbdserver admin key: done, but not recorded in the audit log: %s\n",
+            err.c_str());
+    return 1;
+  }
+  return 0;
+}
+
+int key_show(const std::string& store, const std::string& node) {
+  std::string why;
+  const std::optional<storage::NodeKey> k =
+      storage::load(store, node, int64_t(time(nullptr)), &why);
+  if (!k) {
+    fprintf(stderr, "nbdserver admin key: node %s: %s\n", node.c_str(), why.c_str());
+    return 1;
+  }
+  print_key(*k);
+  fprintf(stderr, "%s: %s, created %s, %s, last delivered %s\n", node.c_str(),
+          key_summary(*k).c_str(), storage::utc_time(k->created).c_str(),
+          k->armed ? "armed" : "not armed",
+          k->delivered_at ? storage::utc_time(k->delivered_at).c_str() : "never");
+  return 0;
+}
+
+int key_remove(const std::string& store, const std::string& node) {
+  bool existed = false;
+  std::string err;
+  if (!storage::remove(store, node, &existed, &err)) {
+    fprintf(stderr, "nbdserver admin key: %s\n", err.c_str());
+    return 1;
+  }
+  fprintf(stderr, existed ? "removed the key of %s\n" : "%s had no key\n", node.c_str());
+  if (existed && !exports::audit(store, "key", node + " removed", &err)) {
+    fprintf(stderr, "nbdserver admin key: done, but not recorded in the audit log: %s\n",
+            err.c_str());
+    return 1;
+  }
+  return 0;
+}
+
+// The name of another node that differs from `node` only in case, or "".
+std::string case_variant(const exports::Store& st, const std::string& node) {
+  auto fold = [](std::string s) {
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+    return s;
+  };
+  for (const std::string& n : st.nodes())
+    if (n != node && fold(n) == fold(node)) return n;
+  return "";
+}
+
+// `admin key NODE [--arm] [--expires D] [--show | --remove]`. Usage errors
+// (exit 2) are found before anything is read or written.
+int cmd_key(const exports::Store& st, const std::string& node, const KeyFlags& f) {
+  auto usage = [](const std::string& msg) {
+    fprintf(stderr, "nbdserver admin key: %s\n%s", msg.c_str(), kAdminUsage);
+    return 2;
+  };
+  if (!storage::valid_store_name(node))
+    return usage("bad node name " + nbd::quoted(node) + " (allowed: [A-Za-z0-9._-], not "
+                 "starting with '.', at most " + std::to_string(storage::kMaxStoreName) +
+                 " bytes)");
+  if (f.show + f.remove + f.arm > 1) return usage("--show, --remove and --arm exclude each other");
+  if ((f.show || f.remove) && !f.expires.empty())
+    return usage(std::string("--expires makes no sense with ") + (f.show ? "--show" : "--remove"));
+  int64_t lifetime = 0;
+  if (!f.expires.empty() && !storage::parse_key_lifetime(f.expires, &lifetime))
+    return usage("--expires " + nbd::quoted(f.expires) + ": expected a number with a unit "
+                 "(30d, 12h, 90m, 3600s), or 0 for never");
+  const std::string other = case_variant(st, node);
+  if (!other.empty())
+    return usage("node '" + node + "' differs from the node '" + other + "' only in case "
+                 "(names are case-sensitive)");
+  if (f.show) return key_show(st.root(), node);
+  if (f.remove) return key_remove(st.root(), node);
+  if (f.arm) return key_arm(st.root(), node, f, lifetime);
+  return key_create(st.root(), node, lifetime);
+}
+
 }  // namespace
 
 int run_admin(int argc, const char* const* argv) {
@@ -291,6 +451,7 @@ int run_admin(int argc, const char* const* argv) {
   std::vector<std::string> nodes;
   uint32_t block_size = 4096;
   bool json = false;
+  KeyFlags key;
   po::options_description d("Admin options");
   d.add_options()("help,h", "show this help")("store", po::value(&store), "the store directory")(
       "image", po::value(&image), "image of a new node")("generation", po::value(&gen),
@@ -299,6 +460,10 @@ int run_admin(int argc, const char* const* argv) {
       "block-size", po::value(&block_size), "copy-on-write block size of a new node")(
       "json", po::bool_switch(&json), "machine-readable output")(
       "reason", po::value(&reason), "why (admin state)")(
+      "arm", po::bool_switch(&key.arm), "admin key: arm the key's delivery")(
+      "expires", po::value(&key.expires), "admin key: lifetime of a new key")(
+      "show", po::bool_switch(&key.show), "admin key: print the key")(
+      "remove", po::bool_switch(&key.remove), "admin key: delete the key")(
       "command", po::value(&command), "")("node", po::value(&nodes), "");
   po::positional_options_description pos;
   pos.add("command", 1).add("node", -1);
@@ -320,6 +485,8 @@ int run_admin(int argc, const char* const* argv) {
   };
   if (store.empty()) return usage_error("--store DIR is required");
   if (command.empty()) return usage_error("no command given");
+  if (command != "key" && (key.arm || key.show || key.remove || vm.count("expires")))
+    return usage_error("--arm, --expires, --show and --remove are options of `key`");
   exports::Store st(store, {});
   std::string err;
   if (!st.check(&err)) {
@@ -332,6 +499,11 @@ int run_admin(int argc, const char* const* argv) {
   if (command == "state") {
     if (nodes.size() != 2) return usage_error("state: expected NODE STATE");
     return cmd_state(st, nodes[0], nodes[1], reason);
+  }
+  if (command == "key") {
+    if (nodes.size() != 1) return usage_error("key: expected one NODE");
+    if (vm.count("expires") && key.expires.empty()) return usage_error("--expires: empty");
+    return cmd_key(st, nodes[0], key);
   }
   if (command == "pin" && nodes.size() != 2) return usage_error("pin: expected NODE ADDRESS");
   if (command != "create" && command != "pin" && nodes.size() > 1)

@@ -1,0 +1,260 @@
+"""Node keys of the `tls` tier (issue 13; storage/node_keys.hpp,
+docs/security.md "Node keys"):
+
+  nbdserver admin --store DIR key NODE [--arm] [--expires D] [--show | --remove]
+
+The printed line is checked against psktool's format, and against nbdkit
+and nbdinfo as a real TLS-PSK server and client: those read the same
+"NODE:HEX" lines (TLS in nbdserver itself is another module's).
+"""
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+
+import pytest
+
+from storeutil import admin, make_store
+from test_boot_api import tree_hash, wait_for
+
+MiB = 1 << 20
+NODE = "52-54-00-12-34-56"
+LINE = re.compile(r"^([A-Za-z0-9._-]+):([0-9a-f]{64})\n$")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s, _ = make_store(tmp_path, size=4 * MiB)
+    os.makedirs(os.path.join(s, "nodes"))  # as every admin command makes it
+    return s
+
+
+def key_file(store, node=NODE):
+    return os.path.join(store, "nodes", node, "tls-key.json")
+
+
+def record(store, node=NODE):
+    with open(key_file(store, node)) as f:
+        return json.load(f)
+
+
+def audit_lines(store):
+    try:
+        with open(os.path.join(store, "audit.log")) as f:
+            return [json.loads(line) for line in f]
+    except FileNotFoundError:
+        return []
+
+
+def new_key(store, *args, node=NODE):
+    """admin key NODE ARGS: asserts stdout is exactly one psktool line and
+    returns its hex."""
+    r = admin(store, "key", node, *args)
+    m = LINE.match(r.stdout)
+    assert m and m.group(1) == node, repr(r.stdout)
+    return m.group(2)
+
+
+# ---------------------------------------------------------------- admin key
+
+def test_key_is_created_printed_and_kept_with_mode_0600(store):
+    hexkey = new_key(store)
+    st = os.stat(key_file(store))
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    rec = record(store)
+    assert rec["key"] == hexkey and rec["node"] == NODE
+    assert rec["expires"] == 0 and rec["generation"] == 0
+    assert rec["armed"] is False and rec["delivered_at"] == 0
+    assert abs(rec["created"] - time.time()) < 60
+    (line,) = audit_lines(store)
+    assert line["action"] == "key" and line["detail"].startswith(f"{NODE} created ")
+    assert hexkey not in open(os.path.join(store, "audit.log")).read()
+
+
+def test_rotation_changes_the_key(store):
+    a = new_key(store)
+    r = admin(store, "key", NODE)
+    b = LINE.match(r.stdout).group(2)
+    assert a != b and record(store)["key"] == b and record(store)["generation"] == 1
+    assert "old key no longer works" in r.stderr
+    assert [l["detail"].split(" ")[1] for l in audit_lines(store)] == ["created", "rotated"]
+    log = open(os.path.join(store, "audit.log")).read()
+    assert a not in log and b not in log
+
+
+def test_show_prints_the_key_without_rotating(store):
+    hexkey = new_key(store)
+    before = open(key_file(store), "rb").read()
+    assert new_key(store, "--show") == hexkey
+    assert open(key_file(store), "rb").read() == before
+    assert len(audit_lines(store)) == 1  # showing changes nothing
+
+
+def test_remove(store):
+    new_key(store)
+    r = admin(store, "key", NODE, "--remove")
+    assert r.stdout == "" and "removed" in r.stderr
+    assert not os.path.exists(key_file(store))
+    assert audit_lines(store)[-1]["detail"] == f"{NODE} removed"
+    r = admin(store, "key", NODE, "--remove")
+    assert r.returncode == 0 and "had no key" in r.stderr
+    assert len(audit_lines(store)) == 2
+    r = admin(store, "key", NODE, "--show", check=False)
+    assert r.returncode == 1 and r.stdout == "" and "no key" in r.stderr
+
+
+def test_arm_creates_a_key_when_there_is_none(store):
+    hexkey = new_key(store, "--arm")
+    rec = record(store)
+    assert rec["key"] == hexkey and rec["armed"] is True and rec["armed_at"] > 0
+    assert [l["detail"].split(" ")[1] for l in audit_lines(store)] == ["created", "armed"]
+
+
+def test_arm_an_existing_key_prints_nothing_secret(store):
+    hexkey = new_key(store)
+    r = admin(store, "key", NODE, "--arm")
+    assert r.stdout == "" and hexkey not in r.stderr and "armed" in r.stderr
+    rec = record(store)
+    assert rec["armed"] is True and rec["key"] == hexkey
+    # --expires applies to a new key only.
+    r = admin(store, "key", NODE, "--arm", "--expires", "1d", check=False)
+    assert r.returncode == 1 and "--expires applies to a new key" in r.stderr
+
+
+def test_expires(store):
+    new_key(store, "--expires", "30d")
+    rec = record(store)
+    assert rec["expires"] == rec["created"] + 30 * 86400
+    new_key(store, "--expires", "12h")
+    rec = record(store)
+    assert rec["expires"] == rec["created"] + 12 * 3600
+    new_key(store, "--expires", "0")
+    assert record(store)["expires"] == 0
+    new_key(store, "--expires", "1s")
+    time.sleep(1.1)
+    for args in (["--show"], ["--arm"]):
+        r = admin(store, "key", NODE, *args, check=False)
+        assert r.returncode == 1 and r.stdout == "" and "key expired at " in r.stderr, r.stderr
+    assert record(store)["armed"] is False
+    new_key(store)  # rotating makes it valid again
+    assert new_key(store, "--show")
+
+
+def test_a_corrupt_key_file_is_refused_and_rotation_replaces_it(store):
+    new_key(store)
+    os.chmod(key_file(store), 0o644)
+    r = admin(store, "key", NODE, "--show", check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "corrupt key file" in r.stderr and "mode 0644" in r.stderr
+    r = admin(store, "key", NODE, "--arm", check=False)
+    assert r.returncode == 1 and "corrupt key file" in r.stderr
+    with open(key_file(store), "w") as f:
+        f.write("{not json")
+    os.chmod(key_file(store), 0o600)
+    r = admin(store, "key", NODE, "--show", check=False)
+    assert r.returncode == 1 and "not valid JSON" in r.stderr
+    r = admin(store, "key", NODE)
+    assert LINE.match(r.stdout) and "replacing a corrupt key file" in r.stderr
+    assert stat.S_IMODE(os.stat(key_file(store)).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("args, words", [
+    (["key"], "which node"),
+    (["key", "n1", "n2"], "expected one NODE"),
+    (["key", "../n1"], "bad node name"),
+    (["key", ".n1"], "bad node name"),
+    (["key", "n%31"], "bad node name"),
+    (["key", "n 1"], "bad node name"),
+    (["key", "a" * 201], "bad node name"),
+    (["key", "n1", "--expires", "30"], "--expires"),
+    (["key", "n1", "--expires", "1x"], "--expires"),
+    (["key", "n1", "--expires", "-1d"], "--expires"),
+    (["key", "n1", "--expires", ""], "--expires"),
+    (["key", "n1", "--expires"], "expires"),
+    (["key", "n1", "--show", "--arm"], "exclude each other"),
+    (["key", "n1", "--remove", "--arm"], "exclude each other"),
+    (["key", "n1", "--show", "--remove"], "exclude each other"),
+    (["key", "n1", "--remove", "--expires", "1d"], "--expires makes no sense"),
+    (["key", "n1", "--show", "--expires", "1d"], "--expires makes no sense"),
+    (["key", "n1", "--rotate"], "rotate"),
+    (["list", "--arm"], "options of `key`"),
+    (["pin", "n1", "10.0.0.1", "--show"], "options of `key`"),
+    (["state", "n1", "ready", "--expires", "1d"], "options of `key`"),
+])
+def test_bad_key_command_lines_exit_2_and_change_nothing(store, args, words):
+    before = tree_hash(store)
+    r = admin(store, *args, check=False)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert words in r.stderr, r.stderr
+    assert r.stdout == ""
+    assert tree_hash(store) == before
+
+
+def test_a_case_variant_of_a_node_is_refused(store):
+    new_key(store, node="node-a")
+    r = admin(store, "key", "NODE-A", check=False)
+    assert r.returncode == 2 and "only in case" in r.stderr and r.stdout == ""
+    assert not os.path.exists(os.path.join(store, "nodes", "NODE-A"))
+
+
+# ---------------------------------------------------------------- psk format
+
+def test_the_line_is_psktools_format(store, tmp_path):
+    """psktool -u NODE -p FILE writes NODE:HEX, 32 bytes in lower-case hex by
+    default: the same line as admin key, character classes and length."""
+    ours = admin(store, "key", NODE).stdout
+    path = tmp_path / "psktool.psk"
+    subprocess.run(["psktool", "-u", NODE, "-p", str(path)], check=True, capture_output=True,
+                   timeout=30)
+    theirs = path.read_text()
+    assert LINE.match(theirs), repr(theirs)
+    assert LINE.match(ours), repr(ours)
+    assert len(theirs) == len(ours)
+    # psktool replaces a user's line in a file of our lines, so it reads them.
+    ours_file = tmp_path / "ours.psk"
+    ours_file.write_text(admin(store, "key", "other").stdout + ours)
+    subprocess.run(["psktool", "-u", NODE, "-p", str(ours_file)], check=True,
+                   capture_output=True, timeout=30)
+    lines = ours_file.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("other:") and lines[1].startswith(NODE + ":")
+    assert lines[1] + "\n" != ours  # psktool made NODE a new key
+
+
+@pytest.mark.skipif(not shutil.which("nbdkit") or not shutil.which("nbdinfo"),
+                    reason="needs nbdkit and nbdinfo")
+def test_nbdkit_and_nbdinfo_accept_the_line(store, tmp_path):
+    """The printed line, as a file, is nbdkit's --tls-psk and nbdinfo's
+    tls-psk-file: a TLS-PSK handshake with identity NODE works, and fails
+    once the key was rotated (the old value stops working)."""
+    psk = tmp_path / "server.psk"
+    psk.write_text(admin(store, "key", NODE).stdout)
+    psk.chmod(0o600)
+    sock = str(tmp_path / "nbdkit.sock")
+    kit = subprocess.Popen(["nbdkit", "-f", "-U", sock, "--tls=require", f"--tls-psk={psk}",
+                            "memory", "1M"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock), "nbdkit's socket")
+        uri = f"nbds+unix://{NODE}@/?socket={sock}&tls-psk-file={psk}"
+        r = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == str(MiB), r.stderr
+        old = tmp_path / "old.psk"
+        shutil.copy(psk, old)
+        rotated = admin(store, "key", NODE).stdout
+        assert rotated != old.read_text()
+        psk.write_text(rotated)  # nbdkit reads the file at each handshake
+        r = subprocess.run(["nbdinfo", "--size", uri.replace(str(psk), str(old))],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        new = tmp_path / "new.psk"
+        new.write_text(rotated)
+        r = subprocess.run(["nbdinfo", "--size", uri.replace(str(psk), str(new))],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    finally:
+        kit.terminate()
+        kit.wait(10)
