@@ -14,9 +14,11 @@
 #include <map>
 #include <sstream>
 
+#include "exports/audit.hpp"
 #include "http/boot_template.hpp"
 #include "lifecycle/report.hpp"
 #include "storage/generation.hpp"
+#include "storage/node_keys.hpp"
 
 namespace http {
 namespace {
@@ -202,7 +204,66 @@ TemplateVars make_vars(const Api& api, const lifecycle::NodeLife& l, const Scrip
                                          " ip=dhcp " + kKernelMemtest,
                                      s.extra));
   if (!v["run"].unavailable.empty()) v["verify_cmdline"] = v["run"];
+  // With a leading space, so that `{{cmdline}}{{tls_args}}` renders as it
+  // did before TLS under --tls off. deliver_key() may add the key.
+  v["tls_args"] = value(api.opts.tls_require ? " nbdroot.tls=require" : "");
   return v;
+}
+
+// An audit line from the HTTP side; a failure is logged, not the fetch's.
+void audit_key(const Api& api, const std::string& detail) {
+  std::string err;
+  if (!exports::audit(api.root(), "key", detail, &err))
+    spdlog::error("http: not recorded in the audit log ({}): {}", detail, err);
+}
+
+// Under --tls require, after `r` rendered: when the template carries
+// {{tls_args}} and the node's key is armed, takes it (disarming it) and
+// renders again with nbdroot.key=NODE:HEX. A fetch after the key was
+// delivered is logged and audited: whoever fetched first has the key.
+void deliver_key(Api& api, const httplib::Request& req, const std::string& node,
+                 const std::string& tmpl, const std::string& rel, TemplateVars* vars,
+                 RenderResult* r) {
+  const int64_t now = now_s();
+  std::string why;
+  storage::KeyStatus st;
+  if (!r->used.count("tls_args")) {
+    const std::optional<storage::NodeKey> k = storage::load(api.root(), node, now, &why);
+    if (k && k->armed)
+      spdlog::warn("http: node {} has an armed key, but {} has no {{{{tls_args}}}}: the key is "
+                   "not delivered (add {{{{tls_args}}}} to its kernel line)", node, rel);
+    return;
+  }
+  const std::optional<storage::NodeKey> k = storage::take_armed(api.root(), node, now, &why, &st);
+  if (k) {
+    (*vars)["tls_args"] = value(" nbdroot.tls=require nbdroot.key=" + storage::psk_line(*k));
+    *r = render_template(tmpl, *vars, rel);
+    spdlog::info("http: node {}: its armed key (generation {}) was delivered in its boot script "
+                 "to {}", node, k->generation, req.remote_addr);
+    audit_key(api, node + " delivered in the boot script to " + req.remote_addr);
+    return;
+  }
+  switch (st) {
+    case storage::KeyStatus::kAlreadyDelivered: {
+      const std::optional<storage::NodeKey> d = storage::load(api.root(), node, now, &why);
+      const std::string at = d ? storage::utc_time(d->delivered_at) : "?";
+      spdlog::warn("http: node {} fetched its boot script again after its key was delivered at {}: "
+                   "if that was not the node, rotate its key (fetched by {})",
+                   node, at, req.remote_addr);
+      audit_key(api, node + " boot script fetched again by " + req.remote_addr +
+                         " after its key was delivered at " + at);
+      break;
+    }
+    case storage::KeyStatus::kMissing:
+    case storage::KeyStatus::kNotArmed:
+      spdlog::info("http: node {}: no key in its boot script ({})", node, why);
+      break;
+    case storage::KeyStatus::kExpired:
+      spdlog::warn("http: node {}: no key in its boot script: its {}", node, why);
+      break;
+    default:
+      spdlog::error("http: node {}: no key in its boot script: {}", node, why);
+  }
 }
 
 // The query parameters a node may send, checked; false and *err when one
@@ -296,11 +357,13 @@ void get_boot(Api& api, const httplib::Request& req, httplib::Response& res) {
                  "write it again)", rel);
     text = default_template(state).value_or("");
   }
-  const RenderResult r = render_template(text, make_vars(api, d.life, s), rel);
+  TemplateVars vars = make_vars(api, d.life, s);
+  RenderResult r = render_template(text, vars, rel);
   if (!r.ok) {
     spdlog::error("http: boot script of node {}: {}", node, r.error);
     return reply_error(res, r.unavailable ? 409 : 500, r.error);
   }
+  if (api.opts.tls_require) deliver_key(api, req, node, text, rel, &vars, &r);
   reply_text(res, 200, r.text);
 }
 

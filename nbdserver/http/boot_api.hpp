@@ -9,6 +9,8 @@
 // is; else templates/<state>.ipxe rendered (http/boot_template.hpp). The
 // node's state changes through lifecycle::Lifecycle only; reports are
 // stored with lifecycle::store_report. Nothing here touches a node's view.
+// Under --tls require, a rendered script may carry the node's key once an
+// admin armed it, and only once per arming (storage/node_keys.hpp).
 //
 // Threads: handlers run on the HTTP pool; reports for one node are
 // handled one at a time (a mutex per node), so two never interleave.
@@ -38,6 +40,9 @@ struct BootOptions {
   std::string boot_image;
   // --boot-cmdline, normalised (normalize_cmdline): for every node.
   std::string boot_cmdline;
+  // --tls require: {{tls_args}} asks nodes for TLS and carries a node's key
+  // once an admin armed it (storage/node_keys.hpp); off: it is empty.
+  bool tls_require = false;
 };
 
 // Adds the endpoints. `store` and `life` are shared with the NBD side.

@@ -17,7 +17,7 @@ constexpr const char* kReady = R"(#!ipxe
 # nbdroot: node {{node}} is ready: it boots its root {{image}}@{{generation}} over NBD.
 # This file is a template (templates/ready.ipxe); the server fills in the names in double braces.
 echo nbdroot: node {{node}} boots {{image}}@{{generation}} from {{nbd}}
-kernel {{kernel}} initrd=initrd.img {{cmdline}} || goto retry
+kernel {{kernel}} initrd=initrd.img {{cmdline}}{{tls_args}} || goto retry
 initrd --name initrd.img {{initrd}} || goto retry
 boot || goto retry
 :retry
@@ -125,6 +125,7 @@ RenderResult render_template(const std::string& tmpl, const TemplateVars& vars,
       return r;
     }
     out += it->second.text;
+    r.used.insert(name);
     pos = close + 2;
   }
   r.ok = true;

@@ -14,6 +14,7 @@
 
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,7 @@ struct RenderResult {
   bool ok = false;
   bool unavailable = false;  // the error is a known variable without a value
   std::string text, error;
+  std::set<std::string> used;  // the variables the template named, when ok
 };
 
 // Replaces every {{name}} (spaces inside the braces allowed) with vars'

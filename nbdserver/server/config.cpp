@@ -24,6 +24,7 @@ struct StoreFlags {
   std::string nodes = "auto", mode = "persistent";
   uint32_t block_size = 4096;
   std::string new_nodes = "ready";
+  std::string tls = "off";
 };
 
 po::options_description describe(ServerOptions* o, std::vector<std::string>* exports,
@@ -73,6 +74,9 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "each new attach)")
       ("block-size", po::value(&sf->block_size)->default_value(4096),
        "copy-on-write block size of nodes created at attach (512 to 1048576, a power of two)")
+      ("tls", po::value(&sf->tls)->default_value("off"),
+       "off: the `lab` tier, no authentication or encryption; require: TLS 1.3 with each "
+       "node's pre-shared key (nbdserver admin key) on every NBD connection")
       ("pin-addresses", po::bool_switch(&o->store_opts.pin_addresses),
        "pin each node without a pin to the address of its first attach (nodes/NODE/pin); "
        "see `nbdserver admin pin`")
@@ -144,6 +148,13 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
     return fail("--http needs --store (the API describes the store)");
   if (!(o->peer_timeout > 0 && o->peer_timeout <= 86400))
     return fail("--peer-timeout must be more than 0 and at most 86400 seconds");
+  if (sf.tls == "off") {
+    o->tls = TlsMode::kOff;
+  } else if (sf.tls == "require") {
+    o->tls = TlsMode::kRequire;
+  } else {
+    return fail("--tls '" + sf.tls + "': expected off or require");
+  }
   if (!lifecycle::parse_new_nodes(sf.new_nodes, &o->new_nodes))
     return fail("--new-nodes '" + sf.new_nodes + "': expected ready, verify or refuse");
   const lifecycle::Deadlines& dl = o->deadlines;

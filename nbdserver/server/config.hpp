@@ -10,6 +10,11 @@
 
 namespace server {
 
+// --tls (docs/security.md): off is the `lab` tier; require makes every NBD
+// client STARTTLS and authenticate with its node's pre-shared key
+// (storage/node_keys.hpp), and lets boot scripts carry an armed key.
+enum class TlsMode { kOff, kRequire };
+
 struct ServerOptions {
   std::vector<std::string> listen;  // HOST:PORT, [V6]:PORT
   std::string socket;               // Unix socket path
@@ -41,6 +46,7 @@ struct ServerOptions {
   std::string advertise;
   std::string boot_image;
   std::string boot_cmdline;
+  TlsMode tls = TlsMode::kOff;
 };
 
 struct ParseResult {

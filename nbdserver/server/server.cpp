@@ -203,6 +203,7 @@ int run_server(const ServerOptions& opts) {
     bo.nbd_port = nbd_port(listeners);
     bo.boot_image = opts.boot_image;
     bo.boot_cmdline = opts.boot_cmdline;
+    bo.tls_require = opts.tls == TlsMode::kRequire;
     http::add_boot_api(http_server->routes(), store, life, bo);
     http::add_status_api(http_server->routes(), store, stats, life);
     if (!http_server->start(&http_address, &err)) {

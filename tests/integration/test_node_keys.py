@@ -3,6 +3,7 @@ docs/security.md "Node keys"):
 
   nbdserver admin --store DIR key NODE [--arm] [--expires D] [--show | --remove]
 
+and their delivery in boot scripts under --tls require ({{tls_args}}).
 The printed line is checked against psktool's format, and against nbdkit
 and nbdinfo as a real TLS-PSK server and client: those read the same
 "NODE:HEX" lines (TLS in nbdserver itself is another module's).
@@ -19,7 +20,7 @@ import time
 import pytest
 
 from storeutil import admin, make_store
-from test_boot_api import tree_hash, wait_for
+from test_boot_api import fetch, script, tree_hash, wait_for
 
 MiB = 1 << 20
 NODE = "52-54-00-12-34-56"
@@ -258,3 +259,112 @@ def test_nbdkit_and_nbdinfo_accept_the_line(store, tmp_path):
     finally:
         kit.terminate()
         kit.wait(10)
+
+
+# ---------------------------------------------------------------- boot scripts
+
+# The built-in ready template before {{tls_args}}, as it was written to
+# stores: under --tls off the new default renders the same bytes.
+OLD_READY = """#!ipxe
+# nbdroot: node {{node}} is ready: it boots its root {{image}}@{{generation}} over NBD.
+# This file is a template (templates/ready.ipxe); the server fills in the names in double braces.
+echo nbdroot: node {{node}} boots {{image}}@{{generation}} from {{nbd}}
+kernel {{kernel}} initrd=initrd.img {{cmdline}} || goto retry
+initrd --name initrd.img {{initrd}} || goto retry
+boot || goto retry
+:retry
+echo nbdroot: booting node {{node}} failed, trying again in 10 s
+sleep 10
+chain --replace --autofree {{url}}
+"""
+
+
+@pytest.fixture
+def serve(nbdserver, store):
+    def start(*args):
+        srv = nbdserver(args=["--store", store, "--http", "127.0.0.1:0", "--threads", "1",
+                              *args])
+        assert srv.http
+        return srv
+    return start
+
+
+def kernel_line(text):
+    (line,) = [l for l in text.splitlines() if l.startswith("kernel ")]
+    return line
+
+
+def test_tls_off_scripts_are_byte_identical_and_keys_stay_armed(serve, store):
+    hexkey = new_key(store, "--arm")
+    srv = serve()  # --tls off is the default
+    new = script(srv)
+    with open(os.path.join(store, "templates", "ready.ipxe")) as f:
+        assert "{{cmdline}}{{tls_args}} ||" in f.read()
+    with open(os.path.join(store, "templates", "ready.ipxe"), "w") as f:
+        f.write(OLD_READY)
+    assert script(srv) == new
+    assert "nbdroot.tls" not in new and hexkey not in new
+    assert record(store)["armed"] is True  # nothing was delivered
+    srv2 = serve("--tls", "off")
+    assert "nbdroot.tls" not in script(srv2)
+
+
+def test_armed_key_is_delivered_once_and_a_second_fetch_is_logged(serve, store):
+    line = admin(store, "key", NODE, "--arm").stdout.strip()
+    srv = serve("--tls", "require")
+    first = script(srv)
+    assert kernel_line(first).endswith(
+        f"ip=dhcp nbdroot.tls=require nbdroot.key={line} || goto retry"), first
+    rec = record(store)
+    assert rec["armed"] is False and rec["delivered_at"] > 0
+    second = script(srv)
+    assert kernel_line(second).endswith(" ip=dhcp nbdroot.tls=require || goto retry"), second
+    assert line.split(":")[1] not in second
+    log = srv.stderr()
+    assert re.search(rf"node {NODE} fetched its boot script again after its key was delivered "
+                     r"at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: if that was not the node, rotate "
+                     r"its key", log), log
+    assert line.split(":")[1] not in log
+    details = [l["detail"] for l in audit_lines(store)]
+    assert details[-2] == f"{NODE} delivered in the boot script to 127.0.0.1"
+    assert details[-1].startswith(f"{NODE} boot script fetched again by 127.0.0.1 after its "
+                                  "key was delivered at ")
+    assert line.split(":")[1] not in open(os.path.join(store, "audit.log")).read()
+    # Arming again delivers the same key once more.
+    admin(store, "key", NODE, "--arm")
+    assert f"nbdroot.key={line} " in script(srv)
+
+
+def test_no_key_unless_armed(serve, store):
+    srv = serve("--tls", "require")
+    text = script(srv)  # no key at all
+    assert kernel_line(text).endswith(" ip=dhcp nbdroot.tls=require || goto retry"), text
+    hexkey = new_key(store)  # a key, not armed
+    text = script(srv)
+    assert "nbdroot.key" not in text and hexkey not in text
+    assert "fetched its boot script again" not in srv.stderr()
+    assert record(store)["delivered_at"] == 0
+
+
+def test_a_template_without_tls_args_keeps_the_key_armed(serve, store):
+    new_key(store, "--arm")
+    srv = serve("--tls", "require")
+    with open(os.path.join(store, "templates", "ready.ipxe"), "w") as f:
+        f.write(OLD_READY)
+    text = script(srv)
+    assert "nbdroot.key" not in text
+    assert record(store)["armed"] is True
+    assert "has no {{tls_args}}: the key is not delivered" in srv.stderr()
+    # The verification boot does not carry the key either.
+    admin(store, "state", NODE, "verify")
+    assert "nbdroot.key" not in script(srv)
+    assert record(store)["armed"] is True
+
+
+def test_bad_tls_value_exits_2(tmp_path, store):
+    from conftest import NBDSERVER
+    for value in ("maybe", "", "REQUIRE", "on"):
+        r = subprocess.run([NBDSERVER, "--store", store, "--listen", "127.0.0.1:0", "--tls",
+                            value], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, (value, r.stderr)
+        assert "--tls" in r.stderr and "expected off or require" in r.stderr, r.stderr

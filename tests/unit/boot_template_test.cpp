@@ -20,7 +20,7 @@ TemplateVars vars() {
   for (const char* name :
        {"node", "state", "reason", "image", "generation", "run", "step", "base", "nbd", "url",
         "kernel", "initrd", "verify_initrd", "memtest_bin", "memtest_efi", "cmdline",
-        "verify_cmdline", "extra", "mac", "uuid", "serial", "platform"})
+        "verify_cmdline", "extra", "mac", "uuid", "serial", "platform", "tls_args"})
     v[name] = {std::string("<") + name + ">", ""};
   return v;
 }
@@ -31,6 +31,9 @@ TEST(BootTemplate, ReplacesVariablesAndLeavesIpxeSyntax) {
                       "t.ipxe");
   ASSERT_TRUE(r.ok) << r.error;
   EXPECT_EQ(r.text, "#!ipxe\nkernel <kernel> <cmdline>\necho ${platform} {x}\n");
+  // What the template used: the boot API delivers a key only where
+  // {{tls_args}} is.
+  EXPECT_EQ(r.used, (std::set<std::string>{"kernel", "cmdline"}));
 }
 
 TEST(BootTemplate, UnknownVariableNamesFileAndLine) {
