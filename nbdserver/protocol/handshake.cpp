@@ -48,8 +48,8 @@ bool query_matches(std::string_view query, std::string_view context, bool listin
 
 }  // namespace
 
-Handshake::Handshake(const ExportCatalog& catalog, HandshakeLimits limits)
-    : catalog_(catalog), limits_(limits), options_allowed_(limits.max_options) {
+Handshake::Handshake(const ExportCatalog& catalog, HandshakeLimits limits, TlsMode tls)
+    : catalog_(catalog), limits_(limits), tls_mode_(tls), options_allowed_(limits.max_options) {
   put64(out_, kNbdMagic);
   put64(out_, kOptMagic);
   put16(out_, kFlagFixedNewstyle | kFlagNoZeroes);
@@ -61,6 +61,7 @@ size_t Handshake::wanted() const {
     case State::kOptionHeader: return kOptionHeaderSize;
     case State::kOptionData: return cur_len_;
     case State::kSkipping: return skip_left_;
+    case State::kStartTls:
     case State::kDone: return 0;
   }
   return 0;
@@ -68,16 +69,12 @@ size_t Handshake::wanted() const {
 
 size_t Handshake::feed(const uint8_t* data, size_t len) {
   size_t used = 0;
-  while (used < len && state_ != State::kDone) {
+  while (used < len && status_ == Status::kContinue) {
     if (state_ == State::kSkipping) {
       size_t n = std::min<uint64_t>(skip_left_, len - used);
       used += n;
       skip_left_ -= n;
-      if (skip_left_ == 0) {
-        state_ = State::kOptionHeader;
-        ++progress_;
-        reply_error(cur_opt_, kRepErrTooBig, "option data too large");
-      }
+      if (skip_left_ == 0) on_skipped();
       continue;
     }
     size_t need = wanted() - in_.size();
@@ -112,6 +109,11 @@ void Handshake::on_client_flags(const uint8_t* p) {
     close("unknown client flags 0x" + std::to_string(flags));
     return;
   }
+  if (tls_mode_ == TlsMode::kRequire && !(flags & kClientFlagFixedNewstyle)) {
+    // The spec allows TLS only after fixed newstyle on both sides.
+    close("TLS is required, and the client does not speak fixed newstyle");
+    return;
+  }
   no_zeroes_ = flags & kClientFlagNoZeroes;
   state_ = State::kOptionHeader;
   ++progress_;
@@ -131,6 +133,11 @@ void Handshake::on_option_header(const uint8_t* p) {
   if (cur_len_ > limits_.max_skip) {
     close(std::string(opt_name(cur_opt_)) + ": option length " + std::to_string(cur_len_) +
           " is abusive");
+    return;
+  }
+  if (cur_opt_ == kOptExportName && needs_tls(cur_opt_)) {
+    // It has no error reply; the spec says to end the session.
+    close("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: TLS is required");
     return;
   }
   if (cur_len_ > limits_.max_option && cur_opt_ == kOptExportName) {
@@ -160,6 +167,11 @@ void Handshake::on_option(uint32_t opt, std::string_view data) {
     }
     return;
   }
+  if (needs_tls(opt)) {
+    // Its data has been read all the same: the next option header follows.
+    reply_error(opt, kRepErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first");
+    return;
+  }
   switch (opt) {
     case kOptExportName: opt_export_name(data); break;
     case kOptAbort: opt_abort(); break;
@@ -170,9 +182,58 @@ void Handshake::on_option(uint32_t opt, std::string_view data) {
     case kOptExtendedHeaders: opt_extended_headers(data); break;
     case kOptListMetaContext:
     case kOptSetMetaContext: opt_meta_context(opt, data); break;
-    case kOptStartTls: reply_error(opt, kRepErrUnsup, "TLS is not supported by this server"); break;
+    case kOptStartTls: opt_starttls(data); break;
     default: reply_error(opt, kRepErrUnsup, "unknown option"); break;
   }
+}
+
+// The data of an option too large to buffer has all been read and dropped.
+void Handshake::on_skipped() {
+  state_ = State::kOptionHeader;
+  ++progress_;
+  if (needs_tls(cur_opt_)) {
+    reply_error(cur_opt_, kRepErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first");
+  } else {
+    reply_error(cur_opt_, kRepErrTooBig, "option data too large");
+  }
+}
+
+// FORCEDTLS: before TLS only NBD_OPT_STARTTLS and NBD_OPT_ABORT are served.
+bool Handshake::needs_tls(uint32_t opt) const {
+  return tls_mode_ == TlsMode::kRequire && !tls_active_ && opt != kOptStartTls &&
+         opt != kOptAbort;
+}
+
+void Handshake::opt_starttls(std::string_view data) {
+  if (tls_mode_ == TlsMode::kOff) {
+    reply_error(kOptStartTls, kRepErrUnsup, "TLS is not supported by this server");
+  } else if (tls_active_) {
+    reply_error(kOptStartTls, kRepErrInvalid, "TLS is already active");
+  } else if (!data.empty()) {
+    reply_error(kOptStartTls, kRepErrInvalid, "NBD_OPT_STARTTLS takes no data");
+  } else {
+    reply(kOptStartTls, kRepAck);
+    state_ = State::kStartTls;
+    status_ = Status::kStartTls;
+  }
+}
+
+void Handshake::tls_established(std::string identity) {
+  if (status_ != Status::kStartTls) {
+    close("tls_established() without an acknowledged NBD_OPT_STARTTLS");
+    return;
+  }
+  tls_active_ = true;
+  client_.identity = std::move(identity);
+  // The spec: no negotiation state from before STARTTLS is kept.
+  session_ = Session{};
+  meta_export_.clear();
+  in_.clear();
+  cur_opt_ = 0;
+  cur_len_ = 0;
+  skip_left_ = 0;
+  state_ = State::kOptionHeader;
+  status_ = Status::kContinue;
 }
 
 void Handshake::opt_export_name(std::string_view data) {

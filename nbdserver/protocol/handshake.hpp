@@ -8,7 +8,19 @@
 // States: kGreeting (server magic sent, waiting for 4 bytes of client flags)
 //      -> kOptions (a loop of option headers and option data)
 //      -> kSkipping (discarding the data of an option too large to buffer)
+//      -> kStartTls (NBD_OPT_STARTTLS acknowledged; nothing is read until the
+//         caller has run TLS and called tls_established(), then kOptions)
 //      -> kTransmission (export chosen; session() is valid) or kClosed.
+//
+// TLS (the spec's "TLS support"): with TlsMode::kRequire the server is in
+// FORCEDTLS mode. Before TLS, every option but STARTTLS and ABORT is answered
+// with NBD_REP_ERR_TLS_REQD after its data has been read (or skipped), so the
+// stream stays in sync; NBD_OPT_EXPORT_NAME, which has no error reply, ends
+// the session; and the catalog is never called, so nothing costly (opening a
+// view) happens for an unauthenticated client. feed() stops right after the
+// STARTTLS reply: the bytes behind it are the TLS stream, never NBD. Nothing
+// negotiated before STARTTLS survives it (nbdkit's CVE-2021-3716 kept a
+// plaintext NBD_OPT_STRUCTURED_REPLY); only the greeting's client flags do.
 #pragma once
 
 #include <cstdint>
@@ -43,6 +55,9 @@ struct Client {
   // The peer's address without its port ("10.0.0.5", "fd00::5"), "unix" for
   // a Unix-socket client, "" when unknown (unit tests, the fuzzer).
   std::string address;
+  // The identity TLS authenticated (a PSK identity, a certificate's name);
+  // empty without TLS. Set by Handshake::tls_established().
+  std::string identity;
 };
 
 // The exports a handshake may offer. Implementations must outlive every
@@ -104,16 +119,34 @@ struct HandshakeLimits {
   uint32_t options_per_listed = 4;
 };
 
+// kOff: the spec's NOTLS mode (NBD_OPT_STARTTLS gets NBD_REP_ERR_UNSUP).
+// kRequire: FORCEDTLS, every option but STARTTLS and ABORT needs TLS first.
+enum class TlsMode { kOff, kRequire };
+
 class Handshake {
  public:
-  enum class Status { kContinue, kTransmission, kClosed };
+  // kStartTls: out() ends with the ACK to NBD_OPT_STARTTLS. The caller sends
+  // it, runs TLS over the connection, then calls tls_established().
+  enum class Status { kContinue, kStartTls, kTransmission, kClosed };
 
   // Appends the server greeting to out() at once. `catalog` must outlive this.
-  Handshake(const ExportCatalog& catalog, HandshakeLimits limits = {});
+  Handshake(const ExportCatalog& catalog, HandshakeLimits limits = {},
+            TlsMode tls = TlsMode::kOff);
 
   // Consumes a prefix of data[0, len) and returns how much it used. Bytes after
-  // the handshake ends are left unconsumed: they belong to transmission.
+  // the handshake ends are left unconsumed: they belong to transmission. So are
+  // bytes after an acknowledged NBD_OPT_STARTTLS: they are the TLS stream, and
+  // feed() consumes nothing until tls_established().
   size_t feed(const uint8_t* data, size_t len);
+  // Call once TLS is up after status() == kStartTls, with the identity TLS
+  // authenticated (empty when none). Options are read again, now the ones the
+  // client sends over TLS; everything negotiated before (structured replies,
+  // extended headers, metadata contexts, partial input) is forgotten. Called
+  // in any other state, it closes the handshake (a caller's bug never passes
+  // as a TLS session).
+  void tls_established(std::string identity);
+  // True once tls_established() was called.
+  bool tls_active() const { return tls_active_; }
 
   Status status() const { return status_; }
   // Bytes to send to the client; the caller sends and clears them.
@@ -124,8 +157,12 @@ class Handshake {
   const std::string& close_reason() const { return close_reason_; }
   // True when the client ended the handshake with NBD_OPT_ABORT.
   bool aborted() const { return aborted_; }
-  // Who the client is, for the catalog's attach(). Call before feeding.
-  void set_client(Client client) { client_ = std::move(client); }
+  // Who the client is, for the catalog's attach(). Call before feeding. Its
+  // identity is ignored: only tls_established() sets one.
+  void set_client(Client client) {
+    client.identity = std::move(client_.identity);
+    client_ = std::move(client);
+  }
   // After this, options other than NBD_OPT_ABORT get NBD_REP_ERR_SHUTDOWN.
   void set_shutting_down() { shutting_down_ = true; }
   // How many bytes the state machine waits for before it can move on.
@@ -139,11 +176,14 @@ class Handshake {
   std::vector<std::string> take_errors() { return std::exchange(errors_, {}); }
 
  private:
-  enum class State { kGreeting, kOptionHeader, kOptionData, kSkipping, kDone };
+  enum class State { kGreeting, kOptionHeader, kOptionData, kSkipping, kStartTls, kDone };
 
   void on_client_flags(const uint8_t* p);
   void on_option_header(const uint8_t* p);
   void on_option(uint32_t opt, std::string_view data);
+  void on_skipped();
+  bool needs_tls(uint32_t opt) const;
+  void opt_starttls(std::string_view data);
   void opt_export_name(std::string_view data);
   void opt_abort();
   void opt_list(std::string_view data);
@@ -160,6 +200,8 @@ class Handshake {
 
   const ExportCatalog& catalog_;
   HandshakeLimits limits_;
+  TlsMode tls_mode_;
+  bool tls_active_ = false;
   Client client_;
   State state_ = State::kGreeting;
   Status status_ = Status::kContinue;

@@ -31,8 +31,8 @@ const std::string kServerGreeting = std::string("NBDMAGIC") + "IHAVEOPT" + std::
 const std::string kIHaveOpt = "IHAVEOPT";
 const std::string kReplyMagic("\x00\x03\xe8\x89\x04\x55\x65\xa9", 8);
 constexpr uint32_t ACK = 1, SERVER = 2, INFO = 3, META = 4;
-constexpr uint32_t ERR_UNSUP = 0x80000001, ERR_INVALID = 0x80000003, ERR_UNKNOWN = 0x80000006,
-                   ERR_SHUTDOWN = 0x80000007, ERR_TOO_BIG = 0x80000009,
+constexpr uint32_t ERR_UNSUP = 0x80000001, ERR_INVALID = 0x80000003, ERR_TLS_REQD = 0x80000005,
+                   ERR_UNKNOWN = 0x80000006, ERR_SHUTDOWN = 0x80000007, ERR_TOO_BIG = 0x80000009,
                    ERR_EXT_HEADER_REQD = 0x8000000a;
 constexpr uint32_t OPT_EXPORT_NAME = 1, OPT_ABORT = 2, OPT_LIST = 3, OPT_PEEK = 4,
                    OPT_STARTTLS = 5, OPT_INFO = 6, OPT_GO = 7, OPT_STRUCTURED = 8,
@@ -115,15 +115,22 @@ struct Outcome {
   bool aborted;
   Session session;
   std::vector<std::string> errors;
+  std::string close_reason;
+  std::vector<size_t> starttls_at;  // bytes consumed when each STARTTLS was acknowledged
+  bool tls_active;
 };
 
 struct Options {
   HandshakeLimits limits{};
   bool shutting_down = false;
+  TlsMode tls = TlsMode::kOff;
 };
 
+// Feeds `in` `chunk` bytes at a time (0: all at once). When the handshake
+// asks for TLS, it is "established" at once and the rest goes on in the clear,
+// as if it had come out of the TLS session.
 Outcome run_chunked(const std::string& in, size_t chunk, const Options& o) {
-  Handshake h(catalog(), o.limits);
+  Handshake h(catalog(), o.limits, o.tls);
   if (o.shutting_down) h.set_shutting_down();
   Outcome r{};
   size_t pos = 0;
@@ -132,6 +139,12 @@ Outcome run_chunked(const std::string& in, size_t chunk, const Options& o) {
     size_t used = h.feed(reinterpret_cast<const uint8_t*>(in.data() + pos), n);
     EXPECT_LE(used, n);
     pos += used;
+    if (h.status() == Handshake::Status::kStartTls) {
+      EXPECT_EQ(h.wanted(), 0u);
+      r.starttls_at.push_back(pos);
+      h.tls_established("node-a");
+      continue;
+    }
     if (h.status() != Handshake::Status::kContinue) {
       // Once done, the handshake takes nothing more.
       if (pos < in.size()) {
@@ -149,6 +162,8 @@ Outcome run_chunked(const std::string& in, size_t chunk, const Options& o) {
   r.aborted = h.aborted();
   r.session = h.session();
   r.errors = h.take_errors();
+  r.close_reason = h.close_reason();
+  r.tls_active = h.tls_active();
   if (r.status == Handshake::Status::kClosed) {
     EXPECT_FALSE(h.close_reason().empty());
   } else {
@@ -172,6 +187,8 @@ void expect_same(const Outcome& a, const Outcome& b, const char* how) {
     EXPECT_EQ(a.session.contexts[i].name, b.session.contexts[i].name) << how;
   }
   EXPECT_EQ(a.errors, b.errors) << how;
+  EXPECT_EQ(a.starttls_at, b.starttls_at) << how;
+  EXPECT_EQ(a.tls_active, b.tls_active) << how;
 }
 
 // Runs `in` (client flags included) all at once, byte by byte and in 7-byte
@@ -987,6 +1004,314 @@ TEST(HandshakeStatus, StaysClosedOrInTransmission) {
     EXPECT_EQ(h.out(), out);
     EXPECT_EQ(h.wanted(), 0u);
   }
+}
+
+// ---- TLS required (the spec's FORCEDTLS mode) ----
+
+// Counts every call into the catalog, and remembers who attached.
+class CountingCatalog : public ExportCatalog {
+ public:
+  std::shared_ptr<const ExportInfo> find(std::string_view name) const override {
+    ++calls;
+    return catalog().find(name);
+  }
+  std::shared_ptr<const ExportInfo> lookup(std::string_view name, std::string* why) const override {
+    ++calls;
+    return catalog().lookup(name, why);
+  }
+  std::shared_ptr<const ExportInfo> attach(const Client& client, std::string_view name,
+                                           std::string* why) const override {
+    ++calls;
+    clients.push_back(client);
+    return catalog().attach(client, name, why);
+  }
+  std::shared_ptr<const ExportInfo> describe(std::string_view name, std::string* why) const override {
+    ++calls;
+    return catalog().describe(name, why);
+  }
+  std::vector<std::shared_ptr<const ExportInfo>> list() const override {
+    ++calls;
+    return catalog().list();
+  }
+  mutable int calls = 0;
+  mutable std::vector<Client> clients;
+};
+
+size_t feed(Handshake& h, const std::string& b) {
+  return h.feed(reinterpret_cast<const uint8_t*>(b.data()), b.size());
+}
+
+Options require_tls() {
+  Options o;
+  o.tls = TlsMode::kRequire;
+  return o;
+}
+
+// Every option a client may send before STARTTLS, with and without data.
+std::vector<std::string> every_option_but_starttls() {
+  return {opt(OPT_LIST),
+          opt(OPT_LIST, "x"),
+          opt(OPT_INFO, info_data("disk", {1, 2})),
+          opt(OPT_GO, info_data("disk")),
+          opt(OPT_STRUCTURED),
+          opt(OPT_EXTENDED),
+          opt(OPT_LIST_META, meta_data("disk", {})),
+          opt(OPT_SET_META, meta_data("disk", {"base:allocation"})),
+          opt(OPT_PEEK, "xyz"),
+          opt(99, opt(OPT_ABORT)),  // data that would parse as ABORT if it were not read
+          opt(0xffffffff)};
+}
+
+// The spec: a FORCEDTLS server answers any option but STARTTLS and ABORT with
+// NBD_REP_ERR_TLS_REQD. Its data is still read, the oversized-skip path
+// included (nbdkit's 2022 fix), so the next option header is found.
+TEST(HandshakeTls, EveryOptionBeforeTlsIsRefusedAndDrained) {
+  Options o = require_tls();
+  o.limits.max_option = 64;
+  const std::vector<std::string> options = every_option_but_starttls();
+  std::string in = client_flags(3);
+  for (const std::string& x : options) in += x;
+  // Oversized: skipped, not parsed; the data again looks like ABORT.
+  in += opt(OPT_INFO, opt(OPT_ABORT) + std::string(100, 'z'));
+  const std::string before_tls = in + opt(OPT_STARTTLS);
+  Outcome r = drive(before_tls + opt(OPT_GO, info_data("disk")), o);
+  ASSERT_EQ(r.status, St::kTransmission);
+  EXPECT_FALSE(r.aborted);
+  EXPECT_TRUE(r.tls_active);
+  EXPECT_EQ(r.starttls_at, std::vector<size_t>{before_tls.size()});
+  auto reps = parse_replies(r.out);
+  ASSERT_EQ(reps.size(), options.size() + 1 + 1 + 3);
+  const uint32_t refused[] = {OPT_LIST,      OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED, OPT_EXTENDED,
+                              OPT_LIST_META, OPT_SET_META, OPT_PEEK, 99, 0xffffffff, OPT_INFO};
+  for (size_t i = 0; i < std::size(refused); ++i) {
+    SCOPED_TRACE(i);
+    expect_reply(reps[i], refused[i], ERR_TLS_REQD);
+  }
+  expect_reply(reps[12], OPT_STARTTLS, ACK);
+  // Nothing asked for in the clear counts: no DF, no contexts.
+  expect_info_export(reps[13], OPT_GO, 0x140000000ULL, HAS_FLAGS | SEND_FLUSH);
+  expect_reply(reps[15], OPT_GO, ACK);
+  EXPECT_FALSE(r.session.structured);
+  EXPECT_FALSE(r.session.extended);
+  EXPECT_TRUE(r.session.contexts.empty());
+  EXPECT_EQ(r.errors.size(), 12u);
+}
+
+TEST(HandshakeTls, NoTlsReqdOnceTlsIsUp) {
+  Outcome r = drive(client_flags() + opt(OPT_STARTTLS) + opt(OPT_STRUCTURED) +
+                        opt(OPT_SET_META, meta_data("disk", {"base:allocation"})) + opt(OPT_LIST) +
+                        opt(99) + opt(OPT_GO, info_data("disk")),
+                    require_tls());
+  ASSERT_EQ(r.status, St::kTransmission);
+  auto reps = parse_replies(r.out);
+  ASSERT_EQ(reps.size(), 1u + 1u + 2u + 4u + 1u + 3u);
+  expect_reply(reps[0], OPT_STARTTLS, ACK);
+  expect_reply(reps[1], OPT_STRUCTURED, ACK);
+  expect_reply(reps[3], OPT_SET_META, ACK);
+  expect_list_ok(&reps[4], 4);
+  expect_reply(reps[8], 99, ERR_UNSUP);
+  EXPECT_TRUE(r.session.structured);
+  ASSERT_EQ(r.session.contexts.size(), 1u);
+  EXPECT_EQ(r.session.flags, HAS_FLAGS | SEND_FLUSH | SEND_DF);
+}
+
+// EXPORT_NAME has no error reply: before TLS it ends the session, whatever
+// its length, and the name is never looked up.
+TEST(HandshakeTls, ExportNameBeforeTlsCloses) {
+  Options o = require_tls();
+  o.limits.max_option = 64;
+  for (const std::string& name : {std::string("disk"), std::string(), std::string(100, 'n')}) {
+    Outcome r = drive(client_flags(3) + opt(OPT_LIST) + opt(OPT_EXPORT_NAME, name), o);
+    EXPECT_EQ(r.status, St::kClosed);
+    auto reps = parse_replies(r.out);
+    ASSERT_EQ(reps.size(), 1u) << "nothing answers EXPORT_NAME";
+    expect_reply(reps[0], OPT_LIST, ERR_TLS_REQD);
+    EXPECT_NE(r.close_reason.find("TLS is required"), std::string::npos) << r.close_reason;
+    EXPECT_FALSE(r.session.exp);
+  }
+  // After TLS it works.
+  Outcome r = drive(client_flags(3) + opt(OPT_STARTTLS) + opt(OPT_EXPORT_NAME, "ro"), o);
+  ASSERT_EQ(r.status, St::kTransmission);
+  EXPECT_EQ(r.session.exp->name, "ro");
+}
+
+TEST(HandshakeTls, StartTlsWithDataIsInvalidAndDrained) {
+  Options o = require_tls();
+  o.limits.max_option = 64;
+  // The data looks like an option; it must be read, not parsed.
+  Outcome r = drive(client_flags() + opt(OPT_STARTTLS, opt(OPT_ABORT)) +
+                        opt(OPT_STARTTLS, std::string(100, 's')) + opt(OPT_LIST),
+                    o);
+  EXPECT_EQ(r.status, St::kContinue);
+  EXPECT_FALSE(r.tls_active);
+  EXPECT_TRUE(r.starttls_at.empty());
+  auto reps = parse_replies(r.out);
+  ASSERT_EQ(reps.size(), 3u);
+  expect_reply(reps[0], OPT_STARTTLS, ERR_INVALID);
+  expect_reply(reps[1], OPT_STARTTLS, ERR_TOO_BIG);
+  expect_reply(reps[2], OPT_LIST, ERR_TLS_REQD);  // still no TLS
+}
+
+TEST(HandshakeTls, StartTlsTwiceIsInvalid) {
+  Outcome r = drive(client_flags() + opt(OPT_STARTTLS) + opt(OPT_STARTTLS) + opt(OPT_LIST), require_tls());
+  EXPECT_EQ(r.status, St::kContinue);
+  EXPECT_EQ(r.starttls_at.size(), 1u);
+  auto reps = parse_replies(r.out);
+  ASSERT_EQ(reps.size(), 6u);
+  expect_reply(reps[0], OPT_STARTTLS, ACK);
+  expect_reply(reps[1], OPT_STARTTLS, ERR_INVALID);
+  expect_list_ok(&reps[2], 4);
+}
+
+// The bytes after STARTTLS are the client's TLS handshake: never NBD.
+TEST(HandshakeTls, BytesAfterStartTlsAreLeftUnconsumed) {
+  Handshake h(catalog(), {}, TlsMode::kRequire);
+  const std::string hs = client_flags() + opt(OPT_STARTTLS);
+  const std::string tls_hello = std::string("\x16\x03\x01\x02\x00", 5) + opt(OPT_ABORT) + opt(OPT_LIST);
+  EXPECT_EQ(feed(h, hs + tls_hello), hs.size());
+  EXPECT_EQ(h.status(), St::kStartTls);
+  EXPECT_EQ(h.wanted(), 0u);
+  EXPECT_FALSE(h.tls_active());
+  EXPECT_FALSE(h.aborted());
+  auto reps = parse_replies(h.out().substr(kServerGreeting.size()));
+  ASSERT_EQ(reps.size(), 1u);
+  expect_reply(reps[0], OPT_STARTTLS, ACK);
+  // Until tls_established(), nothing at all is taken.
+  EXPECT_EQ(feed(h, tls_hello), 0u);
+  EXPECT_EQ(feed(h, opt(OPT_LIST)), 0u);
+  EXPECT_EQ(h.status(), St::kStartTls);
+  h.out().clear();
+  h.tls_established("node-a");
+  EXPECT_TRUE(h.tls_active());
+  EXPECT_EQ(h.status(), St::kContinue);
+  EXPECT_EQ(h.wanted(), 16u) << "an option header, read from the TLS session";
+  EXPECT_EQ(h.out(), "") << "tls_established() sends nothing";
+}
+
+// An option half-sent in the clear behind STARTTLS must not be completed
+// by bytes from the TLS session (the STARTTLS buffering bugs of SMTP/IMAP).
+TEST(HandshakeTls, HalfAnOptionBeforeStartTlsDoesNotSurvive) {
+  const std::string go = opt(OPT_GO, info_data("disk"));
+  for (bool one_call : {true, false}) {
+    SCOPED_TRACE(one_call);
+    Handshake h(catalog(), {}, TlsMode::kRequire);
+    const std::string hs = client_flags() + opt(OPT_STARTTLS);
+    const std::string half = opt(OPT_INFO, info_data("ro")).substr(0, 10);
+    if (one_call) {
+      EXPECT_EQ(feed(h, hs + half), hs.size());
+    } else {
+      EXPECT_EQ(feed(h, hs), hs.size());
+      EXPECT_EQ(feed(h, half), 0u);
+    }
+    h.tls_established("node-a");
+    h.out().clear();
+    EXPECT_EQ(feed(h, go), go.size());
+    ASSERT_EQ(h.status(), St::kTransmission) << h.close_reason();
+    EXPECT_EQ(h.session().exp->name, "disk");
+  }
+}
+
+TEST(HandshakeTls, NoCatalogCallBeforeTls) {
+  Options o = require_tls();
+  o.limits.max_option = 64;
+  std::string in = client_flags();
+  for (const std::string& x : every_option_but_starttls()) in += x;
+  in += opt(OPT_GO, std::string(100, 'g'));
+  // The same options do reach the catalog without TLS, so a zero is no accident.
+  CountingCatalog plain;
+  Handshake p(plain, o.limits);
+  feed(p, in);  // up to its NBD_OPT_GO, which succeeds
+  EXPECT_EQ(plain.calls, 3);  // LIST, INFO, GO
+
+  CountingCatalog cat;
+  Handshake h(cat, o.limits, TlsMode::kRequire);
+  h.set_client({"10.0.0.5", "spoofed"});
+  EXPECT_EQ(feed(h, in + opt(OPT_STARTTLS)), in.size() + 16);
+  ASSERT_EQ(h.status(), St::kStartTls);
+  EXPECT_EQ(cat.calls, 0);
+  h.tls_established("node-a");
+  EXPECT_EQ(cat.calls, 0);
+  const std::string go = opt(OPT_GO, info_data("disk"));
+  EXPECT_EQ(feed(h, go), go.size());
+  ASSERT_EQ(h.status(), St::kTransmission);
+  ASSERT_EQ(cat.clients.size(), 1u);
+  EXPECT_EQ(cat.clients[0].address, "10.0.0.5");
+  EXPECT_EQ(cat.clients[0].identity, "node-a") << "the authenticated identity, not the caller's";
+}
+
+TEST(HandshakeTls, IdentityComesOnlyFromTls) {
+  for (const std::string& x : {opt(OPT_GO, info_data("disk")), opt(OPT_EXPORT_NAME, "disk")}) {
+    CountingCatalog cat;
+    Handshake h(cat);
+    h.set_client({"10.0.0.5", "node-b"});
+    feed(h, client_flags(3) + x);
+    ASSERT_EQ(h.status(), St::kTransmission);
+    ASSERT_EQ(cat.clients.size(), 1u);
+    EXPECT_EQ(cat.clients[0].address, "10.0.0.5");
+    EXPECT_EQ(cat.clients[0].identity, "") << "no TLS, no identity";
+  }
+}
+
+TEST(HandshakeTls, ExportNameBeforeTlsNeverReachesTheCatalog) {
+  CountingCatalog cat;
+  Handshake h(cat, {}, TlsMode::kRequire);
+  feed(h, client_flags(3) + opt(OPT_EXPORT_NAME, "disk"));
+  EXPECT_EQ(h.status(), St::kClosed);
+  EXPECT_EQ(cat.calls, 0);
+}
+
+TEST(HandshakeTls, AbortBeforeTlsWorks) {
+  Outcome r = drive(client_flags() + opt(OPT_LIST) + opt(OPT_ABORT) + opt(OPT_LIST), require_tls());
+  EXPECT_EQ(r.status, St::kClosed);
+  EXPECT_TRUE(r.aborted);
+  auto reps = parse_replies(r.out);
+  ASSERT_EQ(reps.size(), 2u);
+  expect_reply(reps[0], OPT_LIST, ERR_TLS_REQD);
+  expect_reply(reps[1], OPT_ABORT, ACK);
+}
+
+// The spec allows TLS only after fixed newstyle on both sides; a server
+// that requires it has nothing to offer a client without.
+TEST(HandshakeTls, ClientWithoutFixedNewstyleCloses) {
+  for (uint32_t f : {0u, 2u}) {
+    Outcome r = drive(client_flags(f) + opt(OPT_STARTTLS), require_tls());
+    EXPECT_EQ(r.status, St::kClosed) << f;
+    EXPECT_EQ(r.out, "");
+    EXPECT_NE(r.close_reason.find("fixed newstyle"), std::string::npos) << r.close_reason;
+  }
+}
+
+TEST(HandshakeTls, ShuttingDownRefusesStartTls) {
+  Options o = require_tls();
+  o.shutting_down = true;
+  Outcome r = drive(client_flags() + opt(OPT_STARTTLS) + opt(OPT_ABORT), o);
+  EXPECT_EQ(r.status, St::kClosed);
+  EXPECT_TRUE(r.starttls_at.empty());
+  auto reps = parse_replies(r.out);
+  ASSERT_EQ(reps.size(), 2u);
+  expect_reply(reps[0], OPT_STARTTLS, ERR_SHUTDOWN);
+  expect_reply(reps[1], OPT_ABORT, ACK);
+}
+
+TEST(HandshakeTls, TlsEstablishedWithoutStartTlsCloses) {
+  for (TlsMode m : {TlsMode::kOff, TlsMode::kRequire}) {
+    Handshake h(catalog(), {}, m);
+    feed(h, client_flags() + opt(OPT_LIST));
+    h.tls_established("node-a");
+    EXPECT_EQ(h.status(), St::kClosed);
+    EXPECT_FALSE(h.tls_active());
+    EXPECT_EQ(feed(h, opt(OPT_GO, info_data("disk"))), 0u);
+  }
+}
+
+TEST(HandshakeTls, OffStaysNoTls) {
+  // NOTLS: STARTTLS is unsupported and no option ever gets ERR_TLS_REQD.
+  Outcome r = drive(client_flags() + opt(OPT_STARTTLS) + opt(OPT_GO, info_data("disk")));
+  ASSERT_EQ(r.status, St::kTransmission);
+  EXPECT_FALSE(r.tls_active);
+  auto reps = parse_replies(r.out);
+  expect_reply(reps[0], OPT_STARTTLS, ERR_UNSUP);
+  for (const Reply& x : reps) EXPECT_NE(x.type, ERR_TLS_REQD);
 }
 
 }  // namespace
