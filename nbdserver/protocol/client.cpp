@@ -48,6 +48,7 @@ size_t ClientHandshake::wanted() const {
     case State::kGreeting: return kGreetingSize;
     case State::kReplyHeader: return kOptReplyHeader;
     case State::kReplyData: return cur_len_;
+    case State::kStartTls:
     case State::kDone: return 0;
   }
   return 0;
@@ -66,6 +67,7 @@ size_t ClientHandshake::feed(const uint8_t* data, size_t len) {
       case State::kGreeting: on_greeting(p); break;
       case State::kReplyHeader: on_reply_header(p); break;
       case State::kReplyData: on_reply(msg); break;
+      case State::kStartTls:
       case State::kDone: break;
     }
   }
@@ -81,11 +83,20 @@ void ClientHandshake::on_greeting(const uint8_t* p) {
   uint32_t cf = kClientFlagFixedNewstyle;
   if (flags & kFlagNoZeroes) cf |= kClientFlagNoZeroes;
   put32(out_, cf);
-  if (opts_.structured) {
-    send_option(kOptStructuredReply, {});
-  } else {
-    send_next_option();
-  }
+  if (opts_.starttls) return send_option(kOptStartTls, {});
+  send_first_option();
+}
+
+void ClientHandshake::send_first_option() {
+  if (opts_.structured) return send_option(kOptStructuredReply, {});
+  send_next_option();
+}
+
+void ClientHandshake::tls_established() {
+  if (status_ != Status::kStartTls)
+    return fail("tls_established() without an accepted NBD_OPT_STARTTLS");
+  status_ = Status::kContinue;
+  send_first_option();
 }
 
 void ClientHandshake::send_option(uint32_t opt, const std::string& data) {
@@ -135,11 +146,19 @@ void ClientHandshake::on_reply_header(const uint8_t* p) {
 void ClientHandshake::on_reply(std::string_view data) {
   state_ = State::kReplyHeader;
   switch (cur_opt_) {
+    case kOptStartTls: return on_starttls_reply(data);
     case kOptStructuredReply: return on_structured_reply(data);
     case kOptSetMetaContext: return on_meta_context_reply(data);
     case kOptGo: return on_go_reply(data);
     default: return fail("internal: reply to an option never sent");
   }
+}
+
+void ClientHandshake::on_starttls_reply(std::string_view data) {
+  if (cur_type_ != kRepAck) return fail_refused("refused", data);
+  if (!data.empty()) return fail("NBD_REP_ACK with data");
+  state_ = State::kStartTls;
+  status_ = Status::kStartTls;
 }
 
 void ClientHandshake::on_structured_reply(std::string_view data) {
@@ -213,7 +232,12 @@ void ClientHandshake::on_info(std::string_view data) {
   // NBD_INFO_NAME, _DESCRIPTION and unknown types are not needed.
 }
 
+// While NBD_OPT_STARTTLS awaits its answer, every failure means the server
+// did not accept TLS, and says so.
 void ClientHandshake::fail(std::string why) {
+  if (cur_opt_ == kOptStartTls && state_ != State::kStartTls)
+    why = "the server did not accept NBD_OPT_STARTTLS (" + why +
+          "); refusing to continue without TLS";
   error_ = std::move(why);
   state_ = State::kDone;
   status_ = Status::kFailed;

@@ -33,6 +33,10 @@ struct ClientOptions {
   bool structured = true;  // ask for structured replies (needed for contexts)
   // Metadata contexts to select with NBD_OPT_SET_META_CONTEXT, by exact name.
   std::vector<std::string> contexts;
+  // Send NBD_OPT_STARTTLS first, and go on only over TLS: any answer to it
+  // but NBD_REP_ACK fails the handshake, so a man in the middle that strips
+  // STARTTLS never gets a plaintext session.
+  bool starttls = false;
 };
 
 // What the handshake agreed on; valid once status() is kReady.
@@ -50,19 +54,27 @@ struct ClientSession {
 };
 
 // States: kGreeting (waiting for the 18-byte server greeting)
+//      -> kStartTls, with ClientOptions::starttls (NBD_OPT_STARTTLS sent and
+//         acknowledged; nothing is read until tls_established())
 //      -> kOptionReply (one option sent at a time: STRUCTURED_REPLY, then
 //         SET_META_CONTEXT when structured and contexts were asked for, then
 //         GO; each reply header and its data is read and checked)
 //      -> kReady or kFailed.
 class ClientHandshake {
  public:
-  enum class Status { kContinue, kReady, kFailed };
+  // kStartTls: the server acknowledged NBD_OPT_STARTTLS. The caller runs TLS
+  // over the connection, then calls tls_established().
+  enum class Status { kContinue, kStartTls, kReady, kFailed };
 
   explicit ClientHandshake(ClientOptions opts);
 
   // Consumes a prefix of data[0, len) and returns how much it used. Bytes
   // after the handshake ends are left unconsumed: they belong to transmission.
+  // So are bytes after the ACK to NBD_OPT_STARTTLS: they belong to TLS.
   size_t feed(const uint8_t* data, size_t len);
+  // Call once TLS is up after status() == kStartTls: the usual options follow
+  // in out(), to be sent over TLS. In any other state it fails the handshake.
+  void tls_established();
   // Bytes to send to the server; the caller sends and clears them.
   std::string& out() { return out_; }
   Status status() const { return status_; }
@@ -71,16 +83,18 @@ class ClientHandshake {
   const ClientSession& session() const { return session_; }
 
  private:
-  enum class State { kGreeting, kReplyHeader, kReplyData, kDone };
+  enum class State { kGreeting, kReplyHeader, kReplyData, kStartTls, kDone };
 
   void on_greeting(const uint8_t* p);
   void on_reply_header(const uint8_t* p);
   void on_reply(std::string_view data);
+  void on_starttls_reply(std::string_view data);
   void on_structured_reply(std::string_view data);
   void on_meta_context_reply(std::string_view data);
   void on_go_reply(std::string_view data);
   void on_info(std::string_view data);
   void send_option(uint32_t opt, const std::string& data);
+  void send_first_option();
   void send_next_option();
   void fail(std::string why);
   void fail_refused(std::string_view what, std::string_view data);

@@ -200,6 +200,106 @@ TEST(ClientHandshake, RejectsContextsNotAskedForOrTwice) {
   EXPECT_EQ(c.session().context_id("base:allocation"), 7u);
 }
 
+// ---- STARTTLS ----
+
+ClientOptions tls_options() {
+  ClientOptions o{"disk", true, {"base:allocation", "nbdroot:dirty"}};
+  o.starttls = true;
+  return o;
+}
+
+const std::string kRefusal = "the server did not accept NBD_OPT_STARTTLS";
+const std::string kNoPlaintext = "refusing to continue without TLS";
+
+TEST(ClientHandshake, StartTlsWithTheServerHandshake) {
+  TestCatalog cat;
+  for (size_t step : {size_t(1), size_t(7), size_t(100000)}) {
+    Handshake server(cat, {}, TlsMode::kRequire);
+    ClientHandshake client(tls_options());
+    shuttle(client, server, step);
+    ASSERT_EQ(client.status(), ClientHandshake::Status::kStartTls) << client.error();
+    ASSERT_EQ(server.status(), Handshake::Status::kStartTls) << server.close_reason();
+    // Both sides run TLS here; the bytes that follow are its plaintext.
+    server.tls_established("node-a");
+    client.tls_established();
+    shuttle(client, server, step);
+    ASSERT_EQ(client.status(), ClientHandshake::Status::kReady) << client.error();
+    ASSERT_EQ(server.status(), Handshake::Status::kTransmission) << server.close_reason();
+    EXPECT_TRUE(server.tls_active());
+    EXPECT_TRUE(client.session().structured);
+    EXPECT_TRUE(server.session().structured);
+    EXPECT_EQ(client.session().flags, server.session().flags);
+    ASSERT_EQ(server.session().contexts.size(), 2u);
+    EXPECT_EQ(client.session().context_id("nbdroot:dirty"), server.session().contexts[1].id);
+    EXPECT_TRUE(server.take_errors().empty()) << "no option was refused";
+  }
+}
+
+TEST(ClientHandshake, StartTlsIsTheFirstOptionAndEndsTheRead) {
+  ClientHandshake c(tls_options());
+  const std::string ack = rep(kOptStartTls, kRepAck);
+  const std::string tls_bytes = std::string("\x16\x03\x03\x00\x7a", 5) + info_export(1, 1);
+  const std::string all = kGreeting + ack + tls_bytes;
+  EXPECT_EQ(c.feed(reinterpret_cast<const uint8_t*>(all.data()), all.size()), kGreeting.size() + ack.size());
+  ASSERT_EQ(c.status(), ClientHandshake::Status::kStartTls) << c.error();
+  EXPECT_EQ(c.out(), be32(3) + "IHAVEOPT" + be32(kOptStartTls) + be32(0)) << "flags, then only STARTTLS";
+  EXPECT_EQ(c.feed(reinterpret_cast<const uint8_t*>(tls_bytes.data()), tls_bytes.size()), 0u);
+  c.out().clear();
+  c.tls_established();
+  EXPECT_EQ(c.status(), ClientHandshake::Status::kContinue);
+  EXPECT_EQ(c.out(), "IHAVEOPT" + be32(kOptStructuredReply) + be32(0));
+}
+
+// A man in the middle, or a server without TLS, must not get a plaintext
+// session out of a client that asked for TLS.
+TEST(ClientHandshake, StartTlsRefusedFailsInsteadOfGoingOnInPlaintext) {
+  const std::vector<Lie> lies = {
+      {"unsupported", kGreeting + rep(kOptStartTls, kRepErrUnsup, "no TLS here"), "NBD_REP_ERR_UNSUP"},
+      {"policy", kGreeting + rep(kOptStartTls, kRepErrPolicy), "NBD_REP_ERR_POLICY"},
+      {"invalid", kGreeting + rep(kOptStartTls, kRepErrInvalid, "x"), "NBD_REP_ERR_INVALID"},
+      {"ack with data", kGreeting + rep(kOptStartTls, kRepAck, "x"), "ACK with data"},
+      {"other reply type", kGreeting + rep(kOptStartTls, kRepServer), "unexpected reply"},
+      {"straight on to GO", kGreeting + info_export(4096, 1) + rep(kOptGo, kRepAck), "while waiting for"},
+      {"straight on to structured", kGreeting + rep(kOptStructuredReply, kRepAck), "while waiting for"},
+      {"bad magic", kGreeting + "x" + rep(kOptStartTls, kRepAck).substr(1), "magic"},
+  };
+  for (const Lie& l : lies) {
+    auto c = run_script(l.script, tls_options());
+    EXPECT_EQ(c.status(), ClientHandshake::Status::kFailed) << l.name;
+    EXPECT_NE(c.error().find(kRefusal), std::string::npos) << l.name << ": " << c.error();
+    EXPECT_NE(c.error().find(kNoPlaintext), std::string::npos) << l.name << ": " << c.error();
+    EXPECT_NE(c.error().find(l.error), std::string::npos) << l.name << ": " << c.error();
+    EXPECT_EQ(c.out().find("IHAVEOPT", 4 + 16), std::string::npos)
+        << l.name << ": no option after STARTTLS was sent";
+  }
+}
+
+TEST(ClientHandshake, StartTlsAgainstAServerWithoutTls) {
+  TestCatalog cat;
+  Handshake server(cat);  // TlsMode::kOff
+  ClientHandshake client(tls_options());
+  shuttle(client, server, 5);
+  ASSERT_EQ(client.status(), ClientHandshake::Status::kFailed);
+  EXPECT_NE(client.error().find(kRefusal), std::string::npos) << client.error();
+  EXPECT_NE(client.error().find("NBD_REP_ERR_UNSUP"), std::string::npos) << client.error();
+  EXPECT_EQ(server.status(), Handshake::Status::kContinue) << "nothing but STARTTLS was asked";
+}
+
+TEST(ClientHandshake, WithoutStartTlsAServerRequiringTlsRefuses) {
+  TestCatalog cat;
+  Handshake server(cat, {}, TlsMode::kRequire);
+  ClientHandshake client({"disk", true, {}});
+  shuttle(client, server, 5);
+  ASSERT_EQ(client.status(), ClientHandshake::Status::kFailed);
+  EXPECT_NE(client.error().find("NBD_REP_ERR_TLS_REQD"), std::string::npos) << client.error();
+}
+
+TEST(ClientHandshake, TlsEstablishedWithoutStartTlsFails) {
+  ClientHandshake c({"disk", true, {}});
+  c.tls_established();
+  EXPECT_EQ(c.status(), ClientHandshake::Status::kFailed);
+}
+
 // ---------------------------------------------------------------- replies
 
 TEST(EncodeRequest, CompactHeader) {
