@@ -95,13 +95,23 @@ std::shared_ptr<const nbd::ExportInfo> Registry::find(std::string_view name) con
 
 std::shared_ptr<const nbd::ExportInfo> Registry::lookup(std::string_view name,
                                                         std::string* why) const {
-  return attach(nbd::Client{}, name, why);
+  return resolve(nbd::Client{}, name, false, why);
 }
 
 std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& client,
                                                         std::string_view name,
                                                         std::string* why) const {
+  return resolve(client, name, tls_required_, why);
+}
+
+std::shared_ptr<const nbd::ExportInfo> Registry::resolve(const nbd::Client& client,
+                                                         std::string_view name,
+                                                         bool authorize, std::string* why) const {
   if (name.empty() && !default_.empty()) name = default_;
+  if (authorize && client.identity.empty()) {
+    *why = "this server requires TLS";
+    return nullptr;
+  }
   auto it = by_name_.find(name);
   if (it != by_name_.end()) return it->second;
   StoreName sn;
@@ -110,6 +120,7 @@ std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& clien
     if (!bad.empty()) *why = "export " + nbd::quoted(name, 32) + ": " + bad;
     return nullptr;
   }
+  if (authorize && !own_view(client, name, sn, why)) return nullptr;
   if (access((store_->root() + "/images/" + sn.image).c_str(), F_OK) != 0) return nullptr;
   auto e = std::make_shared<ServedExport>();
   e->name = std::string(name);
@@ -155,13 +166,25 @@ std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& clien
   return e;
 }
 
-std::shared_ptr<const nbd::ExportInfo> Registry::describe(std::string_view name,
+bool Registry::own_view(const nbd::Client& client, std::string_view name, const StoreName& sn,
+                        std::string* why) const {
+  if (sn.node.empty() || sn.node == client.identity) return true;
+  spdlog::warn("export {}: refused to identity {}: a node attaches only its own view",
+               nbd::quoted(name, 64), nbd::quoted(client.identity, 64));
+  *why = "export " + nbd::quoted(name, 64) + ": authenticated as " +
+         nbd::quoted(client.identity, 64) + ", which may attach only its own view";
+  return false;
+}
+
+std::shared_ptr<const nbd::ExportInfo> Registry::describe(const nbd::Client& client,
+                                                          std::string_view name,
                                                           std::string* why) const {
   StoreName sn;
   std::string bad;
   if (!store_ || by_name_.count(name) || name.empty() ||
       !parse_store_name(std::string(name), &sn, &bad) || sn.node.empty())
-    return lookup(name, why);
+    return attach(client, name, why);
+  if (tls_required_ && !own_view(client, name, sn, why)) return nullptr;
   if (access((store_->root() + "/images/" + sn.image).c_str(), F_OK) != 0) return nullptr;
   NodeRecord rec;
   uint64_t size = 0;

@@ -56,6 +56,9 @@ class Registry : public nbd::ExportCatalog {
   // `loops` is the number of event loops that will serve it.
   bool add(const ExportSpec& spec, uint32_t max_block, unsigned loops, std::string* err);
   void set_max_block(uint32_t max_block) { max_block_ = max_block; }
+  // The tls tier: attach() serves nobody without an authenticated identity,
+  // and a node's view only to the identity of that node.
+  void set_tls_required(bool on) { tls_required_ = on; }
   // Serves the store's images and node views too.
   void set_store(std::shared_ptr<Store> store) { store_ = std::move(store); }
   // Node views get their node's counters from `stats` (GET /metrics).
@@ -72,7 +75,8 @@ class Registry : public nbd::ExportCatalog {
                                                 std::string* why) const override;
   // A node's export as GO would serve it, from its record and generation
   // size, without opening its view; other names as lookup().
-  std::shared_ptr<const nbd::ExportInfo> describe(std::string_view name,
+  std::shared_ptr<const nbd::ExportInfo> describe(const nbd::Client& client,
+                                                  std::string_view name,
                                                   std::string* why) const override;
   std::vector<std::shared_ptr<const nbd::ExportInfo>> list() const override;
   size_t size() const { return order_.size(); }
@@ -88,7 +92,16 @@ class Registry : public nbd::ExportCatalog {
   std::string default_;
   std::shared_ptr<Store> store_;
   std::shared_ptr<Stats> stats_;
+  // attach() and lookup(): with `authorize`, refuses what client.identity
+  // may not attach (the tls tier).
+  std::shared_ptr<const nbd::ExportInfo> resolve(const nbd::Client& client, std::string_view name,
+                                                 bool authorize, std::string* why) const;
+  // The tls tier's rule: `client` may attach `sn` only if it is no node's
+  // view or its own. False and *why (also logged) otherwise.
+  bool own_view(const nbd::Client& client, std::string_view name, const StoreName& sn,
+                std::string* why) const;
   uint32_t max_block_ = 32 << 20;
+  bool tls_required_ = false;
 };
 
 }  // namespace exports

@@ -291,7 +291,7 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
     return;
   }
   std::string why;
-  auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(name, &why);
+  auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(client_, name, &why);
   if (!e) {
     reply_error(opt, kRepErrUnknown,
                 why.empty() ? "unknown export " + quoted(name) : why);
@@ -388,7 +388,7 @@ void Handshake::opt_meta_context(uint32_t opt, std::string_view data) {
     return;
   }
   std::string why;
-  auto e = catalog_.describe(name, &why);
+  auto e = catalog_.describe(client_, name, &why);
   if (!e) {
     reply_error(opt, kRepErrUnknown,
                 why.empty() ? "unknown export " + quoted(name) : why);

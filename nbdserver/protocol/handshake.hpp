@@ -82,9 +82,11 @@ class ExportCatalog {
   }
   // What NBD_OPT_INFO and NBD_OPT_*_META_CONTEXT report: the export as
   // lookup() would serve it, but without attaching anything (a store node's
-  // view is not opened). NBD_OPT_GO and NBD_OPT_EXPORT_NAME use attach().
-  virtual std::shared_ptr<const ExportInfo> describe(std::string_view name,
+  // view is not opened), or nothing when `client` may not attach it.
+  // NBD_OPT_GO and NBD_OPT_EXPORT_NAME use attach().
+  virtual std::shared_ptr<const ExportInfo> describe(const Client& client, std::string_view name,
                                                      std::string* why) const {
+    (void)client;
     return lookup(name, why);
   }
   // Every export, in listing order.

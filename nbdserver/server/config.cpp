@@ -74,9 +74,6 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
        "each new attach)")
       ("block-size", po::value(&sf->block_size)->default_value(4096),
        "copy-on-write block size of nodes created at attach (512 to 1048576, a power of two)")
-      ("tls", po::value(&sf->tls)->default_value("off"),
-       "off: the `lab` tier, no authentication or encryption; require: TLS 1.3 with each "
-       "node's pre-shared key (nbdserver admin key) on every NBD connection")
       ("pin-addresses", po::bool_switch(&o->store_opts.pin_addresses),
        "pin each node without a pin to the address of its first attach (nodes/NODE/pin); "
        "see `nbdserver admin pin`")
@@ -102,7 +99,14 @@ po::options_description describe(ServerOptions* o, std::vector<std::string>* exp
       ("heartbeat-timeout", po::value(&o->deadlines.heartbeat_s)->default_value(300),
        "seconds of silence allowed between a verifying node's heartbeats")
       ("memtest-timeout", po::value(&o->deadlines.memtest_s)->default_value(0),
-       "time box in seconds of the memtest86+ step of a verification (0: no memtest86+ step)");
+       "time box in seconds of the memtest86+ step of a verification (0: no memtest86+ step)")
+      ("tls", po::value(&sf->tls)->default_value("off"),
+       "off: the lab tier, no cryptography (logged loudly at start); require: every client "
+       "must STARTTLS and authenticate with a pre-shared key (TLS 1.3), and IMAGE/NODE opens "
+       "only for the identity NODE")
+      ("tls-psk-file", po::value(&o->tls_psk_file),
+       "with --tls require: more identities, as lines IDENTITY:HEX (psktool's format); they "
+       "read generations and --export exports, and attach no node's view but their own");
   return d;
 }
 
@@ -148,13 +152,6 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
     return fail("--http needs --store (the API describes the store)");
   if (!(o->peer_timeout > 0 && o->peer_timeout <= 86400))
     return fail("--peer-timeout must be more than 0 and at most 86400 seconds");
-  if (sf.tls == "off") {
-    o->tls = TlsMode::kOff;
-  } else if (sf.tls == "require") {
-    o->tls = TlsMode::kRequire;
-  } else {
-    return fail("--tls '" + sf.tls + "': expected off or require");
-  }
   if (!lifecycle::parse_new_nodes(sf.new_nodes, &o->new_nodes))
     return fail("--new-nodes '" + sf.new_nodes + "': expected ready, verify or refuse");
   const lifecycle::Deadlines& dl = o->deadlines;
@@ -179,6 +176,16 @@ ParseResult check(ServerOptions* o, const std::vector<std::string>& exports,
       return fail("--boot-cmdline: " + err);
     o->boot_cmdline = norm;
   }
+  if (sf.tls == "require") {
+    o->tls_required = true;
+  } else if (sf.tls != "off") {
+    return fail("--tls '" + sf.tls + "': expected off or require");
+  }
+  if (!o->tls_psk_file.empty() && !o->tls_required)
+    return fail("--tls-psk-file needs --tls require");
+  if (o->tls_required && o->store.empty() && o->tls_psk_file.empty())
+    return fail("--tls require needs keys: --store (nodes' keys, see `nbdserver admin key`) "
+                "or --tls-psk-file");
   if (o->threads == 0) o->threads = std::max(1u, std::thread::hardware_concurrency());
   if (o->listen.empty() && o->socket.empty()) o->listen.push_back("0.0.0.0:10809");
   return {true, 0, {}};

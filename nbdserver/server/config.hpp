@@ -10,11 +10,6 @@
 
 namespace server {
 
-// --tls (docs/security.md): off is the `lab` tier; require makes every NBD
-// client STARTTLS and authenticate with its node's pre-shared key
-// (storage/node_keys.hpp), and lets boot scripts carry an armed key.
-enum class TlsMode { kOff, kRequire };
-
 struct ServerOptions {
   std::vector<std::string> listen;  // HOST:PORT, [V6]:PORT
   std::string socket;               // Unix socket path
@@ -46,7 +41,13 @@ struct ServerOptions {
   std::string advertise;
   std::string boot_image;
   std::string boot_cmdline;
-  TlsMode tls = TlsMode::kOff;
+  // The security tier (docs/security.md): lab (tls_required false; no
+  // cryptography) or tls (--tls require: every client must STARTTLS and
+  // authenticate with a pre-shared key, a node's own from the store's
+  // nodes/NODE/tls-key.json (storage/node_keys.hpp) or one of
+  // --tls-psk-file's identities; boot scripts may carry an armed key).
+  bool tls_required = false;
+  std::string tls_psk_file;
 };
 
 struct ParseResult {

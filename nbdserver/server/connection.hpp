@@ -27,6 +27,7 @@
 #include "io/buffer_pool.hpp"
 #include "protocol/handshake.hpp"
 #include "protocol/transmission.hpp"
+#include "tls/engine.hpp"
 
 namespace server {
 
@@ -114,6 +115,14 @@ struct Connection {
 
   SendQueue out;
   msghdr msg{};
+  // TLS, once STARTTLS was answered and every plaintext reply before it
+  // sent: the engine, ciphertext received, and the bytes on their way to
+  // the socket (records sealed from `out`, and the engine's handshake
+  // messages). wire_out is not touched while a send is pending.
+  std::unique_ptr<tls::Engine> tls;
+  std::vector<uint8_t> cipher_in;
+  std::string wire_out;
+  size_t wire_sent = 0;
   bool send_pending = false;
   bool close_after_send = false;  // handshake ended (abort or refusal)
 
@@ -164,6 +173,7 @@ struct Handoff {
   nbd::Session session;
   std::string leftover;
   std::string reply;  // the handshake's last reply, sent once attached
+  std::unique_ptr<tls::Engine> tls;  // the connection's TLS session, if any
 };
 
 }  // namespace server

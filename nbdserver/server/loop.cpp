@@ -24,6 +24,8 @@ namespace {
 constexpr size_t kHandshakeBuffer = 4096;
 constexpr size_t kTransmissionBuffer = 128 * 1024;
 constexpr size_t kDirectRecvMin = 16 * 1024;  // payloads this large skip rbuf
+constexpr size_t kTlsRecvBuffer = 64 * 1024;   // ciphertext per recv
+constexpr size_t kTlsSealBatch = 512 * 1024;   // reply bytes encrypted per send
 constexpr size_t kMaxQueuedBytes = 64 << 20;  // pause reading past this much output
 constexpr size_t kZeroChunk = 1 << 20;
 constexpr unsigned kRingEntries = 1024;
@@ -397,7 +399,9 @@ void Loop::start_connection(int fd) {
   c.peer = peer_name(fd);
   c.rbuf.resize(kHandshakeBuffer);
   nbd::HandshakeLimits limits;
-  c.hs = std::make_unique<nbd::Handshake>(shared_.registry, limits);
+  c.hs = std::make_unique<nbd::Handshake>(
+      shared_.registry, limits,
+      shared_.opts.tls_required ? nbd::TlsMode::kRequire : nbd::TlsMode::kOff);
   c.hs->set_client(nbd::Client{peer_address(fd)});
   c.handshake_deadline =
       Clock::now() + seconds(shared_.opts.handshake_timeout);
@@ -439,6 +443,7 @@ void Loop::hand_off(Connection& c) {
   h.session = std::move(c.session);
   h.leftover.assign(reinterpret_cast<const char*>(c.unparsed_data()), c.unparsed());
   h.reply = std::move(c.handoff_reply);
+  h.tls = std::move(c.tls);
   Loop* to = shared_.loops[size_t(c.handoff_to)];
   spdlog::debug("conn {}: handing off to loop {}", c.id, c.handoff_to);
   if (handoff_delay_ms_) std::this_thread::sleep_for(std::chrono::milliseconds(handoff_delay_ms_));
@@ -460,16 +465,34 @@ void Loop::start_adopted(Handoff&& h) {
   c.rbuf.resize(std::max(kTransmissionBuffer, h.leftover.size()));
   memcpy(c.rbuf.data(), h.leftover.data(), h.leftover.size());
   c.rlen = h.leftover.size();
+  c.tls = std::move(h.tls);
   attach_view(c);
   OutMsg m;
   m.extra = std::move(h.reply);
   queue(c, std::move(m));
 }
 bool Loop::quiescent(const Connection& c) const {
-  return c.inflight == 0 && c.out.empty() && !c.send_pending;
+  return c.inflight == 0 && !has_output(c) && !c.send_pending;
+}
+
+bool Loop::has_output(const Connection& c) const {
+  return !c.out.empty() ||
+         (c.tls && (c.wire_sent < c.wire_out.size() || !c.tls->outbox().empty()));
+}
+
+bool Loop::make_room(Connection& c) {
+  if (c.rpos == c.rlen) {
+    c.rpos = c.rlen = 0;
+  } else if (c.rpos > 0 && c.rbuf.size() - c.rlen < kDirectRecvMin) {
+    memmove(c.rbuf.data(), c.rbuf.data() + c.rpos, c.unparsed());
+    c.rlen -= c.rpos;
+    c.rpos = 0;
+  }
+  return c.rlen < c.rbuf.size();
 }
 
 void Loop::post_recv(Connection& c) {
+  if (c.tls) return post_tls_recv(c);
   void* target = nullptr;
   size_t len = 0;
   if (c.payload_op != kNone && c.unparsed() == 0) {
@@ -482,14 +505,7 @@ void Loop::post_recv(Connection& c) {
     }
   }
   if (!c.direct_recv) {
-    if (c.rpos == c.rlen) {
-      c.rpos = c.rlen = 0;
-    } else if (c.rpos > 0 && c.rbuf.size() - c.rlen < kDirectRecvMin) {
-      memmove(c.rbuf.data(), c.rbuf.data() + c.rpos, c.unparsed());
-      c.rlen -= c.rpos;
-      c.rpos = 0;
-    }
-    if (c.rlen == c.rbuf.size()) return;  // full of unparsed requests: wait
+    if (!make_room(c)) return;  // full of unparsed requests: wait
     target = c.rbuf.data() + c.rlen;
     len = c.rbuf.size() - c.rlen;
   }
@@ -517,6 +533,11 @@ void Loop::on_recv(Connection& c, int res) {
     return;
   }
   c.last_recv = Clock::now();
+  if (c.tls) {
+    on_tls_input(c, size_t(res));
+    queue(c, OutMsg());
+    return;
+  }
   if (direct) {
     c.payload_got += uint64_t(res);
     Op& o = ops_[c.payload_op];
@@ -533,6 +554,9 @@ void Loop::on_recv(Connection& c, int res) {
 }
 
 void Loop::on_handshake_input(Connection& c) {
+  // After STARTTLS nothing more is parsed in plaintext: what follows is the
+  // client's TLS stream (start_tls()).
+  if (c.hs->status() == nbd::Handshake::Status::kStartTls) return;
   const uint64_t progress = c.hs->progress();
   size_t used = c.hs->feed(c.unparsed_data(), c.unparsed());
   c.rpos += used;
@@ -548,6 +572,7 @@ void Loop::on_handshake_input(Connection& c) {
   c.hs->out().clear();
   switch (c.hs->status()) {
     case nbd::Handshake::Status::kContinue:
+    case nbd::Handshake::Status::kStartTls:  // start_tls() once the reply is sent
       break;
     case nbd::Handshake::Status::kTransmission:
       c.session = c.hs->session();
@@ -755,8 +780,8 @@ void Loop::flush_sends() {
         continue;
       }
       if (c.handoff_to >= 0) {
-        if (!c.out.empty() && !c.send_pending) post_send(c);
-        if (!c.send_pending && !c.recv_pending && c.out.empty()) hand_off(c);
+        if (has_output(c) && !c.send_pending) post_send(c);
+        if (!c.send_pending && !c.recv_pending && !has_output(c)) hand_off(c);
         if (c.phase == Connection::Phase::kClosing && c.fd >= 0) maybe_free(c);
         continue;
       }
@@ -765,7 +790,17 @@ void Loop::flush_sends() {
         maybe_free(c);
         continue;
       }
-      if (!c.out.empty() && !c.send_pending) post_send(c);
+      // TLS starts once the STARTTLS reply is sent and no plaintext recv is
+      // in flight (the client's first TLS bytes may be landing in rbuf).
+      if (c.phase == Connection::Phase::kHandshake && !c.tls && c.hs &&
+          c.hs->status() == nbd::Handshake::Status::kStartTls && c.out.empty() &&
+          !c.send_pending && !c.recv_pending)
+        start_tls(c);
+      if (c.phase == Connection::Phase::kClosing) {
+        maybe_free(c);
+        continue;
+      }
+      if (has_output(c) && !c.send_pending) post_send(c);
       bool idle = quiescent(c) && c.payload_op == kNone && c.drain_left == 0;
       if ((c.disconnect || c.close_after_send) && quiescent(c)) {
         close_connection(c, c.disconnect ? "client disconnected" : "handshake ended", false);
@@ -786,6 +821,7 @@ void Loop::flush_sends() {
 }
 
 void Loop::post_send(Connection& c) {
+  if (c.tls) return post_tls_send(c);
   c.out.prepare(&c.msg);
   c.send_since = Clock::now();
   io_uring_sqe* s = ring_.sqe();
@@ -801,9 +837,135 @@ void Loop::on_send(Connection& c, int res) {
       close_connection(c, "send failed: " + errno_text(-res), res != -EPIPE && res != -ECONNRESET);
       return;
     }
-    if (res > 0) c.out.consume(size_t(res));
+    if (res > 0 && c.tls) {
+      c.wire_sent += size_t(res);
+    } else if (res > 0) {
+      c.out.consume(size_t(res));
+    }
   }
   queue(c, OutMsg());
+}
+
+// ---------------------------------------------------------------- TLS
+//
+// After NBD_OPT_STARTTLS is answered (in plaintext, and every reply before
+// it), the connection's bytes go through its tls::Engine: what the client
+// sends is fed to it and decrypted into rbuf, replies are encrypted from
+// `out` into wire_out. Nothing received before STARTTLS is ever parsed
+// after it (CVE-2021-3716 in nbdkit): unparsed bytes become the start of
+// the TLS stream, and the handshake state is reset when TLS opens.
+
+void Loop::start_tls(Connection& c) {
+  std::string why;
+  const TlsKeys* keys = shared_.tls_keys;
+  c.tls = tls::Engine::server(
+      [keys](std::string_view id, std::string* w) { return keys->find(id, w); }, &why);
+  if (!c.tls) return close_connection(c, why, true);
+  if (c.unparsed()) c.tls->feed(c.unparsed_data(), c.unparsed());
+  c.rpos = c.rlen = 0;
+  tls_broken(c);
+}
+
+void Loop::on_tls_input(Connection& c, size_t n) {
+  const bool was_open = c.tls->status() == tls::Engine::Status::kOpen;
+  c.tls->feed(c.cipher_in.data(), n);
+  if (!was_open && c.tls->status() == tls::Engine::Status::kOpen) tls_opened(c);
+  if (c.tls->status() == tls::Engine::Status::kOpen && make_room(c)) open_records(c);
+  if (tls_broken(c)) return;
+  if (c.phase == Connection::Phase::kHandshake) on_handshake_input(c);
+}
+
+void Loop::tls_opened(Connection& c) {
+  spdlog::info("conn {}: {}: TLS established ({}) as {}", c.id, c.peer, c.tls->description(),
+               nbd::quoted(c.tls->identity()));
+  c.hs->tls_established(c.tls->identity());
+  c.handshake_deadline = Clock::now() + seconds(shared_.opts.handshake_timeout);
+}
+
+size_t Loop::open_records(Connection& c) {
+  size_t total = 0;
+  while (c.rlen < c.rbuf.size()) {
+    size_t n = c.tls->read(c.rbuf.data() + c.rlen, c.rbuf.size() - c.rlen);
+    if (n == 0) break;
+    c.rlen += n;
+    total += n;
+  }
+  return total;
+}
+
+bool Loop::tls_broken(Connection& c) {
+  if (c.tls->status() != tls::Engine::Status::kFailed) return false;
+  if (c.phase != Connection::Phase::kHandshake) {
+    close_connection(c, c.tls->error(), true);
+    return true;
+  }
+  // The reason (an unknown identity, a wrong or expired key) stays in this
+  // log; the client sees only TLS's alert, sent before closing.
+  spdlog::warn("conn {}: {}: {}", c.id, c.peer, c.tls->error());
+  exports::bump(shared_.stats.server().handshake_failures);
+  c.out.consume(c.out.bytes());
+  c.close_after_send = true;
+  c.rpos = c.rlen;
+  return true;
+}
+
+void Loop::post_tls_recv(Connection& c) {
+  using Status = tls::Engine::Status;
+  if (c.tls->status() == Status::kClosed) {
+    const bool mid = c.partial || c.payload_op != kNone;
+    return close_connection(c, mid ? "client closed TLS in the middle of a request"
+                                   : "client closed the TLS session", mid);
+  }
+  if (c.tls->status() == Status::kOpen && make_room(c) && open_records(c) > 0) {
+    queue(c, OutMsg());  // parse what was already decrypted first
+    return;
+  }
+  if (tls_broken(c) || !make_room(c)) return;  // full of unparsed requests: wait
+  if (c.cipher_in.empty()) c.cipher_in.resize(kTlsRecvBuffer);
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_recv(s, c.fd, c.cipher_in.data(), c.cipher_in.size(), 0);
+  s->user_data = io::make_tag(io::Kind::kRecv, c.slot, c.gen);
+  c.recv_pending = true;
+}
+
+void Loop::seal_replies(Connection& c) {
+  c.out.prepare(&c.msg);
+  size_t done = 0;
+  c.tls->cork();
+  for (size_t i = 0; i < c.msg.msg_iovlen && done < kTlsSealBatch; ++i) {
+    const iovec& v = c.msg.msg_iov[i];
+    size_t n = std::min(v.iov_len, kTlsSealBatch - done);
+    if (!c.tls->write(static_cast<const uint8_t*>(v.iov_base), n)) return;
+    done += n;
+  }
+  if (c.tls->uncork()) c.out.consume(done);
+}
+
+void Loop::post_tls_send(Connection& c) {
+  if (c.wire_sent == c.wire_out.size()) {
+    c.wire_out.clear();
+    c.wire_sent = 0;
+  }
+  if (!c.out.empty() && c.tls->status() == tls::Engine::Status::kOpen &&
+      c.wire_out.size() - c.wire_sent < kTlsSealBatch) {
+    seal_replies(c);
+    if (c.tls->status() == tls::Engine::Status::kFailed)
+      return close_connection(c, c.tls->error(), true);
+  }
+  std::string& box = c.tls->outbox();
+  if (c.wire_out.empty()) {
+    c.wire_out.swap(box);
+  } else {
+    c.wire_out += box;
+    box.clear();
+  }
+  if (c.wire_sent == c.wire_out.size()) return;
+  c.send_since = Clock::now();
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_send(s, c.fd, c.wire_out.data() + c.wire_sent, c.wire_out.size() - c.wire_sent,
+                     MSG_NOSIGNAL);
+  s->user_data = io::make_tag(io::Kind::kSend, c.slot, c.gen);
+  c.send_pending = true;
 }
 
 void Loop::close_connection(Connection& c, const std::string& why, bool error) {

@@ -25,6 +25,7 @@
 #include "server/config.hpp"
 #include "server/connection.hpp"
 #include "server/listen.hpp"
+#include "server/tls_keys.hpp"
 
 namespace server {
 
@@ -53,6 +54,7 @@ struct Shared {
   std::atomic<bool> stopping{false};
   std::atomic<bool> failed{false};  // a loop died; the server exits non-zero
   std::vector<Loop*> loops;         // set before any loop runs
+  const TlsKeys* tls_keys = nullptr;  // with --tls require
 };
 
 class Loop {
@@ -104,6 +106,19 @@ class Loop {
   void reject(Connection& c, const nbd::Request& req, const nbd::Verdict& v);
   void queue(Connection& c, OutMsg&& m);
   void post_send(Connection& c);
+  // TLS (after STARTTLS): the engine's side of receiving and sending.
+  void start_tls(Connection& c);  // STARTTLS answered and sent: TLS from here
+  void on_tls_input(Connection& c, size_t n);
+  void tls_opened(Connection& c);
+  size_t open_records(Connection& c);  // decrypts into rbuf; bytes added
+  bool tls_broken(Connection& c);      // closes on a TLS failure; true if so
+  void post_tls_recv(Connection& c);
+  void seal_replies(Connection& c);    // encrypts queued replies into records
+  void post_tls_send(Connection& c);
+  // Bytes wait to go out: replies, or TLS records and handshake messages.
+  bool has_output(const Connection& c) const;
+  // Compacts rbuf when its free tail is small; false when it is full.
+  bool make_room(Connection& c);
   void on_send(Connection& c, int res);
   void flush_sends();
   void close_connection(Connection& c, const std::string& why, bool error);

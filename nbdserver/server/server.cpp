@@ -25,6 +25,7 @@
 #include "tracker/tracker.hpp"
 #include "server/listen.hpp"
 #include "server/loop.hpp"
+#include "server/tls_keys.hpp"
 
 namespace server {
 namespace {
@@ -78,13 +79,26 @@ int run_server(const ServerOptions& opts) {
   raise_fd_limit();
   // A ready file left by a killed server must not announce this one early.
   if (!opts.ready_file.empty()) unlink(opts.ready_file.c_str());
-  // The only tier there is: say plainly what it does and does not do.
-  spdlog::warn("security tier 'lab': no authentication and no encryption. Any host that "
-               "reaches the NBD port can read or write any node's view by naming it. The lab "
-               "tier only guards against accidents (one writer per view, optional address "
-               "pinning, canonical export names); anyone on the LAN can spoof an address. "
-               "See docs/security.md");
+  // Say plainly what the tier does and does not do.
+  TlsKeys tls_keys;
+  if (opts.tls_required) {
+    std::string kerr;
+    if (!tls_keys.load(opts.store, opts.tls_psk_file, &kerr)) {
+      spdlog::error("{}", kerr);
+      return 2;
+    }
+    spdlog::info("security tier 'tls': every client must STARTTLS and prove a pre-shared key "
+                 "(TLS 1.3); IMAGE/NODE opens only for the identity NODE, generations for any "
+                 "authenticated identity. See docs/security.md");
+  } else {
+    spdlog::warn("security tier 'lab': no authentication and no encryption. Any host that "
+                 "reaches the NBD port can read or write any node's view by naming it. The lab "
+                 "tier only guards against accidents (one writer per view, optional address "
+                 "pinning, canonical export names); anyone on the LAN can spoof an address. "
+                 "See docs/security.md");
+  }
   exports::Registry registry;
+  registry.set_tls_required(opts.tls_required);
   for (const exports::ExportSpec& spec : opts.exports) {
     std::string err;
     if (!registry.add(spec, opts.max_block, opts.threads, &err)) {
@@ -152,6 +166,7 @@ int run_server(const ServerOptions& opts) {
   }
 
   Shared shared{opts, registry, listeners, *stats};
+  if (opts.tls_required) shared.tls_keys = &tls_keys;
   std::vector<std::unique_ptr<Loop>> loops;
   for (unsigned i = 0; i < opts.threads; ++i) {
     loops.push_back(std::make_unique<Loop>(shared, i));
@@ -203,7 +218,7 @@ int run_server(const ServerOptions& opts) {
     bo.nbd_port = nbd_port(listeners);
     bo.boot_image = opts.boot_image;
     bo.boot_cmdline = opts.boot_cmdline;
-    bo.tls_require = opts.tls == TlsMode::kRequire;
+    bo.tls_require = opts.tls_required;
     http::add_boot_api(http_server->routes(), store, life, bo);
     http::add_status_api(http_server->routes(), store, stats, life);
     if (!http_server->start(&http_address, &err)) {

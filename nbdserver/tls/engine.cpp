@@ -34,6 +34,7 @@ struct Engine::Impl {
   gnutls_psk_client_credentials_t client_cred = nullptr;
   KeyLookup lookup;
   std::string lookup_why;  // why the last lookup refused an identity
+  std::string found;       // the identity whose key the last lookup found
   std::string in;          // ciphertext fed and not yet pulled by GnuTLS
   size_t in_pos = 0;
   std::string* out = nullptr;
@@ -77,6 +78,7 @@ struct Callbacks {
       im->lookup_why = why.empty() ? "unknown identity" : why;
       return -1;
     }
+    im->found = username ? username : "";
     key->data = static_cast<unsigned char*>(gnutls_malloc(k->size()));
     if (!key->data) return -1;
     std::memcpy(key->data, k->data(), k->size());
@@ -159,7 +161,11 @@ void Engine::step_handshake() {
   if (rc == GNUTLS_E_AGAIN) return;
   if (rc < 0) {
     std::string why = "TLS handshake failed: " + gnutls_text(rc);
-    if (!impl_->lookup_why.empty()) why += " (" + impl_->lookup_why + ")";
+    if (!impl_->lookup_why.empty()) {
+      why += " (" + impl_->lookup_why + ")";
+    } else if (!impl_->found.empty()) {
+      why += " (identity " + impl_->found + " has a key here: the client's did not match it, or the client broke off)";
+    }
     fail(std::move(why));
     return;
   }

@@ -1025,9 +1025,10 @@ class CountingCatalog : public ExportCatalog {
     clients.push_back(client);
     return catalog().attach(client, name, why);
   }
-  std::shared_ptr<const ExportInfo> describe(std::string_view name, std::string* why) const override {
+  std::shared_ptr<const ExportInfo> describe(const Client& client, std::string_view name,
+                                             std::string* why) const override {
     ++calls;
-    return catalog().describe(name, why);
+    return catalog().describe(client, name, why);
   }
   std::vector<std::shared_ptr<const ExportInfo>> list() const override {
     ++calls;
