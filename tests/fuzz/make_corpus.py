@@ -3,7 +3,7 @@
 
 Run with /usr/bin/python3 tests/fuzz/make_corpus.py; the output is checked in.
 The input layouts are documented at the top of fuzz_handshake.cpp,
-fuzz_transmission.cpp and fuzz_client.cpp.
+fuzz_handshake_tls.cpp, fuzz_transmission.cpp and fuzz_client.cpp.
 """
 import os
 import struct
@@ -70,6 +70,25 @@ HANDSHAKE = {
                               opt(GO, info("nope")), opt(GO, info("ro"))),
     "bad_flags": hs(0, 0, flags(0x80)),
     "bad_option_magic": hs(0, 0, flags(1), b"IHAVEOPX" + struct.pack(">II", LIST, 0)),
+}
+
+# The same layout, for a server that requires TLS (fuzz_handshake_tls).
+TLS_BEFORE = opt(LIST) + opt(INFO, info("disk", [1, 2])) + opt(GO, info("disk")) + opt(STRUCTURED) \
+    + opt(EXTENDED) + opt(SET_META, meta("disk", ["base:allocation"])) + opt(99, opt(ABORT))
+HANDSHAKE_TLS = {
+    "refused_then_tls_go": hs(0x87, 0, flags(3), TLS_BEFORE, opt(STARTTLS), opt(STRUCTURED),
+                              opt(SET_META, meta("lab/node-a", ["base:allocation"])),
+                              opt(GO, info("lab/node-a", [1]))),
+    "starttls_data_twice": hs(3, 0, flags(1), opt(STARTTLS, b"x"), opt(STARTTLS), opt(STARTTLS),
+                              opt(LIST), opt(ABORT)),
+    "export_name_before_tls": hs(0, 0, flags(3), opt(LIST), opt(EXPORT_NAME, b"disk")),
+    "export_name_after_tls": hs(1, 0, flags(3), opt(STARTTLS), opt(EXPORT_NAME, b"lab/node-a")),
+    "starttls_trailing_bytes": hs(0, 0, flags(1), opt(STARTTLS) + opt(INFO, info("disk"))[:10],
+                                  opt(GO, info("disk"))),
+    "tiny_limits_skip": hs(5, 2, flags(1), opt(INFO, b"\0" * 100), opt(STARTTLS, b"s" * 100),
+                           opt(STARTTLS), opt(LIST), opt(INFO, b"\0" * 100)),
+    "shutting_down": hs(2, 1, flags(1), opt(LIST), opt(STARTTLS), opt(ABORT)),
+    "no_fixed_newstyle": hs(0, 0, flags(0), opt(STARTTLS)),
 }
 
 # ---- Transmission ----
@@ -164,5 +183,6 @@ def write(target, seeds):
 
 if __name__ == "__main__":
     write("fuzz_handshake", HANDSHAKE)
+    write("fuzz_handshake_tls", HANDSHAKE_TLS)
     write("fuzz_transmission", TRANSMISSION)
     write("fuzz_client", CLIENT)

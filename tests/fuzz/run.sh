@@ -15,7 +15,7 @@ case $secs in '' | *[!0-9]*) echo "usage: $0 [SECONDS]" >&2; exit 2 ;; esac
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${BUILD_DIR:-$root/build-fuzz}
 cxx=${CXX_FUZZ:-clang++}
-targets=(fuzz_handshake fuzz_transmission fuzz_client)
+targets=(fuzz_handshake fuzz_handshake_tls fuzz_transmission fuzz_client)
 
 cmake -S "$root/tests/fuzz" -B "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" -j"$(nproc)"
