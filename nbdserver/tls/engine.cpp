@@ -164,7 +164,8 @@ void Engine::step_handshake() {
     if (!impl_->lookup_why.empty()) {
       why += " (" + impl_->lookup_why + ")";
     } else if (!impl_->found.empty()) {
-      why += " (identity " + impl_->found + " has a key here: the client's did not match it, or the client broke off)";
+      why += " (identity " + impl_->found +
+             " has a key here: the client's did not match it, or the client broke off)";
     }
     fail(std::move(why));
     return;
