@@ -12,7 +12,7 @@ packages=(
   clang libclang-rt-14-dev
   # real NBD clients and peer servers for tests and benchmarks
   nbdkit libnbd-bin python3-libnbd qemu-utils nbd-server
-  python3-pytest python3-matplotlib e2fsprogs
+  python3-pytest python3-matplotlib python3-cryptography e2fsprogs
   libext2fs-dev nlohmann-json3-dev squashfs-tools musl-tools
   # bench/httpboot.py's peer HTTP server
   nginx-light

@@ -5,10 +5,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <ctime>
 #include <mutex>
+#include <optional>
 #include <set>
 
 #include "storage/chunk_digests.hpp"
+#include "storage/node_keys.hpp"
+#include "tls/seal.hpp"
 #include "storage/generation.hpp"
 #include "storage/layer_file.hpp"
 
@@ -17,7 +21,29 @@ namespace {
 
 using storage::valid_store_name;
 
-void get_node(exports::Store& store, const httplib::Request& req, httplib::Response& res) {
+// Under --tls require, the key peers of the node's generation authenticate
+// with, sealed with the node's own key (tls/seal.hpp): only that node opens
+// it. Nothing when the node has no key.
+void add_peer_key(exports::Store& store, const exports::NodeRecord& rec, nlohmann::json* j) {
+  std::string why;
+  std::optional<storage::NodeKey> k =
+      storage::load(store.root(), rec.node, int64_t(time(nullptr)), &why);
+  std::array<uint8_t, 32> secret{};
+  if (!k) return;
+  if (!storage::peer_secret(store.root(), &secret, &why)) {
+    spdlog::error("peer keys: {}", why);
+    return;
+  }
+  const std::string gen = rec.image + "@" + rec.generation;
+  const std::string sealed =
+      tls::seal(k->key, tls::peer_key_context(rec.node, gen), tls::peer_key(secret, gen));
+  if (sealed.empty()) return;
+  (*j)["peer_identity"] = tls::peer_identity(gen);
+  (*j)["peer_key_sealed"] = sealed;
+}
+
+void get_node(exports::Store& store, bool tls_required, const httplib::Request& req,
+              httplib::Response& res) {
   const std::string image = req.matches[1], node = req.matches[2];
   if (!valid_store_name(image) || !valid_store_name(node))
     return reply_error(res, 400, "bad image or node name (allowed: [A-Za-z0-9._-], not "
@@ -26,13 +52,15 @@ void get_node(exports::Store& store, const httplib::Request& req, httplib::Respo
   uint64_t size = 0;
   std::string err;
   if (!store.lookup_node(image, node, &rec, &size, &err)) return reply_error(res, 404, err);
-  reply_json(res, {{"image", rec.image},
-                   {"node", rec.node},
-                   {"generation", rec.image + "@" + rec.generation},
-                   {"size", size},
-                   {"block_size", rec.block_size},
-                   {"chunk_size", storage::kChunkSize},
-                   {"mode", storage::mode_name(rec.mode)}});
+  nlohmann::json j = {{"image", rec.image},
+                      {"node", rec.node},
+                      {"generation", rec.image + "@" + rec.generation},
+                      {"size", size},
+                      {"block_size", rec.block_size},
+                      {"chunk_size", storage::kChunkSize},
+                      {"mode", storage::mode_name(rec.mode)}};
+  if (tls_required) add_peer_key(store, rec, &j);
+  reply_json(res, j);
 }
 
 // Digest files already validated (they never change once written).
@@ -122,11 +150,12 @@ bool parse_generation(const std::string& s, std::string* image, std::string* gen
   return true;
 }
 
-void add_store_api(httplib::Server& svr, std::shared_ptr<exports::Store> store) {
+void add_store_api(httplib::Server& svr, std::shared_ptr<exports::Store> store,
+                   bool tls_required) {
   auto validated = std::make_shared<Validated>();
   svr.Get(R"(/v1/nodes/([^/]+)/([^/]+))",
-          [store](const httplib::Request& req, httplib::Response& res) {
-            get_node(*store, req, res);
+          [store, tls_required](const httplib::Request& req, httplib::Response& res) {
+            get_node(*store, tls_required, req, res);
           });
   svr.Get(R"(/v1/generations/([^/]+)/chunks\.sha256)",
           [store, validated](const httplib::Request& req, httplib::Response& res) {

@@ -18,6 +18,9 @@ bool parse_generation(const std::string& s, std::string* image, std::string* gen
                       std::string* err);
 
 // Adds the endpoints to `svr`. `store` is shared with the NBD side.
-void add_store_api(httplib::Server& svr, std::shared_ptr<exports::Store> store);
+// With `tls_required`, a node's answer also carries its generation's peer
+// key, sealed with the node's own key (peer_identity, peer_key_sealed).
+void add_store_api(httplib::Server& svr, std::shared_ptr<exports::Store> store,
+                   bool tls_required = false);
 
 }  // namespace http

@@ -205,7 +205,7 @@ int run_server(const ServerOptions& opts) {
     tracker::SwarmLimits limits;
     limits.peer_timeout = opts.peer_timeout;
     peer_tracker = std::make_shared<tracker::Tracker>(limits);
-    http::add_store_api(http_server->routes(), store);
+    http::add_store_api(http_server->routes(), store, opts.tls_required);
     http::add_files_api(http_server->routes(), store);
     http::add_tracker_api(http_server->routes(), store, peer_tracker);
     std::vector<std::string> written;

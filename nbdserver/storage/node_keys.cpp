@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <ctime>
 #include <nlohmann/json.hpp>
 
@@ -386,6 +387,41 @@ std::string utc_time(int64_t unix_seconds) {
   if (!gmtime_r(&t, &tm) || !strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm))
     return std::to_string(unix_seconds);
   return buf;
+}
+
+}  // namespace storage
+
+namespace storage {
+
+bool peer_secret(const std::string& store_dir, std::array<uint8_t, 32>* out, std::string* err) {
+  static std::mutex mu;  // one creator per process (the HTTP service's threads)
+  std::lock_guard<std::mutex> g(mu);
+  const std::string dir = store_dir + "/keys", path = dir + "/peer-secret";
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) {
+      std::string text, problem;
+      const bool read = private_file(fd, &problem) && read_fd(fd, &text, &problem);
+      ::close(fd);
+      while (!text.empty() && text.back() == '\n') text.pop_back();
+      if (read && !from_hex(text, out)) problem = "not 64 hex digits";
+      if (!problem.empty()) {
+        *err = path + ": " + problem;
+        return false;
+      }
+      return true;
+    }
+    if (errno != ENOENT) {
+      *err = path + ": cannot open: " + strerror(errno);
+      return false;
+    }
+    std::array<uint8_t, 32> secret{};
+    if (!make_dir(dir, err) || !random_bytes(&secret, err) ||
+        !write_file_durable(path, to_hex(secret) + "\n", err, 0600))
+      return false;
+  }
+  *err = path + ": written but not readable";
+  return false;
 }
 
 }  // namespace storage

@@ -94,6 +94,12 @@ std::string psk_line(const NodeKey& k);
 // never; at most 100 years. False on anything else.
 bool parse_key_lifetime(const std::string& s, int64_t* seconds);
 
+// The store's secret that peer keys are derived from (tls/seal.hpp):
+// keys/peer-secret (mode 0600), made from getrandom at first use. False and
+// *err when it cannot be read or made, or is not a private 64-hex-digit file.
+// Thread-safe within a process.
+bool peer_secret(const std::string& store_dir, std::array<uint8_t, 32>* out, std::string* err);
+
 // "2027-01-01T00:00:00Z".
 std::string utc_time(int64_t unix_seconds);
 

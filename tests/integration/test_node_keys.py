@@ -368,3 +368,47 @@ def test_bad_tls_value_exits_2(tmp_path, store):
                             value], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2, (value, r.stderr)
         assert "--tls" in r.stderr and "expected off or require" in r.stderr, r.stderr
+
+
+# ---- peer keys: the tracker's node answer carries the generation's peer key,
+# sealed with the node's own key (tls/seal.hpp), under --tls require only.
+
+def open_peer_key(hexkey, node, gen, sealed):
+    """The node's side: AES-256-GCM under its key, bound to node and generation."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    raw = bytes.fromhex(sealed)
+    aad = f"nbdroot peer key for {node} on {gen}".encode()
+    return AESGCM(bytes.fromhex(hexkey)).decrypt(raw[:12], raw[12:], aad)
+
+
+def node_answer(srv, node):
+    status, _, body = fetch(srv, f"/v1/nodes/lab/{node}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_a_nodes_answer_carries_its_generations_peer_key_sealed_with_its_own(serve, store):
+    other = "52-54-00-12-34-57"
+    for n in (NODE, other, "keyless"):
+        admin(store, "create", n, "--image", "lab")
+    key_a, key_b = new_key(store), new_key(store, node=other)
+    srv = serve("--tls", "require")
+    a, b = node_answer(srv, NODE), node_answer(srv, other)
+    assert a["peer_identity"] == b["peer_identity"] == "peer/lab@g1"
+    pk_a = open_peer_key(key_a, NODE, "lab@g1", a["peer_key_sealed"])
+    pk_b = open_peer_key(key_b, other, "lab@g1", b["peer_key_sealed"])
+    assert pk_a == pk_b and len(pk_a) == 32  # one key per generation
+    from cryptography.exceptions import InvalidTag
+    with pytest.raises(InvalidTag):  # B's key does not open A's
+        open_peer_key(key_b, NODE, "lab@g1", a["peer_key_sealed"])
+    # A node without a key gets no peer key; the secret is private.
+    assert "peer_key_sealed" not in node_answer(srv, "keyless")
+    st = os.stat(os.path.join(store, "keys", "peer-secret"))
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    srv.terminate()
+    # The same secret after a restart: the same key.
+    srv = serve("--tls", "require")
+    assert open_peer_key(key_a, NODE, "lab@g1", node_answer(srv, NODE)["peer_key_sealed"]) == pk_a
+    srv.terminate()
+    # --tls off: no peer key at all.
+    assert "peer_key_sealed" not in node_answer(serve(), NODE)

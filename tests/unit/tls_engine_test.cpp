@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "tls/engine.hpp"
+#include "tls/seal.hpp"
 
 namespace tls {
 namespace {
@@ -166,6 +167,39 @@ TEST(TlsEngine, PskLinesAsPsktoolWritesThem) {
   ASSERT_TRUE(random_key(&a));
   ASSERT_TRUE(random_key(&b));
   EXPECT_NE(a, b);
+}
+
+}  // namespace
+}  // namespace tls
+
+namespace tls {
+namespace {
+
+TEST(TlsSeal, APeerKeyOpensOnlyWithTheNodesKeyAndContext) {
+  Key node{}, other{}, secret{};
+  ASSERT_TRUE(random_key(&node));
+  ASSERT_TRUE(random_key(&other));
+  ASSERT_TRUE(random_key(&secret));
+  Key pk = peer_key(secret, "lab@g1");
+  EXPECT_NE(pk, peer_key(secret, "lab@g2"));
+  EXPECT_EQ(pk, peer_key(secret, "lab@g1"));
+  const std::string ctx = peer_key_context("n1", "lab@g1");
+  std::string sealed = seal(node, ctx, pk);
+  ASSERT_EQ(sealed.size(), (12u + 32 + 16) * 2);
+  EXPECT_NE(sealed, seal(node, ctx, pk)) << "nonces must differ";
+  std::string why;
+  auto opened = unseal(node, ctx, sealed, &why);
+  ASSERT_TRUE(opened) << why;
+  EXPECT_EQ(*opened, pk);
+  EXPECT_FALSE(unseal(other, ctx, sealed, &why));
+  EXPECT_FALSE(unseal(node, peer_key_context("n2", "lab@g1"), sealed, &why));
+  EXPECT_FALSE(unseal(node, peer_key_context("n1", "lab@g2"), sealed, &why));
+  std::string flipped = sealed;
+  flipped[40] = flipped[40] == '0' ? '1' : '0';
+  EXPECT_FALSE(unseal(node, ctx, flipped, &why));
+  EXPECT_FALSE(unseal(node, ctx, sealed.substr(2), &why));
+  EXPECT_FALSE(unseal(node, ctx, "zz" + sealed.substr(2), &why));
+  EXPECT_EQ(peer_identity("lab@g1"), "peer/lab@g1");
 }
 
 }  // namespace
