@@ -1,11 +1,14 @@
 // nbdclient-probe: drives node::NbdClient from the command line, for the
 // integration tests (tests/integration/test_nbd_client.py). Not installed.
 //
-//   nbdclient-probe [--timeout MS] [--context NAME]... ENDPOINT EXPORT OP...
+//   nbdclient-probe [--timeout MS] [--context NAME]... [--tls-key-file FILE]
+//                   ENDPOINT EXPORT OP...
+//
+// --tls-key-file: STARTTLS and TLS with the key in FILE (NODE:HEX, mode 0600).
 //
 // OPs, run in order, each printing one JSON line {"op", "result", ...} where
 // result is "ok", "nbd-error", "broken" or "timeout" (with "why"):
-//   info                       size, flags and context ids
+//   info                       size, flags, context ids and "tls" (the cipher or "")
 //   timeout MS                 the timeout of the ops that follow
 //   read OFF LEN               "data": the bytes in hex
 //   write OFF HEX | writefua OFF HEX
@@ -23,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -152,7 +156,7 @@ json run_op(node::NbdClient& c, const std::vector<std::string>& a, size_t* i, in
     json ctx = json::object();
     for (const char* n : {"base:allocation", "nbdroot:dirty"}) ctx[n] = c.context_id(n);
     return {{"op", "info"}, {"result", "ok"}, {"size", c.size()}, {"flags", c.flags()},
-            {"read_only", c.read_only()}, {"contexts", ctx}};
+            {"read_only", c.read_only()}, {"contexts", ctx}, {"tls", c.tls_description()}};
   }
   if (op == "read") {
     *i += 2;
@@ -198,6 +202,8 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_st("probe"));  // stdout is JSON
   int timeout = 10000;
   std::vector<std::string> contexts;
+  std::optional<node::Psk> psk;
+  std::string err;
   size_t i = 0;
   for (; i < a.size() && a[i].starts_with("--"); i += 2) {
     if (i + 1 >= a.size()) usage("missing value for " + a[i]);
@@ -205,17 +211,21 @@ int main(int argc, char** argv) {
       timeout = int(num(a, i + 1));
     } else if (a[i] == "--context") {
       contexts.push_back(a[i + 1]);
+    } else if (a[i] == "--tls-key-file") {
+      psk = node::read_psk_file(a[i + 1], &err);
+      if (!psk) usage(a[i + 1] + ": " + err);
     } else {
       usage("unknown option " + a[i]);
     }
   }
-  if (i + 2 > a.size()) usage("usage: nbdclient-probe [--timeout MS] [--context NAME]... ENDPOINT EXPORT OP...");
+  if (i + 2 > a.size()) usage("usage: nbdclient-probe [--timeout MS] [--context NAME]... [--tls-key-file FILE] ENDPOINT EXPORT OP...");
   node::Endpoint ep;
-  std::string err;
   if (!node::parse_endpoint(a[i], &ep, &err)) usage(err);
   node::NbdClient c;
+  if (psk) c.use_tls(*psk);
   if (!c.connect(ep, a[i + 1], contexts, timeout, &err)) {
-    std::cout << json{{"op", "connect"}, {"result", "failed"}, {"why", err}}.dump() << std::endl;
+    std::cout << json{{"op", "connect"}, {"result", "failed"}, {"why", err}, {"tls_failed", c.tls_failed()}}.dump()
+              << std::endl;
     return 3;
   }
   int status = 0;

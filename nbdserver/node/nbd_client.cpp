@@ -18,76 +18,13 @@
 namespace node {
 namespace {
 
-constexpr int64_t kNoDeadline = -1;
 constexpr size_t kReadBuffer = 256 * 1024;
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-int64_t deadline_after(int timeout_ms) {
-  return timeout_ms <= 0 ? kNoDeadline : now_ns() + int64_t(timeout_ms) * 1000000;
-}
 
 std::chrono::steady_clock::time_point time_point(int64_t deadline) {
   return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline));
 }
 
-// Milliseconds left for poll(): -1 without a deadline, 0 once it passed.
-int poll_ms(int64_t deadline) {
-  if (deadline == kNoDeadline) return -1;
-  int64_t left = deadline - now_ns();
-  return left <= 0 ? 0 : int((left + 999999) / 1000000);
-}
-
-bool wait_fd(int fd, short events, int64_t deadline) {
-  pollfd p{fd, events, 0};
-  for (;;) {
-    int r = ::poll(&p, 1, poll_ms(deadline));
-    if (r > 0) return true;
-    if (r == 0) return false;
-    if (errno != EINTR) return true;  // let the next call report the error
-  }
-}
-
 std::string errno_text(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
-
-// Sends all of iov[0, n) by the deadline. Returns 0 when sent, else -1 with
-// *err set; *sent counts the bytes that went out.
-int send_all(int fd, iovec* iov, int n, int64_t deadline, size_t* sent, std::string* err) {
-  *sent = 0;
-  while (n > 0) {
-    if (iov->iov_len == 0) {
-      ++iov;
-      --n;
-      continue;
-    }
-    msghdr m{};
-    m.msg_iov = iov;
-    m.msg_iovlen = size_t(n);
-    ssize_t w = ::sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN) return *err = errno_text("send"), -1;
-      if (!wait_fd(fd, POLLOUT, deadline)) return *err = "send timed out", -1;
-      continue;
-    }
-    *sent += size_t(w);
-    size_t left = size_t(w);
-    while (left > 0 && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      ++iov;
-      --n;
-    }
-    if (left > 0) {
-      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
-      iov->iov_len -= left;
-    }
-  }
-  return 0;
-}
 
 bool parse_port(std::string_view s, uint16_t* port) {
   if (s.empty() || s.size() > 5) return false;
@@ -197,31 +134,59 @@ bool NbdClient::open_socket(const Endpoint& ep, int64_t deadline, std::string* e
 
 bool NbdClient::handshake(const std::string& export_name, const std::vector<std::string>& contexts,
                           int64_t deadline, std::string* err) {
-  nbd::ClientHandshake hs({export_name, true, contexts});
+  using Status = nbd::ClientHandshake::Status;
+  nbd::ClientHandshake hs(
+      {.export_name = export_name, .structured = true, .contexts = contexts, .starttls = bool(psk_)});
   std::string buf(64 * 1024, '\0');
   std::string leftover;
-  while (hs.status() == nbd::ClientHandshake::Status::kContinue) {
+  bool asked_tls = false;  // NBD_OPT_STARTTLS is on its way
+  // A failed handshake sends nothing more: after a refused STARTTLS, not
+  // one byte goes out in plaintext.
+  while (hs.status() != Status::kFailed) {
     if (!hs.out().empty()) {
       iovec iov{hs.out().data(), hs.out().size()};
       size_t sent = 0;
-      if (send_all(fd_, &iov, 1, deadline, &sent, err) != 0) return false;
+      if (transport_->send(&iov, 1, deadline, &sent, err) != 0) return false;
       hs.out().clear();
+      asked_tls = psk_ != nullptr;
     }
-    if (!wait_fd(fd_, POLLIN, deadline)) return *err = "handshake timed out", false;
-    ssize_t n = ::recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-    if (n < 0) return *err = errno_text("recv"), false;
+    if (hs.status() == Status::kStartTls) {
+      if (!start_tls(leftover, deadline, err)) return false;
+      leftover.clear();
+      hs.tls_established();
+      continue;
+    }
+    if (hs.status() != Status::kContinue) break;
+    std::string why;
+    ssize_t n = transport_->receive(reinterpret_cast<uint8_t*>(buf.data()), buf.size(), deadline, &why);
+    if (n < 0) return *err = why == "timed out" ? "handshake timed out" : why, false;
     if (n == 0) return *err = "the server closed the connection during the handshake", false;
     size_t used = hs.feed(reinterpret_cast<uint8_t*>(buf.data()), size_t(n));
     leftover.assign(buf.data() + used, size_t(n) - used);
   }
-  if (hs.status() == nbd::ClientHandshake::Status::kFailed) return *err = hs.error(), false;
+  if (hs.status() == Status::kFailed) {
+    // Between STARTTLS and TLS, any failure is the server not taking it.
+    tls_failed_ = asked_tls && !transport_->tls();
+    return *err = hs.error(), false;
+  }
   session_ = hs.session();
   std::vector<uint32_t> ids;
   for (const nbd::MetaContext& c : session_.contexts) ids.push_back(c.id);
   reader_ = std::make_unique<nbd::ReplyReader>(session_.structured, std::move(ids));
   reader_thread_ = std::thread(&NbdClient::read_loop, this, std::move(leftover));
   return true;
+}
+
+// After the server's ACK to NBD_OPT_STARTTLS: the TLS handshake, `early`
+// being what followed the ACK.
+bool NbdClient::start_tls(std::string_view early, int64_t deadline, std::string* err) {
+  if (transport_->start_tls(*psk_, early, deadline, err)) {
+    spdlog::debug("nbd client {}: {} as '{}'", peer_, transport_->tls_description(), psk_->identity);
+    return true;
+  }
+  tls_failed_ = true;
+  *err += " (is the server's key for '" + psk_->identity + "' the one this node has?)";
+  return false;
 }
 
 bool NbdClient::connect(const Endpoint& ep, const std::string& export_name,
@@ -232,8 +197,9 @@ bool NbdClient::connect(const Endpoint& ep, const std::string& export_name,
   const int64_t deadline = deadline_after(timeout_ms);
   if (fd_ >= 0 || broken()) {
     why = "already connected";
-  } else if (open_socket(ep, deadline, &why) && handshake(export_name, contexts, deadline, &why)) {
-    return true;
+  } else if (open_socket(ep, deadline, &why)) {
+    transport_ = std::make_unique<Transport>(fd_);
+    if (handshake(export_name, contexts, deadline, &why)) return true;
   }
   *err = peer_ + ": " + why;
   if (fd_ >= 0) ::close(fd_);
@@ -291,11 +257,10 @@ void NbdClient::read_loop(std::string leftover) {
     if (reader_->broken()) return fail("protocol violation: " + reader_->why());
   }
   for (;;) {
-    if (!wait_fd(fd_, POLLIN, kNoDeadline)) continue;
-    ssize_t n = ::recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+    std::string why;
+    ssize_t n = transport_->receive(buf.data(), buf.size(), kNoDeadline, &why);
     std::lock_guard lock(mu_);
-    if (n <= 0) return fail(n == 0 ? "the server closed the connection" : errno_text("recv"));
+    if (n <= 0) return fail(n == 0 ? "the server closed the connection" : why);
     reader_->feed(buf.data(), size_t(n), sink);
     if (reader_->broken()) return fail("protocol violation: " + reader_->why());
   }
@@ -344,7 +309,7 @@ Result NbdClient::submit(nbd::Request req, const void* payload, const std::share
                   {const_cast<void*>(payload), req.type == nbd::kCmdWrite ? size_t(req.length) : 0}};
   size_t sent = 0;
   std::string err;
-  if (send_all(fd_, iov, 2, deadline, &sent, &err) != 0) {
+  if (transport_->send(iov, 2, deadline, &sent, &err) != 0) {
     std::lock_guard lock(mu_);
     call->abandoned = true;
     if (sent == 0 && !broken_ && err == "send timed out")
@@ -440,7 +405,8 @@ void NbdClient::close() {
       iovec iov{hdr, sizeof hdr};
       size_t sent = 0;
       std::string err;
-      send_all(fd_, &iov, 1, deadline_after(1000), &sent, &err);
+      transport_->send(&iov, 1, deadline_after(1000), &sent, &err);
+      transport_->close_notify(deadline_after(1000));
     }
   }
   ::shutdown(fd_, SHUT_RDWR);

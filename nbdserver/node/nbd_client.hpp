@@ -13,6 +13,13 @@
 // and is abandoned (its late reply is read and dropped; the connection stays
 // usable). A dead socket or a protocol violation makes the connection broken
 // for good: every waiting and later call returns kBroken with the reason.
+//
+// TLS (use_tls()): after the server's greeting the client sends
+// NBD_OPT_STARTTLS and nothing else until a TLS handshake with its
+// pre-shared key succeeded; any other answer fails connect(), so a man in
+// the middle who strips STARTTLS gets no plaintext session. The rest of the
+// handshake and every request and reply then go through node::Transport's
+// TLS engine. Without TLS the bytes go as they always did: no copies.
 #pragma once
 
 #include <atomic>
@@ -26,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "node/transport.hpp"
 #include "protocol/client.hpp"
 
 namespace node {
@@ -61,11 +69,20 @@ class NbdClient {
   // close()s the connection; no call may be in progress in another thread.
   ~NbdClient();
 
+  // Makes connect() require TLS, authenticating as psk.identity. Call
+  // before connect().
+  void use_tls(Psk psk) { psk_ = std::make_unique<Psk>(std::move(psk)); }
+
   // Connects (TCP_NODELAY), handshakes and starts the reader thread; the
   // whole of it within timeout_ms (<= 0: no limit). On failure returns false
   // and *err says why, with the server's message when it refused. Call once.
   bool connect(const Endpoint& ep, const std::string& export_name,
                const std::vector<std::string>& contexts, int timeout_ms, std::string* err);
+  // After a failed connect() with use_tls(): whether TLS was the reason (the
+  // server did not accept NBD_OPT_STARTTLS, or the TLS handshake failed).
+  bool tls_failed() const { return tls_failed_; }
+  // "TLS1.3/AES-128-GCM" once connected over TLS, else "".
+  std::string tls_description() const { return transport_ ? transport_->tls_description() : ""; }
 
   // What the handshake agreed on; valid after a successful connect().
   uint64_t size() const { return session_.size; }
@@ -117,12 +134,16 @@ class NbdClient {
   bool open_socket(const Endpoint& ep, int64_t deadline_ns, std::string* err);
   bool handshake(const std::string& export_name, const std::vector<std::string>& contexts,
                  int64_t deadline_ns, std::string* err);
+  bool start_tls(std::string_view early, int64_t deadline_ns, std::string* err);
   void read_loop(std::string leftover);
   void fail(std::string why);  // mu_ held
 
   std::string peer_;
   nbd::ClientSession session_;
   int fd_ = -1;
+  std::unique_ptr<Psk> psk_;              // set: TLS required
+  std::unique_ptr<Transport> transport_;  // over fd_, once it is open
+  bool tls_failed_ = false;
   std::thread reader_thread_;
   std::mutex close_mu_;
 
