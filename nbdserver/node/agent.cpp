@@ -18,6 +18,7 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <shared_mutex>
 #include <thread>
@@ -48,6 +49,7 @@ struct Options {
   std::string image, node_name;
   std::string socket;
   std::string mode;  // persistent|ephemeral for a node this attach creates; empty: the server's
+  std::optional<Psk> psk;  // --tls require: the node's key (its identity is node_name)
   std::string peer_listen = "0.0.0.0:10809";
   bool peers = true;
   uint64_t cache = 64ull << 20;
@@ -94,11 +96,15 @@ struct Stats {
 
 // One export on the server list, reconnecting on its own: callers retry
 // what a broken connection lost. The node's view reattaches with ?resume.
+// With a key (--tls require) every connection is TLS or nothing: a server
+// that does not take STARTTLS, or a failed TLS handshake, is logged as an
+// error and retried like any failed connection.
 class Link {
  public:
-  Link(const std::vector<Endpoint>& servers, std::string name, std::vector<std::string> contexts,
-       Stats& stats, std::atomic<bool>& stopping)
-      : servers_(servers), name_(std::move(name)), contexts_(std::move(contexts)),
+  // `psk` (may be null) must outlive the link.
+  Link(const std::vector<Endpoint>& servers, const Psk* psk, std::string name,
+       std::vector<std::string> contexts, Stats& stats, std::atomic<bool>& stopping)
+      : servers_(servers), psk_(psk), name_(std::move(name)), contexts_(std::move(contexts)),
         stats_(stats), stopping_(stopping) {}
 
   // The export names of the first connection and of reconnects (defaults:
@@ -106,17 +112,23 @@ class Link {
   void set_first_name(std::string n) { first_name_ = std::move(n); }
   void set_resume_name(std::string n) { resume_name_ = std::move(n); }
 
-  // The first connection; false and *err when no server takes it.
+  // The first connection; false and *err (each server's reason) when no
+  // server takes it.
   bool connect_first(std::string* err) {
     std::lock_guard<std::mutex> g(mu_);
+    err->clear();
     for (const Endpoint& s : servers_) {
-      auto c = std::make_shared<NbdClient>();
-      if (c->connect(s, first_name_.empty() ? name_ : first_name_, contexts_, 10000, err)) {
+      auto c = make_client();
+      std::string why;
+      if (c->connect(s, first_name_.empty() ? name_ : first_name_, contexts_, 10000, &why)) {
+        if (psk_)
+          spdlog::info("upstream: '{}' on {} over {} as '{}'", name_, s.text(), c->tls_description(),
+                       psk_->identity);
         cur_ = std::move(c);
         at_ = s.text();
         return true;
       }
-      *err = s.text() + ": " + *err;
+      *err += (err->empty() ? "" : "; ") + why;  // why names the server
     }
     return false;
   }
@@ -130,19 +142,24 @@ class Link {
     for (unsigned attempt = 0;; ++attempt) {
       if (stopping_) return nullptr;
       for (const Endpoint& s : servers_) {
-        auto c = std::make_shared<NbdClient>();
+        auto c = make_client();
         std::string err;
         const std::string& name = resume_name_.empty() ? name_ : resume_name_;
         if (c->connect(s, name, contexts_, 5000, &err)) {
           double secs = std::chrono::duration<double>(Clock::now() - lost).count();
-          spdlog::info("upstream: '{}' reconnected to {} as '{}' after {:.2f} s", name_, s.text(),
-                       name, secs);
+          spdlog::info("upstream: '{}' reconnected to {} as '{}' after {:.2f} s{}", name_, s.text(),
+                       name, secs, psk_ ? " over " + c->tls_description() : "");
           ++stats_.reconnects;
           cur_ = std::move(c);
           at_ = s.text();
           return cur_;
         }
-        if (err != last) spdlog::warn("upstream: '{}' on {}: {}", name_, s.text(), err);
+        if (err != last && c->tls_failed()) {
+          // err names the server: "HOST:PORT: the server did not accept ..."
+          spdlog::error("upstream: '{}' on {}; retrying", name_, err);
+        } else if (err != last) {
+          spdlog::warn("upstream: '{}' on {}: {}", name_, s.text(), err);
+        }
         last = err;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
@@ -174,7 +191,14 @@ class Link {
   }
 
  private:
+  std::shared_ptr<NbdClient> make_client() const {
+    auto c = std::make_shared<NbdClient>();
+    if (psk_) c->use_tls(*psk_);
+    return c;
+  }
+
   const std::vector<Endpoint>& servers_;
+  const Psk* psk_;
   std::string name_, first_name_, resume_name_;
   std::vector<std::string> contexts_;
   Stats& stats_;
@@ -253,7 +277,8 @@ class Agent {
  public:
   Agent(Options o)
       : o_(std::move(o)),
-        view_(o_.servers, o_.exp, {"nbdroot:dirty"}, stats_, stopping_),
+        view_(o_.servers, o_.psk ? &*o_.psk : nullptr, o_.exp, {"nbdroot:dirty"}, stats_,
+              stopping_),
         dirty_(kBlock),
         cache_(o_.peers ? o_.cache : 0),
         kernel_backend_(*this),
@@ -746,7 +771,8 @@ bool Agent::setup_generation(std::string* err) {
     return false;
   }
   arena_ = std::make_unique<ChunkArena>(cache_.limit(), chunk_size_);
-  gen_ = std::make_unique<Link>(o_.servers, gen_name_, std::vector<std::string>{}, stats_, stopping_);
+  gen_ = std::make_unique<Link>(o_.servers, o_.psk ? &*o_.psk : nullptr, gen_name_,
+                                std::vector<std::string>{}, stats_, stopping_);
   if (!gen_->connect_first(err)) return false;
   if (gen_->size() != gen_size_) {
     *err = "the server's " + gen_name_ + " has another size than the node's view";
@@ -899,7 +925,7 @@ void on_signal(int) {
 
 int run_agent(int argc, char** argv) {
   Options o;
-  std::string servers, cache = "64M", upload = "0", peers = "on";
+  std::string servers, cache = "64M", upload = "0", peers = "on", tls = "off", key_file;
   po::options_description desc(
       "nbdserver node: the node agent. Serves the node's root to its kernel on a Unix socket\n"
       "(nbd-client -unix PATH), keeps the node's view on the server, reads clean blocks from\n"
@@ -909,6 +935,9 @@ int run_agent(int argc, char** argv) {
       "server", po::value(&servers)->required(), "NBD server(s), HOST:PORT or unix:PATH, comma-separated")(
       "export", po::value(&o.exp)->required(), "the node's view, IMAGE/NODE")(
       "mode", po::value(&o.mode), "persistent|ephemeral: the mode of a node this attach creates")(
+      "tls", po::value(&tls)->default_value(tls),
+      "off|require: every connection to the server over TLS (STARTTLS, the node's key)")(
+      "tls-key-file", po::value(&key_file), "the node's key: one line NODE:HEX (psktool), mode 0600")(
       "socket", po::value(&o.socket)->required(), "Unix socket for the kernel's nbd-client")(
       "tracker", po::value(&o.tracker), "the server's HTTP API (HOST:PORT); peers need it")(
       "peer-listen", po::value(&o.peer_listen)->default_value(o.peer_listen), "where peers connect")(
@@ -955,6 +984,18 @@ int run_agent(int argc, char** argv) {
   o.node_name = o.exp.substr(slash + 1);
   if (!o.mode.empty() && o.mode != "persistent" && o.mode != "ephemeral")
     return bad("--mode must be persistent or ephemeral, got '" + o.mode + "'");
+  if (tls != "off" && tls != "require") return bad("--tls must be off or require, got '" + tls + "'");
+  if (tls == "off" && !key_file.empty()) return bad("--tls-key-file is for --tls require");
+  if (tls == "require") {
+    if (key_file.empty())
+      return bad("--tls require needs --tls-key-file FILE (the node's key: NODE:HEX, mode 0600)");
+    std::string err;
+    o.psk = read_psk_file(key_file, &err);
+    if (!o.psk) return bad("--tls-key-file " + key_file + ": " + err);
+    if (o.psk->identity != o.node_name)
+      return bad("--tls-key-file " + key_file + ": the key is for node '" + o.psk->identity +
+                 "', and --export names node '" + o.node_name + "'");
+  }
   if (peers != "on" && peers != "off") return bad("--peers must be on or off, got '" + peers + "'");
   o.peers = peers == "on";
   if (!parse_size(cache, &o.cache)) return bad("--cache: not a size: '" + cache + "'");
@@ -971,6 +1012,11 @@ int run_agent(int argc, char** argv) {
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(spdlog::level::from_str(o.log_level));
+  if (o.psk && o.peers) {
+    spdlog::info("peers off: peers over TLS are not built yet, and --tls require sends nothing "
+                 "in plaintext: every chunk comes from the server, over TLS");
+    o.peers = false;
+  }
 
   // In the root device's I/O path: never wait on that device's writeback
   // for memory, and never have our own pages paged out to it.

@@ -12,7 +12,10 @@
 // - it reconnects to the server (any of the list) by itself, resuming the
 //   node's view, so the kernel's socket never breaks;
 // - it serves the chunks it holds to other nodes of the same generation,
-//   read-only, over NBD (--peer-listen), within an upload limit.
+//   read-only, over NBD (--peer-listen), within an upload limit;
+// - with --tls require, every connection to the server is TLS (STARTTLS,
+//   then the node's pre-shared key) or nothing, and peers are off (they do
+//   not speak TLS yet).
 //
 // See docs/ARCHITECTURE.md, "The node agent".
 #pragma once
