@@ -41,6 +41,15 @@
 #   nbdroot.cache=SIZE       the agent's chunk cache: N, NK, NM or NG
 #                            (default 64M)
 #   nbdroot.peer_port=P      where the agent serves peers (default 10809)
+#   nbdroot.tls=off|require  require: every connection to the servers over
+#                            TLS with the node's key (needs nbdroot.key=).
+#                            Turns the agent on whatever nbdroot.agent= says:
+#                            the kernel cannot do TLS
+#   nbdroot.key=NODE:HEX     the node's pre-shared key, as psktool and
+#                            `nbdserver admin key NODE` write it: the node id,
+#                            ':', 64 hex digits. Only with nbdroot.tls=require.
+#                            Never echoed in a message (see docs/security.md:
+#                            /proc/cmdline is readable by every local user)
 #   rootfstype=, rootflags=, ro, rw, panic=N, ip=...   (kernel's own)
 #
 # Results (all set, possibly empty):
@@ -52,6 +61,8 @@
 #   NBDROOT_NETLINK (0|1) NBDROOT_BLOCKSIZE
 #   NBDROOT_AGENT NBDROOT_PEERS (on|off) NBDROOT_TRACKER (host:port or
 #   empty) NBDROOT_CACHE NBDROOT_PEER_PORT
+#   NBDROOT_TLS (off|require) NBDROOT_KEY (NODE:HEX, or empty) NBDROOT_KEY_ID
+#   (its NODE)
 #   NBDROOT_MODE_GIVEN (1 when nbdroot.mode= was there: the node then tells
 #   the server its mode, see nbdroot_attach)
 #   NBDROOT_IP (raw ip= value) and, from it, NBDROOT_IP_METHOD (dhcp|static|off)
@@ -214,6 +225,37 @@ _nr_ipv4() {
 	done
 }
 
+# _nr_tls: nbdroot.tls= and nbdroot.key= (in _nr_key) checked together.
+# Messages never quote the key.
+_nr_tls() {
+	if [ "${_nr_has#*key}" != "$_nr_has" ]; then
+		[ "$NBDROOT_TLS" = require ] ||
+			{ _nr_fail "nbdroot.key= is for nbdroot.tls=require (TLS is off)"; return 2; }
+		case $_nr_key in
+		*:*) ;;
+		*) _nr_fail "nbdroot.key: expected NODE:HEX (the node id, ':', 64 hex digits)"; return 2 ;;
+		esac
+		NBDROOT_KEY_ID=${_nr_key%%:*}
+		_nr_hex=${_nr_key#*:}
+		nbdroot_valid_name "$NBDROOT_KEY_ID" ||
+			{ _nr_fail "nbdroot.key: expected NODE:HEX, and NODE is not a node id (letters, digits, . _ -)"; return 2; }
+		case $_nr_hex in
+		*[!0-9A-Fa-f]*) _nr_fail "nbdroot.key: the key after '$NBDROOT_KEY_ID:' is not hex digits"; return 2 ;;
+		esac
+		[ ${#_nr_hex} -eq 64 ] ||
+			{ _nr_fail "nbdroot.key: the key after '$NBDROOT_KEY_ID:' has ${#_nr_hex} hex digits, not 64 (256 bits)"; return 2; }
+		[ -z "$NBDROOT_NODE" ] || [ "$NBDROOT_NODE" = "$NBDROOT_KEY_ID" ] ||
+			{ _nr_fail "nbdroot.key is for node '$NBDROOT_KEY_ID', and this node is '$NBDROOT_NODE'"; return 2; }
+		NBDROOT_KEY=$_nr_key
+	fi
+	if [ "$NBDROOT_TLS" = require ]; then
+		[ -n "$NBDROOT_KEY" ] ||
+			{ _nr_fail "nbdroot.tls=require, and no nbdroot.key=NODE:HEX: this boot got no key (on the server: nbdserver admin key NODE --arm, then boot again)"; return 2; }
+		NBDROOT_AGENT=on  # the kernel cannot do TLS; the agent holds the connection
+	fi
+	return 0
+}
+
 # nbdroot_parse CMDLINE: see the top of this file.
 nbdroot_parse() {
 	NBDROOT_SERVERS= NBDROOT_IMAGE= NBDROOT_NODE= NBDROOT_EXPORT= NBDROOT_ERROR=
@@ -221,7 +263,8 @@ nbdroot_parse() {
 	NBDROOT_RETRIES=5 NBDROOT_TIMEOUT=0 NBDROOT_SHELL=0 NBDROOT_PANIC= NBDROOT_IP=
 	NBDROOT_NETLINK=1 NBDROOT_BLOCKSIZE=
 	NBDROOT_AGENT=on NBDROOT_PEERS=on NBDROOT_TRACKER= NBDROOT_CACHE=64M NBDROOT_PEER_PORT=10809
-	_nr_tracker= _nr_peer_port=
+	NBDROOT_TLS=off NBDROOT_KEY= NBDROOT_KEY_ID=
+	_nr_tracker= _nr_peer_port= _nr_key=
 	_nr_deb= _nr_dracut= _nr_node= _nr_more= _nr_fstype= _nr_fsopts= _nr_any=0
 	_nr_mode= _nr_retries= _nr_timeout= _nr_has=
 	_nr_glob=
@@ -245,6 +288,8 @@ nbdroot_parse() {
 		nbdroot.peers=on | nbdroot.peers=off) NBDROOT_PEERS=${_nr_w#*=} ;;
 		nbdroot.tracker=*) _nr_tracker=${_nr_w#*=}; _nr_any=1; _nr_has="$_nr_has tracker" ;;
 		nbdroot.peer_port=*) _nr_peer_port=${_nr_w#*=}; _nr_any=1; _nr_has="$_nr_has pport" ;;
+		nbdroot.tls=off | nbdroot.tls=require) NBDROOT_TLS=${_nr_w#*=}; _nr_any=1 ;;
+		nbdroot.key=*) _nr_key=${_nr_w#*=}; _nr_any=1; _nr_has="$_nr_has key" ;;
 		nbdroot.cache=[1-9]* | nbdroot.cache=0)
 			_nr_c=${_nr_w#*=}
 			case ${_nr_c%[KMG]} in
@@ -256,6 +301,8 @@ nbdroot_parse() {
 			NBDROOT_CACHE=$_nr_c; _nr_any=1 ;;
 		nbdroot.agent=* | nbdroot.peers=*) [ -z "$_nr_glob" ] && set +f
 			_nr_fail "${_nr_w%%=*}: expected on or off, got '${_nr_w#*=}'"; return 2 ;;
+		nbdroot.tls=*) [ -z "$_nr_glob" ] && set +f
+			_nr_fail "nbdroot.tls: expected off or require, got '${_nr_w#*=}'"; return 2 ;;
 		nbdroot.cache=*) [ -z "$_nr_glob" ] && set +f
 			_nr_fail "nbdroot.cache: expected a size (N, NK, NM or NG), got '${_nr_w#*=}'"; return 2 ;;
 		nbdroot.netlink=* | nbdroot.blocksize=*) [ -z "$_nr_glob" ] && set +f
@@ -362,6 +409,7 @@ nbdroot_parse() {
 			{ _nr_fail "nbdroot.peer_port: expected 1-65535, got '$_nr_peer_port'"; return 2; }
 		NBDROOT_PEER_PORT=$_nr_peer_port
 	fi
+	_nr_tls || return 2
 	case $NBDROOT_PANIC in
 	'' | -[0-9] | -[0-9][0-9] | -[0-9][0-9][0-9]) ;;
 	*[!0-9]*) _nr_fail "panic=: expected seconds, got '$NBDROOT_PANIC'"; return 2 ;;
@@ -376,10 +424,11 @@ nbdroot_parse() {
 	return 0
 }
 
-# nbdroot_dump: every result as NAME=value, one a line (for tests and logs).
+# nbdroot_dump: every result as NAME=value, one a line (for tests and logs),
+# but the key: NBDROOT_KEY_ID says whose it is.
 nbdroot_dump() {
 	for _nr_v in SERVERS IMAGE NODE EXPORT FSTYPE FSOPTS RO MODE MODE_GIVEN RETRIES TIMEOUT \
-		SHELL PANIC NETLINK BLOCKSIZE AGENT PEERS TRACKER CACHE PEER_PORT IP IP_METHOD IP_ADDR IP_GW IP_MASK IP_DEV IP_DNS ERROR; do
+		SHELL PANIC NETLINK BLOCKSIZE AGENT PEERS TRACKER CACHE PEER_PORT TLS KEY_ID IP IP_METHOD IP_ADDR IP_GW IP_MASK IP_DEV IP_DNS ERROR; do
 		eval "echo \"NBDROOT_$_nr_v=\${NBDROOT_$_nr_v:-}\""
 	done
 }

@@ -159,17 +159,43 @@ nbdroot_wait_size() {
 }
 
 # nbdroot_agent_wanted: nbdroot-agent is in this initrd and the command
-# line did not turn it off (nbdroot.agent=off).
+# line did not turn it off (nbdroot.agent=off). With nbdroot.tls=require
+# there is no other way: without a working agent the boot fails, it never
+# attaches in plaintext.
 nbdroot_agent_wanted() {
 	[ "$NBDROOT_AGENT" = on ] || return 1
-	command -v nbdroot-agent >/dev/null 2>&1 || return 1
+	if ! command -v nbdroot-agent >/dev/null 2>&1; then
+		[ "$NBDROOT_TLS" = require ] &&
+			fail "nbdroot.tls=require, and this initrd has no nbdroot-agent (the kernel cannot do TLS): not attaching in plaintext"
+		return 1
+	fi
 	# A library missing from the initrd (libroaring from a tree that lacks
 	# it, an older glibc): boot as without the agent rather than fail.
 	if ! _a_out=$(nbdroot-agent --help 2>&1 >/dev/null); then
-		log "WARNING: nbdroot-agent cannot run here ($(echo "$_a_out" | head -n 2 | tr '\n' ' ')): attaching directly"
+		_a_out=$(echo "$_a_out" | head -n 2 | tr '\n' ' ')
+		[ "$NBDROOT_TLS" = require ] &&
+			fail "nbdroot.tls=require, and nbdroot-agent cannot run here ($_a_out): not attaching in plaintext"
+		log "WARNING: nbdroot-agent cannot run here ($_a_out): attaching directly"
 		return 1
 	fi
 	return 0
+}
+
+# nbdroot_key_file: with nbdroot.tls=require, writes the node's key where
+# only root can read it (created under umask 077: never readable by others,
+# not even for a moment) and sets _a_tls to the agent's TLS options. printf
+# is the shell's own, so the key is in no process's arguments. The node id
+# may come from the MAC only now: the key must be that node's.
+nbdroot_key_file() {
+	_a_tls=
+	[ "$NBDROOT_TLS" = require ] || return 0
+	[ "$NBDROOT_KEY_ID" = "$NBDROOT_NODE" ] ||
+		fail "nbdroot.key is for node '$NBDROOT_KEY_ID', and this node is '$NBDROOT_NODE'"
+	_a_key="$NBDROOT_RUN/node.psk"
+	rm -f "$_a_key"
+	(umask 077 && printf '%s\n' "$NBDROOT_KEY" >"$_a_key") ||
+		fail "cannot write the node's key to $_a_key"
+	_a_tls="--tls require --tls-key-file $_a_key"
 }
 
 # nbdroot_agent_start: starts nbdroot-agent, which outlives the initrd: it
@@ -190,8 +216,17 @@ nbdroot_agent_start() {
 	else
 		_a_tracker="--tracker $NBDROOT_TRACKER"
 	fi
+	nbdroot_key_file
+	# Peers do not speak TLS yet: with it, every chunk comes from the servers.
+	_a_how=
+	if [ -n "$_a_tls" ]; then
+		_a_peers=off _a_tracker=
+		_a_how="TLS with node $NBDROOT_NODE's key, peers off (not over TLS yet)"
+	else
+		_a_how="peers $_a_peers${_a_tracker:+ (tracker $NBDROOT_TRACKER)}"
+	fi
 	rm -f "$NBDROOT_RUN/agent.ready" "$NBDROOT_RUN/agent.sock"
-	log "nbdroot-agent: export $NBDROOT_EXPORT, servers: $NBDROOT_SERVERS, peers $_a_peers${_a_tracker:+ (tracker $NBDROOT_TRACKER)}, cache $NBDROOT_CACHE"
+	log "nbdroot-agent: export $NBDROOT_EXPORT, servers: $NBDROOT_SERVERS, $_a_how, cache $NBDROOT_CACHE"
 	# In NBDROOT_RUN, with the stats file named relative to it: after
 	# switch_root the agent's / is the emptied initramfs, but its working
 	# directory is still the run directory, now the new root's.
@@ -200,7 +235,7 @@ nbdroot_agent_start() {
 		--server "$(echo $NBDROOT_SERVERS | tr ' ' ',')" \
 		--export "$NBDROOT_EXPORT" --socket "$NBDROOT_RUN/agent.sock" \
 		--stats-file agent.stats --ready-file "$NBDROOT_RUN/agent.ready" \
-		--peers "$_a_peers" $_a_tracker $_a_mode --cache "$NBDROOT_CACHE" \
+		--peers "$_a_peers" $_a_tracker $_a_mode $_a_tls --cache "$NBDROOT_CACHE" \
 		--peer-listen "0.0.0.0:$NBDROOT_PEER_PORT") \
 		</dev/null >"$NBDROOT_RUN/agent.log" 2>&1 &
 	_a_pid=$!
@@ -213,6 +248,8 @@ nbdroot_agent_start() {
 		[ $i -gt 900 ] && fail "nbdroot-agent not ready after 180 s: $(tail -n 5 "$NBDROOT_RUN/agent.log" | tr '\n' ' ')"
 		sleep 0.2
 	done
+	# The agent holds the key in memory (locked) from here on.
+	[ -n "$_a_tls" ] && rm -f "$_a_key"
 	echo "$_a_pid" >"$NBDROOT_RUN/agent.pid"
 }
 

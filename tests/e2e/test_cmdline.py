@@ -23,6 +23,9 @@ def parse(cmdline, shell):
     return int(out.pop("RC")), {k[len("NBDROOT_"):]: v for k, v in out.items()}
 
 
+HEX = "00112233445566778899aabbccddeeff" * 2
+KEY = "n1:" + HEX
+
 # (command line, expected fields); every field not named has its default.
 ACCEPTED = [
     ("nbdroot=10.0.2.2:10810/lab ip=dhcp panic=5",
@@ -64,6 +67,17 @@ ACCEPTED = [
     ("nbdroot=h/lab nbdroot.cache=0 nbdroot.peers=off", dict(CACHE="0", PEERS="off")),
     ("nbdroot=h/lab nbdroot.cache=65536 nbdroot.cache=512K", dict(CACHE="512K")),
     ("nbdroot=h/lab nbdroot.agent=off nbdroot.agent=on nbdroot.agent=off", dict(AGENT="off")),
+    # the tls tier: the key's node may be the one the MAC gives (checked later)
+    (f"nbdroot=h/lab/n1 nbdroot.tls=require nbdroot.key={KEY}",
+     dict(TLS="require", KEY_ID="n1", AGENT="on", NODE="n1")),
+    (f"nbdroot=h/lab nbdroot.key=52-54-00-12-34-56:{HEX.upper()} nbdroot.tls=require",
+     dict(TLS="require", KEY_ID="52-54-00-12-34-56", NODE="")),
+    (f"nbdroot=h/lab nbdroot.agent=off nbdroot.tls=require nbdroot.key={KEY}",
+     dict(TLS="require", AGENT="on")),
+    ("nbdroot=h/lab nbdroot.tls=require nbdroot.tls=off", dict(TLS="off", KEY_ID="")),
+    # what a boot script under --tls require appends to an admin's line
+    (f"nbdroot=h/lab/n1 nbdroot.tls=off ip=dhcp nbdroot.tls=require nbdroot.key={KEY}",
+     dict(TLS="require", KEY_ID="n1")),
     ("nbdroot=h/lab ro rootfstype=ext3 rootflags=noatime",
      dict(RO="1", FSTYPE="ext3", FSOPTS="noatime")),
     ("nbdroot=h/lab ro rw", dict(RO="0")),
@@ -134,6 +148,23 @@ MALFORMED = [
     ("nbdroot=h/lab panic=soon", "panic="),
     ("nbdroot=h/lab nbdroot.agent=yes", "nbdroot.agent: expected on or off"),
     ("nbdroot=h/lab nbdroot.peers=", "nbdroot.peers: expected on or off"),
+    ("nbdroot=h/lab nbdroot.tls=on", "nbdroot.tls: expected off or require, got 'on'"),
+    ("nbdroot=h/lab nbdroot.tls=", "nbdroot.tls: expected off or require"),
+    ("nbdroot=h/lab nbdroot.tls=require", "this boot got no key"),
+    ("nbdroot=h/lab nbdroot.tls=require nbdroot.key=", "expected NODE:HEX"),
+    (f"nbdroot=h/lab nbdroot.key={KEY}", "nbdroot.key= is for nbdroot.tls=require"),
+    (f"nbdroot=h/lab nbdroot.tls=off nbdroot.key={KEY}", "is for nbdroot.tls=require"),
+    (f"nbdroot=h/lab nbdroot.tls=require nbdroot.key={HEX}", "expected NODE:HEX"),
+    (f"nbdroot=h/lab nbdroot.tls=require nbdroot.key=:{HEX}", "NODE is not a node id"),
+    (f"nbdroot=h/lab nbdroot.tls=require nbdroot.key=n/1:{HEX}", "NODE is not a node id"),
+    (f"nbdroot=h/lab nbdroot.tls=require nbdroot.key=n1:{HEX[2:]}", "62 hex digits, not 64"),
+    (f"nbdroot=h/lab nbdroot.tls=require nbdroot.key=n1:{HEX}00", "66 hex digits, not 64"),
+    (f"nbdroot=h/lab nbdroot.tls=require nbdroot.key=n1:{HEX[:-1]}g", "is not hex digits"),
+    (f"nbdroot=h/lab nbdroot.tls=require nbdroot.key=n1:{HEX}:{HEX}", "is not hex digits"),
+    (f"nbdroot=h/lab/n2 nbdroot.tls=require nbdroot.key={KEY}",
+     "nbdroot.key is for node 'n1', and this node is 'n2'"),
+    (f"nbdroot=h/lab nbdroot.node=n2 nbdroot.tls=require nbdroot.key={KEY}",
+     "nbdroot.key is for node 'n1', and this node is 'n2'"),
     ("nbdroot=h/lab nbdroot.tracker=10.0.2.2", "nbdroot.tracker: expected <host>:<port>"),
     ("nbdroot=h/lab nbdroot.tracker=", "nbdroot.tracker"),
     ("nbdroot=h/lab nbdroot.tracker=h:0", "nbdroot.tracker"),
@@ -186,6 +217,19 @@ def test_malformed(shell, cmdline, why):
     rc, got = parse(cmdline, shell)
     assert rc == 2, f"accepted: {got}"
     assert why in got["ERROR"], got["ERROR"]
+    # A message goes to the console: it never quotes the key.
+    assert HEX[:16] not in got["ERROR"] and HEX[2:18] not in got["ERROR"], got["ERROR"]
+
+
+def test_the_key_is_kept_but_not_dumped(shell):
+    script = '. "$1"; nbdroot_parse "$2" || exit 9; nbdroot_dump; echo "KEY $NBDROOT_KEY"'
+    p = subprocess.run(shell + ["-c", script, "sh", LIB, f"nbdroot=h/lab nbdroot.tls=require "
+                                                         f"nbdroot.key={KEY}"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[-1] == f"KEY {KEY}"
+    assert not any(HEX in l for l in lines[:-1]), lines
 
 
 @pytest.mark.parametrize("cmdline", NOT_OURS)
@@ -200,7 +244,7 @@ def test_defaults(shell):
     assert got == dict(SERVERS="h:10809", IMAGE="lab", NODE="", EXPORT="", FSTYPE="ext4",
                        FSOPTS="", RO="0", MODE="persistent", MODE_GIVEN="0", RETRIES="5", TIMEOUT="0",
                        SHELL="0", PANIC="", NETLINK="1", BLOCKSIZE="", AGENT="on", PEERS="on",
-                       TRACKER="", CACHE="64M", PEER_PORT="10809", IP="",
+                       TRACKER="", CACHE="64M", PEER_PORT="10809", TLS="off", KEY_ID="", IP="",
                        IP_METHOD="dhcp", IP_ADDR="", IP_GW="", IP_MASK="", IP_DEV="",
                        IP_DNS="", ERROR="")
 
@@ -244,3 +288,87 @@ def test_glob_characters_do_not_expand(shell, tmp_path):
                                 "sh", LIB], capture_output=True, text=True, timeout=30,
                        cwd=tmp_path)
     assert "bad image name 'l*'" in p.stdout
+
+
+# ---------------------------------------------------------------- the agent's key (node.sh)
+
+FAKE_AGENT = r'''#!/bin/sh
+# Stands in for nbdroot-agent: records its arguments, and its key file's
+# mode and contents, then says it is ready.
+[ "$1" = --help ] && exit 0
+echo "$*" >"$FAKE_OUT/args"
+while [ $# -gt 0 ]; do
+	case $1 in
+	--tls-key-file) stat -c %a "$2" >"$FAKE_OUT/mode"; cat "$2" >"$FAKE_OUT/key"; shift ;;
+	--ready-file) ready=$2; shift ;;
+	esac
+	shift
+done
+echo "unix x" >"$ready"
+'''
+
+
+def start_agent(shell, tmp_path, cmdline, node=None, agent=FAKE_AGENT):
+    """nbdroot_agent_start as the init runs it, under umask 000, with a fake
+    nbdroot-agent on PATH (or none when agent is None). Returns (process,
+    run directory)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if agent is not None:
+        (bindir / "nbdroot-agent").write_text(agent)
+        (bindir / "nbdroot-agent").chmod(0o755)
+    script = ('umask 000; . "$1"; . "$2"; log() { echo "LOG $*"; }; '
+              'fail() { echo "FAIL $*"; exit 1; }; nbdroot_parse "$3" || exit 9; '
+              '[ -n "$4" ] && NBDROOT_NODE=$4; nbdroot_export; '
+              'nbdroot_agent_wanted && nbdroot_agent_start')
+    env = dict(os.environ, NBDROOT_RUN=str(run), FAKE_OUT=str(tmp_path),
+               PATH=f"{bindir}:/usr/bin:/bin")
+    p = subprocess.run(shell + ["-c", script, "sh", LIB, NODE_LIB, cmdline, node or ""],
+                       capture_output=True, text=True, timeout=30, env=env)
+    return p, run
+
+
+def test_the_agent_gets_the_key_in_a_file_only_root_can_read(shell, tmp_path):
+    p, run = start_agent(shell, tmp_path, f"nbdroot=h/lab/n1 nbdroot.tracker=h:80 "
+                                          f"nbdroot.tls=require nbdroot.key={KEY}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("--tls") + 1] == "require"
+    assert args[args.index("--tls-key-file") + 1] == f"{run}/node.psk"
+    assert args[args.index("--peers") + 1] == "off" and "--tracker" not in args, args
+    assert not any(HEX in a for a in args)
+    # Written under umask 077 whatever the caller's umask (000 here).
+    assert (tmp_path / "mode").read_text().strip() == "600"
+    assert (tmp_path / "key").read_text() == KEY + "\n"
+    assert not (run / "node.psk").exists(), "the key file outlived the agent's start"
+    assert "TLS with node n1's key, peers off (not over TLS yet)" in p.stdout
+    assert HEX not in p.stdout + p.stderr
+
+
+def test_without_tls_the_agent_gets_no_key(shell, tmp_path):
+    p, run = start_agent(shell, tmp_path, "nbdroot=h/lab/n1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert "--tls" not in args and "--tls-key-file" not in args
+    assert not (tmp_path / "mode").exists()
+
+
+def test_a_key_for_another_node_than_the_macs_fails(shell, tmp_path):
+    """The node id may come from the MAC only after parsing."""
+    p, _ = start_agent(shell, tmp_path, f"nbdroot=h/lab nbdroot.tls=require nbdroot.key={KEY}",
+                       node="52-54-00-12-34-56")
+    assert p.returncode == 1
+    assert "FAIL nbdroot.key is for node 'n1', and this node is '52-54-00-12-34-56'" in p.stdout
+    assert not (tmp_path / "args").exists()
+
+
+@pytest.mark.parametrize("agent", [None, "#!/bin/sh\necho 'libfoo.so: not found' >&2\nexit 127\n"],
+                         ids=["missing", "broken"])
+def test_tls_without_a_working_agent_fails_rather_than_attach_in_plaintext(shell, tmp_path,
+                                                                         agent):
+    p, _ = start_agent(shell, tmp_path, f"nbdroot=h/lab/n1 nbdroot.tls=require nbdroot.key={KEY}",
+                       agent=agent)
+    assert p.returncode == 1, p.stdout
+    assert "FAIL nbdroot.tls=require" in p.stdout and "not attaching in plaintext" in p.stdout
