@@ -215,31 +215,11 @@ bool from_json(const nlohmann::json& j, NodeLife* out, std::string* err) {
 // The node's state.lock, flock()ed for the lifetime of this object.
 class Lifecycle::Locked {
  public:
-  Locked(const std::string& dir, std::string* err) {
-    const std::string path = dir + "/state.lock";
-    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640);
-    if (fd_ < 0) {
-      *err = path + ": " + strerror(errno);
-      return;
-    }
-    int rc;
-    while ((rc = flock(fd_, LOCK_EX)) != 0 && errno == EINTR) {
-    }
-    if (rc != 0) {
-      *err = path + ": cannot lock: " + strerror(errno);
-      ::close(fd_);
-      fd_ = -1;
-    }
-  }
-  ~Locked() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Locked(const Locked&) = delete;
-  Locked& operator=(const Locked&) = delete;
-  bool ok() const { return fd_ >= 0; }
+  Locked(const std::string& dir, std::string* err) : lock_(dir + "/state.lock", 0640, err) {}
+  bool ok() const { return lock_.ok(); }
 
  private:
-  int fd_ = -1;
+  storage::FileLock lock_;
 };
 
 Lifecycle::Lifecycle(std::string store_root, NewNodes policy, Deadlines d)

@@ -1,6 +1,7 @@
 #include "storage/durable_file.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -94,6 +95,28 @@ bool read_small_file(const std::string& path, size_t max, std::string* out, std:
   }
   ::close(fd);
   return true;
+}
+
+FileLock::FileLock(const std::string& path, mode_t mode, std::string* err, int* err_no) {
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, mode);
+  if (fd_ < 0) {
+    if (err_no) *err_no = errno;
+    *err = path + ": " + strerror(errno);
+    return;
+  }
+  int rc;
+  while ((rc = flock(fd_, LOCK_EX)) != 0 && errno == EINTR) {
+  }
+  if (rc != 0) {
+    if (err_no) *err_no = errno;
+    *err = path + ": cannot lock: " + strerror(errno);
+    ::close(fd_);
+    fd_ = -1;
+  }
+}
+
+FileLock::~FileLock() {
+  if (fd_ >= 0) ::close(fd_);
 }
 
 }  // namespace storage

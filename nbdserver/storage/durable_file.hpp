@@ -25,4 +25,19 @@ bool sync_dir(const std::string& dir, std::string* err);
 bool read_small_file(const std::string& path, size_t max, std::string* out, std::string* err,
                      int* err_no = nullptr);
 
+// A lock file, created with `mode` if missing (never through a symbolic
+// link), flock()ed exclusively for the object's lifetime. When it cannot be
+// opened or locked, ok() is false with *err (and *err_no = errno).
+class FileLock {
+ public:
+  FileLock(const std::string& path, mode_t mode, std::string* err, int* err_no = nullptr);
+  ~FileLock();
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+  bool ok() const { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+};
+
 }  // namespace storage

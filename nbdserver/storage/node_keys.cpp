@@ -209,37 +209,18 @@ bool write_record(const std::string& store, const NodeKey& k, std::string* err) 
   return write_file_durable(key_path(store, k.node), to_json(k).dump(2) + "\n", err, 0600);
 }
 
-// nodes/<node>/tls-key.lock, flock()ed for the lifetime of this object.
-// Made only in an existing node directory (*missing otherwise).
+// The node's key lock, held; `missing` when the node has no directory.
 class KeyLock {
  public:
-  KeyLock(const std::string& dir, bool* missing, std::string* err) {
-    const std::string path = dir + "/" + kLockFile;
-    *missing = false;
-    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd_ < 0) {
-      *missing = errno == ENOENT;
-      *err = path + ": " + strerror(errno);
-      return;
-    }
-    int rc;
-    while ((rc = flock(fd_, LOCK_EX)) != 0 && errno == EINTR) {
-    }
-    if (rc != 0) {
-      *err = path + ": cannot lock: " + strerror(errno);
-      ::close(fd_);
-      fd_ = -1;
-    }
+  KeyLock(const std::string& dir, bool* missing, std::string* err)
+      : lock_(dir + "/" + kLockFile, 0600, err, &err_no_) {
+    *missing = !lock_.ok() && err_no_ == ENOENT;
   }
-  ~KeyLock() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  KeyLock(const KeyLock&) = delete;
-  KeyLock& operator=(const KeyLock&) = delete;
-  bool ok() const { return fd_ >= 0; }
+  bool ok() const { return lock_.ok(); }
 
  private:
-  int fd_ = -1;
+  int err_no_ = 0;
+  FileLock lock_;
 };
 
 // Under the node's lock: reads its valid key, lets `change` modify it, and
