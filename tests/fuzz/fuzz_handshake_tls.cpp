@@ -111,16 +111,10 @@ Run run(const uint8_t* in, size_t len, uint8_t seg, uint8_t cfg) {
   h.set_client({"10.0.0.9", "spoofed"});
   if (cfg & 1) h.set_shutting_down();
   Run r{};
-  uint32_t rng = seg * 2654435761u + 1;
+  Chunker chunks(seg);
   size_t pos = 0;
   while (pos < len) {
-    size_t n = len - pos;
-    if (seg & 0x80) {
-      rng = rng * 1103515245u + 12345u;
-      n = std::min<size_t>(n, 1 + (rng >> 16) % 40);
-    } else if (seg) {
-      n = std::min<size_t>(n, seg);
-    }
+    size_t n = chunks.next(len - pos);
     size_t used = h.feed(in + pos, n);
     CHECK(used <= n);
     pos += used;
