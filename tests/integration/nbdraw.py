@@ -401,6 +401,24 @@ class RawClient:
             assert self.export_size is not None, "server did not send NBD_INFO_EXPORT"
         return replies
 
+    def opt_starttls(self, data=b"", then=b""):
+        """NBD_OPT_STARTTLS, with `then` appended in the same send() (bytes a
+        client would wrongly send in plaintext after it). Returns the reply;
+        after an ACK everything on the socket is the TLS stream."""
+        self.send(option_bytes(OPT_STARTTLS, data) + then)
+        return self.recv_option_reply(OPT_STARTTLS)
+
+    def recv_some(self, timeout=5.0):
+        """The next bytes the server sends (up to 64 KiB), or b"" once it has
+        closed (or reset) the connection."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+        finally:
+            self.sock.settimeout(self.timeout)
+
     def opt_export_name(self, name):
         """NBD_OPT_EXPORT_NAME: no reply on failure, the server closes."""
         self.send_option(OPT_EXPORT_NAME, name.encode())
