@@ -35,6 +35,7 @@ struct Engine::Impl {
   KeyLookup lookup;
   std::string lookup_why;  // why the last lookup refused an identity
   std::string found;       // the identity whose key the last lookup found
+  bool started = false;    // bytes were fed
   std::string in;          // ciphertext fed and not yet pulled by GnuTLS
   size_t in_pos = 0;
   std::string* out = nullptr;
@@ -160,6 +161,8 @@ void Engine::step_handshake() {
   } while (rc < 0 && !gnutls_error_is_fatal(rc) && rc != GNUTLS_E_AGAIN);
   if (rc == GNUTLS_E_AGAIN) return;
   if (rc < 0) {
+    // The peer learns that, not why (RFC 8446 6.2: send the alert).
+    gnutls_alert_send_appropriate(impl_->session, rc);
     std::string why = "TLS handshake failed: " + gnutls_text(rc);
     if (!impl_->lookup_why.empty()) {
       why += " (" + impl_->lookup_why + ")";
@@ -184,6 +187,16 @@ Engine::Status Engine::start() {
 
 Engine::Status Engine::feed(const uint8_t* data, size_t len) {
   if (status_ == Status::kFailed || status_ == Status::kClosed) return status_;
+  // A client's stream starts with a handshake record (content type 22).
+  // Anything else (plaintext NBD after STARTTLS) is refused at once, rather
+  // than read as the header of a record GnuTLS would wait for.
+  if (impl_->server_cred && !impl_->started && len > 0 && data[0] != 22) {
+    gnutls_alert_send(impl_->session, GNUTLS_AL_FATAL, GNUTLS_A_UNEXPECTED_MESSAGE);
+    fail("TLS handshake failed: the client did not start TLS (its first byte is " +
+         std::to_string(data[0]) + ", not a TLS handshake record)");
+    return status_;
+  }
+  if (len > 0) impl_->started = true;
   impl_->in.append(reinterpret_cast<const char*>(data), len);
   if (status_ == Status::kHandshaking) step_handshake();
   return status_;

@@ -129,6 +129,9 @@ TEST(TlsEngine, WrongKeyFailsAndTheServerSaysWhyOnlyInItsError) {
   EXPECT_EQ(p.server->status(), Engine::Status::kFailed);
   EXPECT_NE(p.server->error().find("TLS handshake failed"), std::string::npos) << p.server->error();
   EXPECT_EQ(p.server->identity(), "");
+  // The client got an alert, not a silent close.
+  EXPECT_EQ(p.client->status(), Engine::Status::kFailed);
+  EXPECT_NE(p.client->error().find("alert"), std::string::npos) << p.client->error();
 }
 
 TEST(TlsEngine, UnknownIdentityFailsWithTheLookupsReason) {
@@ -148,6 +151,10 @@ TEST(TlsEngine, GarbageInsteadOfAClientHelloFails) {
   std::string junk = "IHAVEOPT this is plaintext NBD, not a TLS record";
   s->feed(reinterpret_cast<const uint8_t*>(junk.data()), junk.size());
   EXPECT_EQ(s->status(), Engine::Status::kFailed);
+  EXPECT_NE(s->error().find("did not start TLS"), std::string::npos) << s->error();
+  // The client is told with an alert record (content type 21), at once.
+  ASSERT_FALSE(s->outbox().empty());
+  EXPECT_EQ(uint8_t(s->outbox()[0]), 21);
 }
 
 TEST(TlsEngine, PskLinesAsPsktoolWritesThem) {
