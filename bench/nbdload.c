@@ -325,7 +325,8 @@ static void usage(FILE *f)
 {
   fprintf(f,
     "usage: nbdload --uri URI [options]\n"
-    "  --uri URI            NBD URI, e.g. nbd://127.0.0.1:10809/name\n"
+    "  --uri URI            NBD URI, e.g. nbd://127.0.0.1:10809/name, or over TLS\n"
+    "                       nbds://ID@127.0.0.1:10809/name?tls-psk-file=FILE\n"
     "  --op read|write      request type (default read)\n"
     "  --pattern rand|seq   offsets: random aligned to bs, or sequential (default rand)\n"
     "  --bs BYTES           request size, suffixes K M G (default 4096)\n"
@@ -434,6 +435,8 @@ int main(int argc, char **argv)
     c->h = nbd_create();
     if (!c->h) die_nbd("nbd_create");
     if (nbd_set_pread_initialize(c->h, false) == -1) die_nbd("nbd_set_pread_initialize");
+    /* The URI is ours to trust: let nbds:// URIs name a tls-psk-file. */
+    if (nbd_set_uri_allow_local_file(c->h, true) == -1) die_nbd("nbd_set_uri_allow_local_file");
     if (nbd_connect_uri(c->h, cfg.uri) == -1) die_nbd("nbd_connect_uri");
     int64_t sz = nbd_get_size(c->h);
     if (sz == -1) die_nbd("nbd_get_size");

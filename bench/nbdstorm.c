@@ -413,7 +413,8 @@ static void usage(FILE *f)
         "Replays a request trace for N nodes at once, each on its own connection.\n"
         "  --trace FILE      the trace (text or gzip'd: T_MS OP OFFSET LENGTH [fua])\n"
         "  --uri URI         NBD URI; every \"%d\" in it becomes the node's number (0..N-1);\n"
-        "                    nbd+unix:///EXPORT?socket=PATH for a Unix socket\n"
+        "                    nbd+unix:///EXPORT?socket=PATH for a Unix socket; over TLS\n"
+        "                    nbds://node-%d@HOST:PORT/EXPORT?tls-psk-file=FILE\n"
         "  --netns NS        connect node %d from network namespace NS (a path, or a name\n"
         "                    under /run/netns; \"%d\" becomes the node's number)\n"
         "  --nodes N         nodes (default 1)\n"
@@ -475,6 +476,9 @@ int main(int argc, char **argv)
     if (!n->h)
       die("nbd_create: %s", nbd_get_error());
     nbd_set_pread_initialize(n->h, false);
+    /* The URI is ours to trust: let nbds:// URIs name a tls-psk-file. */
+    if (nbd_set_uri_allow_local_file(n->h, true) == -1)
+      die("nbd_set_uri_allow_local_file: %s", nbd_get_error());
   }
 
   struct worker *workers = calloc(cfg.threads, sizeof *workers);

@@ -129,10 +129,14 @@ class ServerError(Exception):
 
 
 class Server:
-    """One running server instance serving one export."""
+    """One running server instance serving one export.  With `tls` set, the
+    server requires TLS with the pre-shared key of identity TLS_IDENTITY in
+    args.psk_file, and uri() is an nbds:// URI that makes libnbd's clients
+    (nbdload, nbdinfo, nbdcopy) connect with that key."""
 
     name = "?"
     export = "bench"
+    tls = False
 
     def __init__(self, args, image, readonly, logpath):
         self.args = args
@@ -146,24 +150,32 @@ class Server:
 
     # subclasses: command(port) -> argv ; or override start()
     def uri(self):
+        if self.tls:
+            return (f"nbds://{TLS_IDENTITY}@127.0.0.1:{self.port}/{self.export}"
+                    f"?tls-psk-file={self.args.psk_file}")
         return f"nbd://127.0.0.1:{self.port}/{self.export}"
 
-    def _spawn(self, argv):
+    def _spawn(self, argv, env=None):
         if self.args.server_cpus:
             argv = ["taskset", "-c", self.args.server_cpus] + argv
         self.logf = open(self.logpath, "ab")
         self.logf.write(("\n$ " + " ".join(argv) + "\n").encode())
         self.logf.flush()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf,
-                                     stderr=subprocess.STDOUT, preexec_fn=_preexec)
+                                     stderr=subprocess.STDOUT, preexec_fn=_preexec,
+                                     env=None if env is None else dict(os.environ, **env))
         LIVE.add(self)
         self.pid = self.proc.pid
+
+    def env(self):
+        """Extra environment of the server process, or None."""
+        return None
 
     def start(self):
         last = None
         for attempt in range(3):  # a free port can be stolen between probe and bind
             self.port = free_port()
-            self._spawn(self.command(self.port))
+            self._spawn(self.command(self.port), self.env())
             try:
                 self.wait_ready()
                 return
@@ -264,6 +276,7 @@ def tail(path, n=15):
 
 class Ours(Server):
     name = "ours"
+    log_level = "warn"
 
     def start(self):
         ready = os.path.join(self.args.workdir, f"ours-{os.getpid()}.ready")
@@ -274,7 +287,9 @@ class Ours(Server):
         self.tmpfiles.append(ready)
         spec = f"{self.export}={self.image}" + (",ro" if self.readonly else "")
         argv = [self.args.nbdserver, "--listen", "127.0.0.1:0", "--ready-file", ready,
-                "--export", spec, "--log-level", "warn"]
+                "--export", spec, "--log-level", self.log_level]
+        if self.tls:
+            argv += ["--tls", "require", "--tls-psk-file", self.args.psk_file]
         if self.args.ours_threads:
             argv += ["--threads", str(self.args.ours_threads)]
         argv += self.args.ours_arg
@@ -309,6 +324,8 @@ class Nbdkit(Server):
         argv = ["nbdkit", "-f", "--exit-with-parent", "-p", str(port), "-i", "127.0.0.1"]
         if self.args.nbdkit_threads:
             argv += ["--threads", str(self.args.nbdkit_threads)]
+        if self.tls:
+            argv += ["--tls=require", f"--tls-psk={self.args.psk_file}"]
         if self.readonly:
             argv.append("-r")
         return argv + ["file", self.image]
@@ -379,7 +396,60 @@ class NbdServer(Server):
         raise last
 
 
-SERVERS = {"ours": Ours, "nbdkit": Nbdkit, "qemu-nbd": QemuNbd, "nbd-server": NbdServer}
+class OursTls(Ours):
+    name = "ours-tls"
+    tls = True
+
+
+class NbdkitTls(Nbdkit):
+    """nbdkit with its default TLS priorities: with libnbd as the client that
+    negotiates ChaCha20-Poly1305 (nbdkit -D nbdkit.tls.session=1 says so)."""
+
+    name = "nbdkit-tls"
+    tls = True
+
+
+class NbdkitTlsAes(NbdkitTls):
+    """nbdkit-tls with ChaCha20 disabled through a GnuTLS system priority file
+    in its environment, so it negotiates AES-128-GCM as ours does."""
+
+    name = "nbdkit-tls-aes"
+
+    def env(self):
+        return no_chacha_env(self.args.workdir)
+
+
+def no_chacha_env(workdir):
+    """Environment that makes a GnuTLS program (nbdkit) leave ChaCha20 out of
+    every priority string: a system priority file in workdir that disables
+    it.  nbdkit then negotiates AES-128-GCM with libnbd."""
+    path = os.path.join(workdir, "gnutls-no-chacha.config")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("[overrides]\ntls-disabled-cipher = CHACHA20-POLY1305\n")
+    return {"GNUTLS_SYSTEM_PRIORITY_FILE": path}
+
+
+SERVERS = {"ours": Ours, "nbdkit": Nbdkit, "qemu-nbd": QemuNbd, "nbd-server": NbdServer,
+           "ours-tls": OursTls, "nbdkit-tls": NbdkitTls, "nbdkit-tls-aes": NbdkitTlsAes}
+# run.py --tls: each server of --servers is replaced by its TLS variant.
+TLS_VARIANT = {"ours": "ours-tls", "nbdkit": "nbdkit-tls"}
+TLS_IDENTITY = "bench"
+
+
+def write_psk_file(path, identities):
+    """A psktool-format key file (IDENTITY:HEX, one 256-bit key per line) with
+    mode 0600, as nbdserver --tls-psk-file, nbdkit --tls-psk and libnbd's
+    tls-psk-file read it.  Replaces any file at path."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        for ident in identities:
+            f.write(f"{ident}:{os.urandom(32).hex()}\n")
+    os.replace(tmp, path)
+    return path
+
+
 LIVE = set()
 
 # --------------------------------------------------------------------------
@@ -395,6 +465,8 @@ WORKLOADS = {
     "sr128k": ("128K seq read QD8", "load", dict(op="read", pattern="seq", bs=128 << 10, qd=8, conns=1)),
     "nbdcopy": ("nbdcopy whole export -> null:", "nbdcopy", {}),
     "rw4k_qd32": ("4K rand write QD32", "load", dict(op="write", pattern="rand", bs=4096, qd=32, conns=1)),
+    # opt-in: 1 MiB sequential writes (bench/tls.py: the server decrypts bulk data)
+    "sw1m": ("1M seq write QD8", "load", dict(op="write", pattern="seq", bs=1 << 20, qd=8, conns=1)),
     # opt-in (not in the default list): every write with FUA, i.e. durable
     "rw4k_fua_qd8": ("4K rand write FUA QD8", "load",
                      dict(op="write", pattern="rand", bs=4096, qd=8, conns=1, fua=True)),
@@ -634,20 +706,31 @@ def best_peer(summ, peers, w, key, lower_is_better=False):
     return (min(vals) if lower_is_better else max(vals))
 
 
+def ours_and_peers(servers):
+    """(the nbdserver that ratios are taken for, its peers): ours and the
+    other plaintext servers, or ours-tls and the TLS ones when ours is not
+    run (run.py --tls)."""
+    ref = "ours" if "ours" in servers else ("ours-tls" if "ours-tls" in servers else None)
+    if ref is None:
+        return None, []
+    return ref, [s for s in servers
+                 if not s.startswith("ours") and SERVERS[s].tls == SERVERS[ref].tls]
+
+
 def report(summ, servers, workloads, out):
     lines = []
-    peers = [s for s in servers if s != "ours"]
-    have_ours = "ours" in servers
+    me, peers = ours_and_peers(servers)
+    have_ours = me is not None
     for w in workloads:
         label = WORKLOADS[w][0]
         tk = THROUGHPUT_KEY[w]
         lines.append("")
         lines.append(f"== {label} [{w}]  (throughput metric: {'IOPS' if tk == 'iops' else 'MB/s'})")
-        hdr = f"{'server':<11} {'IOPS':>10} {'MB/s':>9} {'p50 us':>9} {'p99 us':>9} {'CPU us/op':>10} {'srv cores':>9} {'cli cores':>9} {'spread':>7} {'n':>3}"
+        hdr = f"{'server':<14} {'IOPS':>10} {'MB/s':>9} {'p50 us':>9} {'p99 us':>9} {'CPU us/op':>10} {'srv cores':>9} {'cli cores':>9} {'spread':>7} {'n':>3}"
         lines.append(hdr)
         for s in servers:
             d = summ[(s, w)]
-            line = (f"{s:<11} {fmt(d['iops']):>10} {fmt(d['mb_s'], 1):>9} {fmt(d['p50_us'], 1):>9} "
+            line = (f"{s:<14} {fmt(d['iops']):>10} {fmt(d['mb_s'], 1):>9} {fmt(d['p50_us'], 1):>9} "
                     f"{fmt(d['p99_us'], 1):>9} {fmt(d['cpu_us_per_op'], 2):>10} "
                     f"{fmt(d['server_cores'], 2):>9} {fmt(d['client_cores'], 2):>9} "
                     f"{(fmt(d['spread_pct'], 0) + '%') if not math.isnan(d['spread_pct']) else '-':>7} "
@@ -656,22 +739,22 @@ def report(summ, servers, workloads, out):
                 line += f"  FAILED x{d['failures']}"
             lines.append(line)
         if have_ours and peers:
-            o = summ[("ours", w)]
+            o = summ[(me, w)]
             parts = []
             for p in peers:
                 d = summ[(p, w)]
                 parts.append(f"vs {p}: thr x{fmt(ratio(o[tk], d[tk]), 2)}, "
                              f"CPU/op x{fmt(ratio(o['cpu_us_per_op'], d['cpu_us_per_op']), 2)}")
-            lines.append("ours/peer  " + "; ".join(parts))
+            lines.append(f"{me}/peer  " + "; ".join(parts))
     if have_ours and peers:
         lines.append("")
-        lines.append("== Targets (medians; ours / best peer)")
+        lines.append(f"== Targets (medians; {me} / best peer)")
 
         def target_line(text, w, key, target, lower=False):
             if w not in workloads:
                 return
             bp, who = best_peer(summ, peers, w, key, lower)
-            r = ratio(summ[("ours", w)][key], bp)
+            r = ratio(summ[(me, w)][key], bp)
             ok = "" if math.isnan(r) else ("  OK" if (r <= target if lower else r >= target) else "  MISS")
             op = "<=" if lower else ">="
             lines.append(f"{text}: ours/best peer = {fmt(r, 2)} (target {op} {target}) "
@@ -683,7 +766,7 @@ def report(summ, servers, workloads, out):
         rs = []
         for w in workloads:
             bp, _ = best_peer(summ, peers, w, "cpu_us_per_op", True)
-            r = ratio(summ[("ours", w)]["cpu_us_per_op"], bp)
+            r = ratio(summ[(me, w)]["cpu_us_per_op"], bp)
             if not math.isnan(r) and r > 0:
                 rs.append(r)
         if rs:
@@ -703,7 +786,8 @@ def chart(summ, servers, workloads, path):
 
     n = len(workloads)
     fig, axes = plt.subplots(2, n, figsize=(max(3.0 * n, 6), 7.5), squeeze=False)
-    colors = {"ours": "#d62728", "nbdkit": "#1f77b4", "qemu-nbd": "#2ca02c", "nbd-server": "#9467bd"}
+    colors = {"ours": "#d62728", "nbdkit": "#1f77b4", "qemu-nbd": "#2ca02c", "nbd-server": "#9467bd",
+              "ours-tls": "#ff9896", "nbdkit-tls": "#aec7e8", "nbdkit-tls-aes": "#6baed6"}
     for i, w in enumerate(workloads):
         tk = THROUGHPUT_KEY[w]
         for row, (key, unit) in enumerate([(tk, "IOPS" if tk == "iops" else "MB/s"),
@@ -778,11 +862,20 @@ def parse_args():
     ap.add_argument("--client-cpus", default="", help="run nbdload/nbdcopy under taskset -c CPUS")
     ap.add_argument("--no-verify", action="store_true", help="skip the data check of each server")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tls", action="store_true",
+                    help="run every server with TLS required and a pre-shared key (ours and "
+                         "nbdkit only); or name TLS variants in --servers: ours-tls, "
+                         "nbdkit-tls, nbdkit-tls-aes")
     a = ap.parse_args()
     if a.quick:
         a.reps, a.seconds, a.warmup = 1, 2.0, 0.2
     a.servers = [s for s in a.servers.split(",") if s]
     a.workloads = [w for w in a.workloads.split(",") if w]
+    if a.tls:
+        for s in a.servers:
+            if s in SERVERS and not SERVERS[s].tls and s not in TLS_VARIANT:
+                ap.error(f"--tls: {s} has no TLS variant here (only ours and nbdkit)")
+        a.servers = [TLS_VARIANT.get(s, s) for s in a.servers]
     for s in a.servers:
         if s not in SERVERS:
             ap.error(f"unknown server {s}")
@@ -790,6 +883,7 @@ def parse_args():
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w}")
     a.workdir = os.path.abspath(a.workdir)
+    a.psk_file = os.path.join(a.workdir, "bench.psk")
     return a
 
 
@@ -811,11 +905,13 @@ def main():
     args = parse_args()
     adopt_orphans_and_stop_on_signals()
 
-    if "ours" in args.servers and not os.access(args.nbdserver, os.X_OK):
-        log(f"ours: {args.nbdserver} not found, skipping it")
-        args.servers.remove("ours")
+    for s in [s for s in args.servers if s.startswith("ours")]:
+        if not os.access(args.nbdserver, os.X_OK):
+            log(f"{s}: {args.nbdserver} not found, skipping it")
+            args.servers.remove(s)
     for s in list(args.servers):
-        exe = {"nbdkit": "nbdkit", "qemu-nbd": "qemu-nbd", "nbd-server": "nbd-server"}.get(s)
+        exe = {"nbdkit": "nbdkit", "qemu-nbd": "qemu-nbd", "nbd-server": "nbd-server"}.get(
+            s.split("-tls")[0])
         if exe and not shutil.which(exe):
             log(f"{s}: not installed, skipping it")
             args.servers.remove(s)
@@ -828,6 +924,9 @@ def main():
     logdir = os.path.join(outdir, "logs")
     os.makedirs(logdir, exist_ok=True)
     args.nbdload = ensure_nbdload(args)
+    os.makedirs(args.workdir, exist_ok=True)
+    if any(SERVERS[s].tls for s in args.servers):
+        write_psk_file(args.psk_file, [TLS_IDENTITY])
 
     base = prepare_image(args)
     size = os.path.getsize(base)
@@ -946,8 +1045,9 @@ def main():
         for w in workloads:
             for s in servers:
                 d = dict(summ[(s, w)], label=WORKLOADS[w][0])
-                if "ours" in servers:
-                    o = summ[("ours", w)]
+                me, _ = ours_and_peers(servers)
+                if me:
+                    o = summ[(me, w)]
                     d["thr_ratio_ours_over_this"] = ratio(o[THROUGHPUT_KEY[w]], d[THROUGHPUT_KEY[w]])
                     d["cpu_ratio_ours_over_this"] = ratio(o["cpu_us_per_op"], d["cpu_us_per_op"])
                 wr.writerow(d)
@@ -960,7 +1060,7 @@ def main():
                f"CPU us/op = server process tree utime+stime (incl. reaped children) / requests; "
                f"srv/cli cores = server/nbdload CPU s / wall s (cli near 1.0 = client-bound); "
                f"spread = (max-min)/median of throughput\n"
-               f"ours = {args.nbdserver if 'ours' in servers else '(not run)'}; nbdload client threads <= {args.client_threads}"
+               f"ours = {args.nbdserver if any(x.startswith('ours') for x in servers) else '(not run)'}; nbdload client threads <= {args.client_threads}"
                + (f"; server cpus {args.server_cpus}" if args.server_cpus else "")
                + (f"; client cpus {args.client_cpus}" if args.client_cpus else ""))
         print(hdr)

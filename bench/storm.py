@@ -10,6 +10,12 @@ run:
             map log) and its first flushes persist new maps
   existing  the same node views again, in a new server: every node exists
             and its blocks are dirty already
+  nbdkit    (opt-in) nbdkit --filter=cow over the same image: every node
+            reads the image and writes into nbdkit's one overlay
+
+With --tls every server requires TLS and node i connects with the
+pre-shared key of identity node-i (one key file, a line per node, given to
+the server and to nbdstorm).
 
 Prints wall time (the slowest node), p50 and p99 per node, the server's CPU
 time, and the ratios to plain.  See bench/README.md, "Boot storm
@@ -18,6 +24,7 @@ time, and the ratios to plain.  See bench/README.md, "Boot storm
     /usr/bin/python3 bench/storm.py                   # 200 nodes, 3 reps
     /usr/bin/python3 bench/storm.py --nodes 50 --reps 5
     /usr/bin/python3 bench/storm.py --setups first,existing
+    /usr/bin/python3 bench/storm.py --setups first,existing,nbdkit --tls
 """
 
 import argparse
@@ -37,10 +44,12 @@ import run as rb  # noqa: E402  (bench/run.py: helpers only)
 
 log = rb.log
 median = rb.median
-SETUPS = ("plain", "first", "existing")
+SETUPS = ("plain", "first", "existing", "nbdkit")
+DEFAULT_SETUPS = ("plain", "first", "existing")
 LABEL = {"plain": "plain export (--export, writable copy)",
          "first": "node views, created at first attach",
-         "existing": "node views, existing (second run)"}
+         "existing": "node views, existing (second run)",
+         "nbdkit": "nbdkit --filter=cow (one overlay)"}
 MiB = 1 << 20
 
 
@@ -162,6 +171,8 @@ class Server(rb.Server):
             argv += ["--export", f"plain={self.plain}"]
         if self.args.server_threads:
             argv += ["--threads", str(self.args.server_threads)]
+        if self.args.tls:
+            argv += ["--tls", "require", "--tls-psk-file", self.args.psk_file]
         argv += self.args.server_arg
         self._spawn(argv)
         deadline = time.monotonic() + 20
@@ -180,6 +191,45 @@ class Server(rb.Server):
             time.sleep(0.02)
 
 
+class NbdkitCow(rb.Server):
+    """nbdkit's cow filter over the image: all nodes share one overlay, in
+    the workdir. With args.tls it requires TLS with args.psk_file's keys
+    (and with args.nbdkit_aes it leaves ChaCha20 out)."""
+
+    name = "nbdkit"
+    export = ""
+
+    def __init__(self, args, image, readonly, logpath):
+        super().__init__(args, image, readonly, logpath)
+        self.tls = args.tls  # uri() for the readiness probe
+
+    def command(self, port):
+        argv = ["nbdkit", "-f", "--exit-with-parent", "-p", str(port), "-i", "127.0.0.1"]
+        if self.args.tls:
+            argv += ["--tls=require", f"--tls-psk={self.args.psk_file}"]
+        return argv + ["--filter=cow", "file", self.image, "cow-block-size=4096"]
+
+    def env(self):
+        env = {"TMPDIR": self.args.workdir}
+        if self.args.tls and getattr(self.args, "nbdkit_aes", False):
+            env.update(rb.no_chacha_env(self.args.workdir))
+        return env
+
+
+def write_node_keys(args):
+    """args.psk_file: a key for each node-i, and for run.py's identity, which
+    nbdinfo uses to see that a server is up."""
+    rb.write_psk_file(args.psk_file, [rb.TLS_IDENTITY] + [f"node-{i}" for i in range(args.nodes)])
+
+
+def storm_uri(args, setup, port):
+    """nbdstorm's --uri for a setup: node %d connects as node-%d under TLS."""
+    export = {"plain": "plain", "nbdkit": ""}.get(setup, "lab/node-%d")
+    if args.tls:
+        return f"nbds://node-%d@127.0.0.1:{port}/{export}?tls-psk-file={args.psk_file}"
+    return f"nbd://127.0.0.1:{port}/{export}"
+
+
 def storm(args, setup, store, base, outdir, rep):
     """Runs one storm; returns the result dict."""
     plain = None
@@ -192,12 +242,16 @@ def storm(args, setup, store, base, outdir, rep):
     for p in (base, plain):
         if p:
             rb.warm_cache(p)
-    srv = Server(args, store, plain, os.path.join(outdir, "logs", f"{setup}-{rep}.log"))
+    tls = ("-tls-aes" if getattr(args, "nbdkit_aes", False) and setup == "nbdkit" else "-tls"
+           ) if args.tls else ""
+    tag = f"{setup}{tls}-{rep}"
+    logpath = os.path.join(outdir, "logs", f"{tag}.log")
+    srv = (NbdkitCow(args, base, False, logpath) if setup == "nbdkit"
+           else Server(args, store, plain, logpath))
     srv.start()
     try:
-        uri = (f"nbd://127.0.0.1:{srv.port}/plain" if setup == "plain"
-               else f"nbd://127.0.0.1:{srv.port}/lab/node-%d")
-        per_node = os.path.join(outdir, f"pernode-{setup}-{rep}.txt")
+        uri = storm_uri(args, setup, srv.port)
+        per_node = os.path.join(outdir, f"pernode-{tag}.txt")
         argv = [args.nbdstorm, "--trace", args.trace, "--uri", uri, "--nodes", str(args.nodes),
                 "--qd", str(args.qd), "--threads", str(args.client_threads),
                 "--per-node", per_node]
@@ -208,7 +262,7 @@ def storm(args, setup, store, base, outdir, rep):
         if p.returncode != 0:
             raise rb.ServerError(f"{setup}: nbdstorm exited {p.returncode}: {p.stderr.strip()}")
         res = json.loads(p.stdout)
-        res.update(setup=setup, rep=rep, server_cpu_s=round(cpu1 - cpu0, 2))
+        res.update(setup=setup, rep=rep, tls=args.tls, server_cpu_s=round(cpu1 - cpu0, 2))
         return res
     finally:
         srv.stop()
@@ -265,7 +319,8 @@ def parse_args():
     ap.add_argument("--qd", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3,
                     help="repetitions of all setups (in order: plain, first, existing)")
-    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
+                    help=f"comma list of {', '.join(SETUPS)}")
     ap.add_argument("--workdir", default="/var/tmp/nbdroot-storm",
                     help="image, store and plain copy (on the disk: flushes are real)")
     ap.add_argument("--outdir", help="default bench/results/storm-<timestamp>")
@@ -276,6 +331,11 @@ def parse_args():
                     help="extra nbdserver argument (repeatable)")
     ap.add_argument("--client-threads", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=600, help="seconds per storm")
+    ap.add_argument("--tls", action="store_true",
+                    help="servers require TLS; node i authenticates as node-i with its own key")
+    ap.add_argument("--nbdkit-aes", action="store_true",
+                    help="with --tls: ChaCha20 disabled in nbdkit, so that it negotiates "
+                         "AES-128-GCM as nbdserver does (its default is ChaCha20)")
     args = ap.parse_args()
     args.setups = [s for s in args.setups.split(",") if s]
     for s in args.setups:
@@ -284,6 +344,8 @@ def parse_args():
     if "existing" in args.setups and "first" not in args.setups and args.reps > 0:
         log("note: 'existing' without 'first' reuses whatever nodes the store holds")
     args.server_cpus = None  # rb.Server reads it
+    args.workdir = os.path.abspath(args.workdir)
+    args.psk_file = os.path.join(args.workdir, "nodes.psk")
     return args
 
 
@@ -293,10 +355,14 @@ def main():
     for exe in (args.nbdserver, args.nbdstorm):
         if not os.access(exe, os.X_OK):
             sys.exit(f"{exe} not found (ninja -C build nbdserver nbdstorm, or pass the path)")
+    if "nbdkit" in args.setups and not shutil.which("nbdkit"):
+        sys.exit("nbdkit not installed (apt-get install nbdkit), needed by --setups nbdkit")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     outdir = args.outdir or os.path.join(BENCH_DIR, "results", f"storm-{stamp}")
     os.makedirs(os.path.join(outdir, "logs"), exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
+    if args.tls:
+        write_node_keys(args)
 
     size, reqs = read_trace(args.trace)
     n, b = trace_summary(reqs)
@@ -309,7 +375,9 @@ def main():
               f"{args.workdir} ({fstype(args.workdir)}); "
               f"{args.reps} rep(s), median shown; {os.cpu_count()} CPUs, loadavg "
               f"{' '.join(open('/proc/loadavg').read().split()[:3])}\n"
-              f"server {args.nbdserver}; conn max = the last node's handshake done (s); "
+              f"server {args.nbdserver}"
+              f"{'; TLS required, node-i authenticates with its own key' if args.tls else ''}"
+              f"; conn max = the last node's handshake done (s); "
               f"srv CPU = utime+stime of the server during the storm")
     print(header)
     results, problems = [], []
