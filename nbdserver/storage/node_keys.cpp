@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "storage/durable_file.hpp"
+#include "tls/engine.hpp"
 #include "storage/names.hpp"
 
 namespace storage {
@@ -49,45 +50,16 @@ bool check_name(const std::string& node, KeyStatus* status, std::string* why) {
                 status, why);
 }
 
-std::string to_hex(const std::array<uint8_t, 32>& key) {
-  static const char digits[] = "0123456789abcdef";
-  std::string s;
-  for (uint8_t b : key) {
-    s += digits[b >> 4];
-    s += digits[b & 15];
-  }
-  return s;
-}
-
-int hex_digit(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
+std::string to_hex(const std::array<uint8_t, 32>& key) { return tls::key_hex(key); }
 
 bool from_hex(const std::string& s, std::array<uint8_t, 32>* key) {
-  if (s.size() != 2 * key->size()) return false;
-  for (size_t i = 0; i < key->size(); ++i) {
-    const int hi = hex_digit(s[2 * i]), lo = hex_digit(s[2 * i + 1]);
-    if (hi < 0 || lo < 0) return false;
-    (*key)[i] = uint8_t(hi << 4 | lo);
-  }
-  return true;
+  return tls::key_from_hex(s, key);
 }
 
 bool random_bytes(std::array<uint8_t, 32>* key, std::string* err) {
-  size_t done = 0;
-  while (done < key->size()) {
-    const ssize_t n = getrandom(key->data() + done, key->size() - done, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      *err = std::string("getrandom: ") + strerror(errno);
-      return false;
-    }
-    done += size_t(n);
-  }
-  return true;
+  if (tls::random_key(key)) return true;
+  *err = std::string("getrandom: ") + strerror(errno);
+  return false;
 }
 
 nlohmann::json to_json(const NodeKey& k) {

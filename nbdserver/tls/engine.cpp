@@ -268,6 +268,26 @@ std::string Engine::description() const {
   return d;
 }
 
+std::string key_hex(const Key& key) {
+  gnutls_datum_t in{const_cast<unsigned char*>(key.data()), unsigned(key.size())};
+  gnutls_datum_t hex{};
+  if (gnutls_hex_encode2(&in, &hex) != GNUTLS_E_SUCCESS) return "";
+  std::string s(reinterpret_cast<const char*>(hex.data), hex.size);
+  gnutls_free(hex.data);
+  return s;
+}
+
+bool key_from_hex(std::string_view hex, Key* key) {
+  if (hex.size() != key->size() * 2) return false;
+  std::string copy(hex);
+  gnutls_datum_t in{reinterpret_cast<unsigned char*>(copy.data()), unsigned(copy.size())};
+  gnutls_datum_t raw{};
+  const bool ok = gnutls_hex_decode2(&in, &raw) == GNUTLS_E_SUCCESS && raw.size == key->size();
+  if (ok) std::memcpy(key->data(), raw.data, key->size());
+  gnutls_free(raw.data);
+  return ok;
+}
+
 std::optional<PskLine> parse_psk_line(std::string_view line, std::string* why) {
   while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.remove_suffix(1);
   size_t colon = line.rfind(':');
@@ -275,35 +295,17 @@ std::optional<PskLine> parse_psk_line(std::string_view line, std::string* why) {
     *why = "not IDENTITY:HEX (psktool format)";
     return std::nullopt;
   }
-  std::string hex(line.substr(colon + 1));
   PskLine out;
   out.identity = std::string(line.substr(0, colon));
-  if (hex.size() != out.key.size() * 2) {
+  if (!key_from_hex(line.substr(colon + 1), &out.key)) {
     *why = "the key is not 64 hex digits (256 bits)";
     return std::nullopt;
   }
-  gnutls_datum_t in{reinterpret_cast<unsigned char*>(hex.data()), unsigned(hex.size())};
-  gnutls_datum_t raw{};
-  if (gnutls_hex_decode2(&in, &raw) != GNUTLS_E_SUCCESS || raw.size != out.key.size()) {
-    gnutls_free(raw.data);
-    *why = "the key is not 64 hex digits (256 bits)";
-    return std::nullopt;
-  }
-  std::memcpy(out.key.data(), raw.data, out.key.size());
-  gnutls_free(raw.data);
   return out;
 }
 
 std::string format_psk_line(std::string_view identity, const Key& key) {
-  gnutls_datum_t in{const_cast<unsigned char*>(key.data()), unsigned(key.size())};
-  gnutls_datum_t hex{};
-  std::string line(identity);
-  line += ':';
-  if (gnutls_hex_encode2(&in, &hex) == GNUTLS_E_SUCCESS) {
-    line.append(reinterpret_cast<const char*>(hex.data), hex.size);
-    gnutls_free(hex.data);
-  }
-  return line;
+  return std::string(identity) + ":" + key_hex(key);
 }
 
 bool random_key(Key* key) {

@@ -108,6 +108,9 @@ struct PskLine {
 };
 std::optional<PskLine> parse_psk_line(std::string_view line, std::string* why);
 std::string format_psk_line(std::string_view identity, const Key& key);
+// A key as 64 lower-case hex digits, and back (false unless exactly that).
+std::string key_hex(const Key& key);
+bool key_from_hex(std::string_view hex, Key* key);
 // 256 bits from the kernel's random source (getrandom); false on failure.
 bool random_key(Key* key);
 
