@@ -166,7 +166,7 @@ bool NbdClient::handshake(const std::string& export_name, const std::vector<std:
   }
   if (hs.status() == Status::kFailed) {
     // Between STARTTLS and TLS, any failure is the server not taking it.
-    tls_failed_ = asked_tls && !transport_->tls();
+    starttls_refused_ = asked_tls && !transport_->tls();
     return *err = hs.error(), false;
   }
   session_ = hs.session();

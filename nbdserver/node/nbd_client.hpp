@@ -80,7 +80,10 @@ class NbdClient {
                const std::vector<std::string>& contexts, int timeout_ms, std::string* err);
   // After a failed connect() with use_tls(): whether TLS was the reason (the
   // server did not accept NBD_OPT_STARTTLS, or the TLS handshake failed).
-  bool tls_failed() const { return tls_failed_; }
+  bool tls_failed() const { return tls_failed_ || starttls_refused_; }
+  // The first of those: the server answered NBD_OPT_STARTTLS with anything
+  // but its ACK (it speaks no TLS, or a man in the middle stripped it).
+  bool starttls_refused() const { return starttls_refused_; }
   // "TLS1.3/AES-128-GCM" once connected over TLS, else "".
   std::string tls_description() const { return transport_ ? transport_->tls_description() : ""; }
 
@@ -143,7 +146,8 @@ class NbdClient {
   int fd_ = -1;
   std::unique_ptr<Psk> psk_;              // set: TLS required
   std::unique_ptr<Transport> transport_;  // over fd_, once it is open
-  bool tls_failed_ = false;
+  bool tls_failed_ = false;        // the TLS handshake failed
+  bool starttls_refused_ = false;  // STARTTLS got no ACK
   std::thread reader_thread_;
   std::mutex close_mu_;
 

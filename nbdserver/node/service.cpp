@@ -4,7 +4,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -16,12 +15,14 @@
 #include <chrono>
 #include <cstring>
 
+#include "node/transport.hpp"
 #include "protocol/transmission.hpp"
 
 namespace node {
 
 struct Service::Conn {
   int fd = -1;
+  std::unique_ptr<Transport> io;  // over fd: every byte in and out
   uint64_t id = 0;
   std::string peer;
   nbd::Session session;
@@ -37,52 +38,25 @@ namespace {
 
 std::string errno_text(int e) { return std::strerror(e); }
 
-// Reads exactly len bytes; false on EOF, error or stop (poll wakes on
-// shutdown()). Waits at most timeout_s seconds per chunk when > 0.
-bool read_full(int fd, void* buf, size_t len, double timeout_s = 0) {
+// Reads exactly len bytes; false on EOF, error or stop (shutdown() wakes
+// it). Waits at most timeout_s seconds per chunk when > 0.
+bool read_full(Transport& io, void* buf, size_t len, double timeout_s = 0) {
   auto* p = static_cast<uint8_t*>(buf);
   while (len) {
-    if (timeout_s > 0) {
-      pollfd pf{fd, POLLIN, 0};
-      int r = ::poll(&pf, 1, int(timeout_s * 1000));
-      if (r == 0) return false;
-      if (r < 0 && errno != EINTR) return false;
-      if (r < 0) continue;
-    }
-    ssize_t n = ::recv(fd, p, len, 0);
-    if (n == 0) return false;
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
+    std::string why;
+    const int64_t deadline = timeout_s > 0 ? deadline_after(int(timeout_s * 1000)) : kNoDeadline;
+    ssize_t n = io.receive(p, len, deadline, &why);
+    if (n <= 0) return false;
     p += n;
     len -= size_t(n);
   }
   return true;
 }
 
-bool send_all(int fd, iovec* iov, int cnt) {
-  while (cnt) {
-    msghdr m{};
-    m.msg_iov = iov;
-    m.msg_iovlen = size_t(cnt);
-    ssize_t n = ::sendmsg(fd, &m, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    size_t left = size_t(n);
-    while (cnt && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      ++iov;
-      --cnt;
-    }
-    if (cnt) {
-      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
-      iov->iov_len -= left;
-    }
-  }
-  return true;
+bool send_all(Transport& io, iovec* iov, int cnt) {
+  size_t sent = 0;
+  std::string why;
+  return io.send(iov, cnt, kNoDeadline, &sent, &why) == 0;
 }
 
 }  // namespace
@@ -219,6 +193,7 @@ void Service::accept_loop() {
     }
     auto c = std::make_shared<Conn>();
     c->fd = fd;
+    c->io = std::make_unique<Transport>(fd);
     c->id = next_id++;
     char h[INET6_ADDRSTRLEN] = "";
     if (ss.ss_family == AF_INET) {
@@ -256,12 +231,13 @@ void Service::accept_loop() {
 }
 
 bool Service::handshake(Conn& c) {
-  nbd::Handshake hs(catalog_);
+  nbd::Handshake hs(catalog_, {}, opts_.tls_keys ? nbd::TlsMode::kRequire : nbd::TlsMode::kOff);
   std::vector<uint8_t> buf(64 * 1024);
+  std::string_view rest;  // bytes read past what the handshake used
   for (;;) {
     if (!hs.out().empty()) {
       iovec iov{hs.out().data(), hs.out().size()};
-      if (!send_all(c.fd, &iov, 1)) return false;
+      if (!send_all(*c.io, &iov, 1)) return false;
       hs.out().clear();
     }
     if (hs.status() == nbd::Handshake::Status::kTransmission) break;
@@ -269,15 +245,38 @@ bool Service::handshake(Conn& c) {
       if (!hs.aborted()) spdlog::info("{}: {}: handshake refused: {}", opts_.what, c.peer, hs.close_reason());
       return false;
     }
+    if (hs.status() == nbd::Handshake::Status::kStartTls) {
+      if (!start_tls(c, hs, rest)) return false;
+      continue;
+    }
     size_t want = std::min(buf.size(), std::max<size_t>(1, hs.wanted()));
-    if (!read_full(c.fd, buf.data(), want, opts_.handshake_timeout)) return false;
+    if (!read_full(*c.io, buf.data(), want, opts_.handshake_timeout)) return false;
     size_t used = hs.feed(buf.data(), want);
-    (void)used;  // the client sends nothing before NBD_OPT_GO's reply
+    // Only after an acknowledged STARTTLS may bytes be left over (the
+    // client's first TLS records); a client sends nothing before
+    // NBD_OPT_GO's reply.
+    rest = std::string_view(reinterpret_cast<const char*>(buf.data()) + used, want - used);
     for (const std::string& e : hs.take_errors()) spdlog::info("{}: {}: {}", opts_.what, c.peer, e);
   }
   c.session = hs.session();
   c.backend = backend_(*c.session.exp);
   return c.backend != nullptr;
+}
+
+// NBD_OPT_STARTTLS was acknowledged: the TLS handshake, then options again,
+// now through the engine. The reason of a failure (an unknown identity, a
+// wrong key) goes to the log only; the client sees TLS's alert.
+bool Service::start_tls(Conn& c, nbd::Handshake& hs, std::string_view early) {
+  std::string why;
+  if (!c.io->accept_tls(opts_.tls_keys, early,
+                        deadline_after(int(opts_.handshake_timeout * 1000)), &why)) {
+    spdlog::warn("{}: {}: {}", opts_.what, c.peer, why);
+    return false;
+  }
+  spdlog::debug("{}: {}: TLS established ({}) as {}", opts_.what, c.peer,
+                c.io->tls_description(), nbd::quoted(c.io->tls_identity()));
+  hs.tls_established(c.io->tls_identity());
+  return true;
 }
 
 void Service::serve(std::shared_ptr<Conn> c) {
@@ -287,7 +286,7 @@ void Service::serve(std::shared_ptr<Conn> c) {
     const size_t hsize = ext ? nbd::kExtendedRequestSize : nbd::kRequestSize;
     uint8_t head[nbd::kExtendedRequestSize];
     while (!stopping_) {
-      if (!read_full(c->fd, head, hsize, opts_.idle_timeout)) break;
+      if (!read_full(*c->io, head, hsize, opts_.idle_timeout)) break;
       nbd::Request req;
       size_t used = 0;
       if (nbd::parse_request(head, hsize, ext, &req, &used) != nbd::Parse::kOk) {
@@ -307,7 +306,7 @@ void Service::serve(std::shared_ptr<Conn> c) {
           break;
         }
         j.payload.resize(plen);
-        if (!read_full(c->fd, j.payload.data(), plen, 30)) break;
+        if (!read_full(*c->io, j.payload.data(), plen, 30)) break;
       }
       if (!v.ok()) {
         reply(*c, req, v.error, v.why, nullptr, 0);
@@ -327,6 +326,10 @@ void Service::serve(std::shared_ptr<Conn> c) {
   // Let requests in flight finish (their replies may still go out), then close.
   std::unique_lock<std::mutex> lk(c->mu);
   c->idle.wait(lk, [&] { return c->inflight == 0; });
+  {
+    std::lock_guard<std::mutex> g(c->send_mu);
+    if (!c->send_failed) c->io->close_notify(deadline_after(1000));
+  }
   ::shutdown(c->fd, SHUT_RDWR);
   ::close(c->fd);
   c->fd = -1;
@@ -401,13 +404,13 @@ void Service::reply(Conn& c, const nbd::Request& req, nbd::Error err, const std:
   std::lock_guard<std::mutex> g(c.send_mu);
   if (opts_.fault_hangup_mid_reply && data && len > 1) {
     iov[1].iov_len = len / 2;
-    send_all(c.fd, iov, 2);
+    send_all(*c.io, iov, 2);
     c.send_failed = true;
     ::shutdown(c.fd, SHUT_RDWR);
     return;
   }
   if (c.send_failed || c.fd < 0) return;
-  if (!send_all(c.fd, iov, data ? 2 : 1)) {
+  if (!send_all(*c.io, iov, data ? 2 : 1)) {
     c.send_failed = true;
     ::shutdown(c.fd, SHUT_RDWR);
   }

@@ -2,7 +2,12 @@
 // a Unix socket, and other nodes (peers) over TCP.
 //
 // The wire is the protocol layer's (nbd::Handshake, parse_request,
-// validate, the reply encoders); this file only moves bytes. One thread per
+// validate, the reply encoders); this file only moves bytes, through a
+// node::Transport per connection. With ServiceOptions::tls_keys the
+// listener is in the spec's FORCEDTLS mode: the handshake takes nothing but
+// NBD_OPT_STARTTLS (and ABORT) until a TLS handshake with one of those keys
+// succeeded, and every byte after STARTTLS goes through the connection's
+// TLS engine; the kernel's socket has no keys and stays plaintext. One thread per
 // connection reads requests and hands them to a shared pool of workers, so
 // a connection has many requests in flight (the kernel pipelines, and each
 // request may wait on the server or a peer); replies go out whole, under
@@ -23,6 +28,7 @@
 #include "protocol/handshake.hpp"
 #include "protocol/transmission.hpp"
 #include "protocol/wire.hpp"
+#include "tls/engine.hpp"
 
 namespace node {
 
@@ -46,6 +52,9 @@ struct ServiceOptions {
   size_t workers = 16;               // requests executed at once, all connections
   double handshake_timeout = 10;     // seconds without a finished option
   double idle_timeout = 0;           // seconds without a request (0: none)
+  // Set: clients must run STARTTLS and authenticate with a key this gives
+  // (called on connection threads, many at once). Empty: plaintext.
+  tls::KeyLookup tls_keys;
   // Fault injection (tests: a peer that hangs up in the middle of a reply):
   // every read reply stops after its header and half its data, and the
   // connection is shut down.
@@ -86,6 +95,7 @@ class Service {
   void accept_loop();
   void serve(std::shared_ptr<Conn> c);
   bool handshake(Conn& c);
+  bool start_tls(Conn& c, nbd::Handshake& hs, std::string_view early);
   void worker_loop();
   void execute(Job& j);
   void reply(Conn& c, const nbd::Request& req, nbd::Error err, const std::string& why,

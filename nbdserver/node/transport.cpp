@@ -137,16 +137,35 @@ std::optional<Psk> read_psk_file(const std::string& path, std::string* err) {
 
 // ---------------------------------------------------------------- TLS
 
+Transport::Transport(int fd) : fd_(fd) {
+  int fl = ::fcntl(fd, F_GETFL);
+  blocking_ = fl >= 0 && !(fl & O_NONBLOCK);
+}
+
 bool Transport::start_tls(const Psk& psk, std::string_view early, int64_t deadline,
                           std::string* err) {
   std::string why;
   std::unique_ptr<tls::Engine> e = tls::Engine::client(psk.identity, psk.key, &why);
   if (!e) return *err = why, false;
   e->start();
+  return handshake(std::move(e), "server", early, deadline, err);
+}
+
+bool Transport::accept_tls(tls::KeyLookup lookup, std::string_view early, int64_t deadline,
+                           std::string* err) {
+  std::string why;
+  std::unique_ptr<tls::Engine> e = tls::Engine::server(std::move(lookup), &why);
+  if (!e) return *err = why, false;
+  return handshake(std::move(e), "client", early, deadline, err);
+}
+
+bool Transport::handshake(std::unique_ptr<tls::Engine> e, const char* other,
+                          std::string_view early, int64_t deadline, std::string* err) {
+  std::string why;
   if (!early.empty()) e->feed(reinterpret_cast<const uint8_t*>(early.data()), early.size());
   cipher_.resize(kCipherBuffer);
   for (;;) {
-    // Our flight (ClientHello, Finished), or the alert of a failure.
+    // Our flight (Hello, Finished), or the alert of a failure.
     if (!e->outbox().empty()) {
       if (send_string(fd_, e->outbox(), deadline, &why) != 0)
         return *err = "TLS handshake failed: " + why, false;
@@ -155,12 +174,19 @@ bool Transport::start_tls(const Psk& psk, std::string_view early, int64_t deadli
     if (e->status() != tls::Engine::Status::kHandshaking) break;
     ssize_t n = receive_raw(cipher_.data(), cipher_.size(), deadline, &why);
     if (n < 0) return *err = "TLS handshake failed: " + why, false;
-    if (n == 0) return *err = "TLS handshake failed: the server closed the connection", false;
+    if (n == 0)
+      return *err = std::string("TLS handshake failed: the ") + other + " closed the connection",
+             false;
     e->feed(cipher_.data(), size_t(n));
   }
   if (e->status() != tls::Engine::Status::kOpen) return *err = e->error(), false;
   engine_ = std::move(e);
   return true;
+}
+
+std::string Transport::tls_identity() const {
+  std::lock_guard lock(tls_mu_);
+  return engine_ ? engine_->identity() : "";
 }
 
 std::string Transport::tls_description() const {
@@ -231,9 +257,11 @@ ssize_t Transport::receive(uint8_t* buf, size_t cap, int64_t deadline, std::stri
 }
 
 ssize_t Transport::receive_raw(uint8_t* buf, size_t cap, int64_t deadline, std::string* err) {
+  // A blocking socket without a deadline waits in recv() itself: one call.
+  const bool wait_in_recv = blocking_ && deadline == kNoDeadline;
   for (;;) {
-    if (!wait_fd(fd_, POLLIN, deadline)) return *err = "timed out", -1;
-    ssize_t n = ::recv(fd_, buf, cap, MSG_DONTWAIT);
+    if (!wait_in_recv && !wait_fd(fd_, POLLIN, deadline)) return *err = "timed out", -1;
+    ssize_t n = ::recv(fd_, buf, cap, wait_in_recv ? 0 : MSG_DONTWAIT);
     if (n >= 0) return n;
     if (errno == EAGAIN || errno == EINTR) continue;
     return *err = errno_text("recv"), -1;

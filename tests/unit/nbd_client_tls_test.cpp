@@ -263,6 +263,7 @@ TEST(NbdClientTls, AServerThatRefusesStartTlsGetsNothingMore) {
   std::string err;
   EXPECT_FALSE(c.connect(srv.endpoint(), "lab/n1", {}, 5000, &err));
   EXPECT_TRUE(c.tls_failed());
+  EXPECT_TRUE(c.starttls_refused());
   EXPECT_NE(err.find("did not accept NBD_OPT_STARTTLS"), std::string::npos) << err;
   EXPECT_NE(err.find("refusing to continue"), std::string::npos) << err;
   EXPECT_NE(err.find("unix:"), std::string::npos) << err;  // names the server
@@ -277,6 +278,7 @@ TEST(NbdClientTls, AWrongKeyFailsTheHandshake) {
   std::string err;
   EXPECT_FALSE(c.connect(srv.endpoint(), "lab/n1", {}, 5000, &err));
   EXPECT_TRUE(c.tls_failed());
+  EXPECT_FALSE(c.starttls_refused());  // it took STARTTLS: our key may be the wrong one
   EXPECT_NE(err.find("TLS handshake failed"), std::string::npos) << err;
   EXPECT_NE(err.find("key for 'n1'"), std::string::npos) << err;
   srv.wait_done();
