@@ -217,14 +217,10 @@ nbdroot_agent_start() {
 		_a_tracker="--tracker $NBDROOT_TRACKER"
 	fi
 	nbdroot_key_file
-	# Peers do not speak TLS yet: with it, every chunk comes from the servers.
-	_a_how=
-	if [ -n "$_a_tls" ]; then
-		_a_peers=off _a_tracker=
-		_a_how="TLS with node $NBDROOT_NODE's key, peers off (not over TLS yet)"
-	else
-		_a_how="peers $_a_peers${_a_tracker:+ (tracker $NBDROOT_TRACKER)}"
-	fi
+	# Under TLS peers are TLS too (the agent opens the generation's peer key
+	# with the node's key), or off when the server's answer has none.
+	_a_how="peers $_a_peers${_a_tracker:+ (tracker $NBDROOT_TRACKER)}"
+	[ -n "$_a_tls" ] && _a_how="TLS with node $NBDROOT_NODE's key, $_a_how"
 	rm -f "$NBDROOT_RUN/agent.ready" "$NBDROOT_RUN/agent.sock"
 	log "nbdroot-agent: export $NBDROOT_EXPORT, servers: $NBDROOT_SERVERS, $_a_how, cache $NBDROOT_CACHE"
 	# In NBDROOT_RUN, with the stats file named relative to it: after

@@ -29,6 +29,7 @@
 #include "node/service.hpp"
 #include "node/tracker_client.hpp"
 #include "storage/chunk_digests.hpp"
+#include "tls/seal.hpp"
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
@@ -312,6 +313,8 @@ class Agent {
 
  private:
   bool setup_generation(std::string* err);
+  bool open_peer_key(const NodeInfo& info, std::string* err);
+  tls::KeyLookup peer_keys() const;
   bool load_dirty(std::string* err);
   nbd::Error read_view(uint8_t* buf, uint64_t len, uint64_t off, std::string* why);
   // Fills `out` with chunk c of the generation: the cache, a peer or the server.
@@ -352,6 +355,9 @@ class Agent {
   std::unique_ptr<ChunkArena> arena_;  // the chunks' memory, made with the cache
   uint16_t peer_port_ = 0;
   std::unique_ptr<TrackerClient> tracker_;  // set when peers are on
+  // --tls require: the generation's peer identity and key, which peers
+  // serve and read with (TLS both ways, nothing in plaintext).
+  std::optional<Psk> peer_psk_;
 
   std::mutex peers_mu_;
   std::map<int, std::string> peer_addr_;                    // slot -> HOST:PORT
@@ -579,7 +585,16 @@ ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
     std::string err;
     if (!parse_endpoint(addr, &ep, &err)) return fail("bad address: " + err, false);
     conn = std::make_shared<NbdClient>();
-    if (!conn->connect(ep, gen_name_, {}, o_.peer_timeout_ms, &err)) return fail(err, false);
+    if (peer_psk_) conn->use_tls(*peer_psk_);
+    if (!conn->connect(ep, gen_name_, {}, o_.peer_timeout_ms, &err)) {
+      // A peer that does not take STARTTLS is dropped and reported, never
+      // read in plaintext. A failed TLS handshake is only a failure: the
+      // key that does not match may be ours.
+      if (!conn->starttls_refused()) return fail(err, false);
+      fail(err, true);
+      report(false, slot);
+      return nullptr;
+    }
     if (conn->size() != gen_size_)
       return fail("it serves " + std::to_string(conn->size()) + " bytes, the generation has " +
                       std::to_string(gen_size_),
@@ -741,6 +756,7 @@ bool Agent::setup_generation(std::string* err) {
                                              std::stoi(o_.tracker.substr(colon + 1)));
   NodeInfo info;
   if (!tracker_->node_info(o_.exp, &info, err)) return false;
+  if (o_.psk && !open_peer_key(info, err)) return false;
   gen_name_ = info.generation;
   gen_size_ = info.size;
   chunk_size_ = info.chunk_size;
@@ -780,6 +796,40 @@ bool Agent::setup_generation(std::string* err) {
   }
   chunked_ = true;
   return true;
+}
+
+// Under --tls require peers need the generation's peer key, which the
+// server's answer carries sealed with this node's key.
+bool Agent::open_peer_key(const NodeInfo& info, std::string* err) {
+  if (info.peer_identity.empty() || info.peer_key_sealed.empty()) {
+    *err = "the server's answer for " + o_.exp + " carries no peer key for " + info.generation +
+           ", and under --tls require peers are served and read over TLS only (is the server "
+           "under --tls require, with a key for node '" + o_.node_name + "'?)";
+    return false;
+  }
+  std::string why;
+  std::optional<tls::Key> k =
+      tls::unseal(o_.psk->key, tls::peer_key_context(o_.node_name, info.generation),
+                  info.peer_key_sealed, &why);
+  if (!k) {
+    *err = "the server's answer for " + o_.exp + " carries a peer key for " + info.generation +
+           " that this node cannot open: " + why;
+    return false;
+  }
+  peer_psk_ = Psk{info.peer_identity, *k};
+  k->fill(0);
+  return true;
+}
+
+// The peer listener's keys: the generation's peer identity, nothing else
+// (not a node's own identity, not another generation's).
+tls::KeyLookup Agent::peer_keys() const {
+  return [id = peer_psk_->identity, key = peer_psk_->key](
+             std::string_view who, std::string* why) -> std::optional<tls::Key> {
+    if (who == id) return key;
+    *why = "identity " + nbd::quoted(who) + " is not '" + id + "', the peer identity here";
+    return std::nullopt;
+  };
 }
 
 void Agent::write_stats() {
@@ -874,6 +924,7 @@ int Agent::run() {
       popts.workers = 8;
       popts.idle_timeout = 120;
       popts.fault_hangup_mid_reply = fault_ == "hangup";
+      if (peer_psk_) popts.tls_keys = peer_keys();
       peers = std::make_unique<Service>(
           *pcat, [&](const nbd::ExportInfo&) -> Backend* { return &peer_backend_; }, popts);
       if (!peers->listen_tcp(o_.peer_listen, &err)) {
@@ -881,8 +932,10 @@ int Agent::run() {
         return 1;
       }
       peer_port_ = uint16_t(std::stoi(peers->address().substr(peers->address().rfind(':') + 1)));
-      spdlog::info("peers: serving chunks of {} on {} (cache {} MiB, {} chunks of {} KiB)", gen_name_,
-                   peers->address(), o_.cache >> 20, digests_->chunks(), chunk_size_ >> 10);
+      spdlog::info("peers: serving chunks of {} on {}{} (cache {} MiB, {} chunks of {} KiB)",
+                   gen_name_, peers->address(),
+                   peer_psk_ ? " over TLS only, as '" + peer_psk_->identity + "'" : "",
+                   o_.cache >> 20, digests_->chunks(), chunk_size_ >> 10);
     }
   } else if (o_.peers && o_.tracker.empty()) {
     spdlog::info("peers off: no --tracker");
@@ -1012,11 +1065,6 @@ int run_agent(int argc, char** argv) {
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(spdlog::level::from_str(o.log_level));
-  if (o.psk && o.peers) {
-    spdlog::info("peers off: peers over TLS are not built yet, and --tls require sends nothing "
-                 "in plaintext: every chunk comes from the server, over TLS");
-    o.peers = false;
-  }
 
   // In the root device's I/O path: never wait on that device's writeback
   // for memory, and never have our own pages paged out to it.

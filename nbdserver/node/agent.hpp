@@ -14,8 +14,9 @@
 // - it serves the chunks it holds to other nodes of the same generation,
 //   read-only, over NBD (--peer-listen), within an upload limit;
 // - with --tls require, every connection to the server is TLS (STARTTLS,
-//   then the node's pre-shared key) or nothing, and peers are off (they do
-//   not speak TLS yet).
+//   then the node's pre-shared key) or nothing, and so is every peer
+//   connection, both ways, with the generation's peer key (its sealed copy
+//   in the server's answer for the node opens with the node's key).
 //
 // See docs/ARCHITECTURE.md, "The node agent".
 #pragma once

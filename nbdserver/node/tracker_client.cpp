@@ -177,6 +177,8 @@ bool TrackerClient::node_info(const std::string& exp, NodeInfo* out, std::string
     out->generation = j.at("generation").get<std::string>();
     out->size = j.at("size").get<uint64_t>();
     out->chunk_size = j.at("chunk_size").get<uint32_t>();
+    out->peer_identity = j.value("peer_identity", "");
+    out->peer_key_sealed = j.value("peer_key_sealed", "");
   } catch (const std::exception& e) {
     *err = std::string("node ") + exp + ": bad answer: " + e.what();
     return false;

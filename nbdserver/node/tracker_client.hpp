@@ -16,6 +16,11 @@ struct NodeInfo {
   std::string generation;  // IMAGE@GEN
   uint64_t size = 0;
   uint32_t chunk_size = 0;
+  // Under --tls require, for a node with a key: the PSK identity peers of
+  // the generation use, and its key sealed with the node's own key
+  // (tls/seal.hpp). Empty otherwise.
+  std::string peer_identity;
+  std::string peer_key_sealed;
 };
 
 class TrackerClient {

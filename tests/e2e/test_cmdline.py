@@ -337,13 +337,15 @@ def test_the_agent_gets_the_key_in_a_file_only_root_can_read(shell, tmp_path):
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("--tls") + 1] == "require"
     assert args[args.index("--tls-key-file") + 1] == f"{run}/node.psk"
-    assert args[args.index("--peers") + 1] == "off" and "--tracker" not in args, args
+    # Peers as asked: over TLS too (the agent opens the generation's peer key).
+    assert args[args.index("--peers") + 1] == "on", args
+    assert args[args.index("--tracker") + 1] == "h:80", args
     assert not any(HEX in a for a in args)
     # Written under umask 077 whatever the caller's umask (000 here).
     assert (tmp_path / "mode").read_text().strip() == "600"
     assert (tmp_path / "key").read_text() == KEY + "\n"
     assert not (run / "node.psk").exists(), "the key file outlived the agent's start"
-    assert "TLS with node n1's key, peers off (not over TLS yet)" in p.stdout
+    assert "TLS with node n1's key, peers on (tracker h:80)" in p.stdout
     assert HEX not in p.stdout + p.stderr
 
 
