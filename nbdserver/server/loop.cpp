@@ -508,6 +508,12 @@ void Loop::post_recv(Connection& c) {
     if (!make_room(c)) return;  // full of unparsed requests: wait
     target = c.rbuf.data() + c.rlen;
     len = c.rbuf.size() - c.rlen;
+    // Shutting down, only the rest of a payload that is arriving is read,
+    // never a request sent after it (which a reconnecting client sends
+    // again to the next server). rbuf holds none of the payload here:
+    // process_requests() moved it into the WRITE's buffer.
+    if (shared_.stopping && c.payload_op != kNone)
+      len = std::min<uint64_t>(len, ops_[c.payload_op].req.length - c.payload_got);
   }
   io_uring_sqe* s = ring_.sqe();
   io_uring_prep_recv(s, c.fd, target, len, 0);
