@@ -220,10 +220,6 @@ size_t Engine::read(uint8_t* dst, size_t cap) {
   return 0;
 }
 
-size_t Engine::pending() const {
-  return status_ == Status::kOpen ? gnutls_record_check_pending(impl_->session) : 0;
-}
-
 bool Engine::write(const uint8_t* data, size_t len) {
   while (len > 0) {
     if (status_ != Status::kOpen) return false;

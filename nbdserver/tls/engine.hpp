@@ -65,8 +65,6 @@ class Engine {
   // far. Returns the bytes written; 0 when no whole record is buffered (or
   // the peer closed: see status()). Only when status() == kOpen.
   size_t read(uint8_t* dst, size_t cap);
-  // Plaintext bytes decrypted and not yet read (part of a record).
-  size_t pending() const;
   // Encrypts `len` bytes into outbox(). Only when status() == kOpen; on a
   // GnuTLS error status() becomes kFailed and false is returned.
   bool write(const uint8_t* data, size_t len);
