@@ -19,7 +19,6 @@ expiry take effect at once.
 """
 
 import ctypes
-import hashlib
 import os
 import random
 import re
@@ -38,6 +37,7 @@ from nbdraw import (OPT_ABORT, OPT_EXPORT_NAME, OPT_EXTENDED_HEADERS, OPT_GO, OP
                     REP_ERR_TLS_REQD, Closed, RawClient, option_bytes)
 from nbdtls import starttls
 from storeutil import admin, make_store, serve_store
+from test_lab_tier import tree  # every path of the store with its digest
 
 SIZE = 4 * MiB
 IDENTITIES = ("node-a", "node-b", "ops")
@@ -54,19 +54,6 @@ def write_psk_file(path, lines):
         for identity, key in lines:
             f.write(f"{identity}:{key}\n")
     return str(path)
-
-
-def tree(store):
-    """Every path under the store with its contents' digest."""
-    out = {}
-    for root, dirs, files in os.walk(store):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), store) + "/"] = None
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, store)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 class Tier:
