@@ -412,3 +412,21 @@ def test_a_nodes_answer_carries_its_generations_peer_key_sealed_with_its_own(ser
     srv.terminate()
     # --tls off: no peer key at all.
     assert "peer_key_sealed" not in node_answer(serve(), NODE)
+
+
+@pytest.mark.parametrize("damage", ["mode", "content"])
+def test_a_bad_peer_secret_is_refused_with_its_reason_and_hands_out_no_peer_key(serve, store,
+                                                                                damage):
+    admin(store, "create", NODE, "--image", "lab")
+    new_key(store)
+    os.makedirs(os.path.join(store, "keys"), exist_ok=True)
+    path = os.path.join(store, "keys", "peer-secret")
+    with open(path, "w") as f:
+        f.write("ab" * 32 + "\n" if damage == "mode" else "not a secret\n")
+    os.chmod(path, 0o644 if damage == "mode" else 0o600)
+    before = open(path).read()
+    srv = serve("--tls", "require")
+    assert "peer_key_sealed" not in node_answer(srv, NODE)
+    why = "mode 0644" if damage == "mode" else "not 64 hex digits"
+    wait_for(lambda: why in srv.stderr(), f"the log names the bad peer secret ({why})")
+    assert open(path).read() == before  # never replaced behind the admin's back
