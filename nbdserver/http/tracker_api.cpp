@@ -205,6 +205,29 @@ void get_stats(exports::Store& store, tracker::Tracker& tr, const httplib::Reque
                    {"peers", std::move(peers)}});
 }
 
+// The generation's boot order (tracker/swarm.hpp), its first `max` chunks
+// (?max=N; all without it).
+void get_order(exports::Store& store, tracker::Tracker& tr, const httplib::Request& req,
+               httplib::Response& res) {
+  std::string image, gen, err;
+  if (!parse_generation(req.matches[1], &image, &gen, &err)) return reply_error(res, 400, err);
+  uint64_t size = 0;
+  if (!store.generation_size(image, gen, &size, &err)) return reply_error(res, 404, err);
+  uint64_t max = UINT64_MAX;
+  if (req.has_param("max")) {
+    const std::string m = req.get_param_value("max");
+    if (m.empty() || m.size() > 10 || m.find_first_not_of("0123456789") != std::string::npos)
+      return reply_error(res, 400, "max must be a number of chunks");
+    max = std::stoull(m);
+  }
+  const uint64_t chunks = storage::chunk_count(size);
+  std::vector<uint32_t> order = tr.with(image + "@" + gen, chunks, [&](tracker::Swarm& s, double) {
+    const auto& o = s.order();
+    return std::vector<uint32_t>(o.begin(), o.begin() + std::min<uint64_t>(o.size(), max));
+  });
+  reply_json(res, {{"generation", image + "@" + gen}, {"chunks", std::move(order)}});
+}
+
 }  // namespace
 
 void add_tracker_api(httplib::Server& svr, std::shared_ptr<exports::Store> store,
@@ -217,6 +240,10 @@ void add_tracker_api(httplib::Server& svr, std::shared_ptr<exports::Store> store
            [store, tracker](const httplib::Request& req, httplib::Response& res) {
              post_report(*store, *tracker, req, res);
            });
+  svr.Get(R"(/v1/tracker/([^/]+)/order)",
+          [store, tracker](const httplib::Request& req, httplib::Response& res) {
+            get_order(*store, *tracker, req, res);
+          });
   svr.Get(R"(/v1/tracker/([^/]+))",
           [store, tracker](const httplib::Request& req, httplib::Response& res) {
             get_stats(*store, *tracker, req, res);

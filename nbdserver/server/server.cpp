@@ -204,7 +204,8 @@ int run_server(const ServerOptions& opts) {
     http_server = std::make_unique<http::Server>(ho);
     tracker::SwarmLimits limits;
     limits.peer_timeout = opts.peer_timeout;
-    peer_tracker = std::make_shared<tracker::Tracker>(limits);
+    peer_tracker = std::make_shared<tracker::Tracker>(limits, opts.store + "/tracker");
+    peer_tracker->start_saving(std::chrono::seconds(2));
     http::add_store_api(http_server->routes(), store, opts.tls_required);
     http::add_files_api(http_server->routes(), store);
     http::add_tracker_api(http_server->routes(), store, peer_tracker);
@@ -250,7 +251,10 @@ int run_server(const ServerOptions& opts) {
   sd_notify(0, "STOPPING=1");
   if (http_server) http_server->stop();
   if (sweeper) sweeper->stop();
-  if (peer_tracker) log_tracker(*peer_tracker);
+  if (peer_tracker) {
+    peer_tracker->stop_saving();
+    log_tracker(*peer_tracker);
+  }
   shared.stopping = true;
   for (auto& l : loops) l->wake();
   for (auto& t : threads) t.join();

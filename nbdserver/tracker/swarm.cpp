@@ -12,6 +12,7 @@ uint32_t Swarm::touch(const std::string& node, const std::string& address, doubl
   if (added) {
     peers_.emplace_back();
     peers_.back().node = node;
+    peers_.back().first_seen = now;
   }
   const uint32_t slot = it->second;
   Peer& p = peers_[slot - 1];
@@ -100,8 +101,19 @@ SourcesAnswer Swarm::sources(const std::string& node, const std::string& address
     a.peers.emplace(s, p.address);
   }
   Peer& me = peers_[asker - 1];
-  for (uint32_t c : want) hold(me, asker, c);
+  const bool booting = now - me.first_seen < limits_.order_window;
+  for (uint32_t c : want) {
+    hold(me, asker, c);
+    if (booting && in_order_.addChecked(c)) order_.push_back(c);
+  }
   return a;
+}
+
+size_t Swarm::seed_order(const std::vector<uint32_t>& recorded) {
+  if (!order_.empty()) return 0;
+  for (uint32_t c : recorded)
+    if (c < chunks_ && in_order_.addChecked(c)) order_.push_back(c);
+  return order_.size();
 }
 
 bool Swarm::report(const std::string& node, const std::string& address,

@@ -26,6 +26,13 @@
 // than `max_candidates` holders, starting at a rotating point, so a chunk
 // held by thousands costs a bounded scan.
 //
+// Boot order: the chunks of the generation in the order nodes first asked
+// for them, each once, counting only what a node asks within `order_window`
+// seconds of its first call (its boot, not what it reads days later).
+// Agents prefetch in this order ahead of their kernel, as VMTorrent does
+// with its recorded access profile; it is a hint only (a wrong order costs
+// prefetched bytes, never correctness). The Tracker keeps it on disk.
+//
 // Time is an argument (seconds on a monotonic clock), so tests drive it.
 // Not thread-safe: the owner (Tracker) serialises calls. No HTTP here.
 #pragma once
@@ -46,6 +53,7 @@ struct SwarmLimits {
   double quarantine = 300;        // a peer reported bad is not handed out for this long
   double load_half_life = 10;     // seconds for a slot's load to halve
   unsigned max_candidates = 8;    // holders looked at per chunk
+  double order_window = 120;      // seconds of a node's first asks that make the boot order
 };
 
 struct PeerStats {
@@ -92,6 +100,13 @@ class Swarm {
               const std::vector<uint32_t>& dropped, std::optional<uint32_t> bad_peer,
               bool leaving, double now, std::string* err);
 
+  // The boot order so far (see above).
+  const std::vector<uint32_t>& order() const { return order_; }
+  // Starts the order with `recorded` (a saved one) when none is recorded
+  // yet; chunks out of range or repeated are skipped. Returns how many
+  // were taken.
+  size_t seed_order(const std::vector<uint32_t>& recorded);
+
   // The node holding `slot`, or "" when none.
   std::string node_of(uint32_t slot) const;
   // Expires peers not heard from for peer_timeout (done by every call too).
@@ -105,6 +120,7 @@ class Swarm {
     Roaring chunks;
     double load = 0, load_at = 0;
     double last_seen = 0;
+    double first_seen = 0;
     double quarantined_until = 0;
     uint64_t answers = 0;
   };
@@ -123,6 +139,8 @@ class Swarm {
   std::vector<Peer> peers_;       // by slot - 1
   std::map<std::string, uint32_t> slots_;
   uint32_t cursor_ = 0;  // where the next candidate scan starts
+  std::vector<uint32_t> order_;  // the boot order
+  Roaring in_order_;             // the chunks in it
   uint64_t server_answers_ = 0, peer_answers_ = 0, quarantines_ = 0, expired_ = 0;
 };
 

@@ -221,6 +221,34 @@ def test_coalescing_order(tracker):
     assert st["chunks"] == CHUNKS and st["live_peers"] == 4
 
 
+def test_boot_order(tracker, nbdserver):
+    """The order nodes first asked for chunks in, each once, kept across a
+    restart; ?max cuts it; a damaged order file is logged and ignored."""
+    srv, api, store, _ = tracker()
+    assert api.json("GET", "/v1/tracker/lab@g1/order") == {"generation": "lab@g1", "chunks": []}
+    api.sources("n1", [9, 3, 4], peer_port=2001)
+    api.sources("n2", [3, 1, 9, 0], peer_port=2002)
+    assert api.json("GET", "/v1/tracker/lab@g1/order")["chunks"] == [9, 3, 4, 1, 0]
+    assert api.json("GET", "/v1/tracker/lab@g1/order?max=2")["chunks"] == [9, 3]
+    for bad in ("abc", "-1", "", "99999999999"):
+        assert "max must be" in api.error("GET", f"/v1/tracker/lab@g1/order?max={bad}", expect=400)
+    assert "g9" in api.error("GET", "/v1/tracker/lab@g9/order", expect=404)
+    assert srv.terminate() == 0
+    path = os.path.join(store, "tracker", "lab@g1.order")
+    with open(path) as f:
+        assert f.read().split() == ["nbdroot.boot-order/1", str(CHUNKS), "9", "3", "4", "1", "0"]
+    srv = nbdserver(args=["--store", store, "--http", "127.0.0.1:0", "--threads", "2"])
+    api = Api(srv.http)
+    assert api.json("GET", "/v1/tracker/lab@g1/order")["chunks"] == [9, 3, 4, 1, 0]
+    assert srv.terminate() == 0
+    with open(path, "w") as f:
+        f.write("nbdroot.boot-order/1 %d\n9 3 x\n" % CHUNKS)
+    srv = nbdserver(args=["--store", store, "--http", "127.0.0.1:0", "--threads", "2"])
+    api = Api(srv.http)
+    assert api.json("GET", "/v1/tracker/lab@g1/order")["chunks"] == []
+    assert "boot order" in srv.stderr() and "ignored: 'x' is not a chunk number" in srv.stderr()
+
+
 def test_a_node_is_not_its_own_source(tracker):
     srv, api, _, _ = tracker()
     api.sources("n1", [1, 2, 3])

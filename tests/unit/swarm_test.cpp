@@ -2,9 +2,13 @@
 // the rules written out plainly (holders, coalescing, load, quarantine,
 // expiry, leaving).
 #include "tracker/swarm.hpp"
+#include "tracker/tracker.hpp"
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <set>
@@ -139,6 +143,62 @@ TEST(Swarm, BoundedScanStillSpreadsLoad) {
 }
 
 // Random operations against a model of who holds what.
+TEST(Swarm, BootOrderIsFirstAsksWithinTheWindow) {
+  SwarmLimits l = limits();
+  l.order_window = 100;
+  Swarm s(100, l);
+  s.sources("a", "10.0.0.1:1", {5, 3}, 0);
+  s.sources("b", "", {3, 9, 5, 1}, 10);  // a node that does not serve counts too
+  EXPECT_EQ(s.order(), (std::vector<uint32_t>{5, 3, 9, 1}));
+  s.sources("a", "10.0.0.1:1", {7}, 99);   // within a's window
+  s.sources("a", "10.0.0.1:1", {8}, 100);  // after it: a is no longer booting
+  s.sources("c", "10.0.0.3:1", {2}, 150);  // c's first call starts its window
+  EXPECT_EQ(s.order(), (std::vector<uint32_t>{5, 3, 9, 1, 7, 2}));
+  // A saved order is taken only before anything is recorded.
+  EXPECT_EQ(s.seed_order({40, 41}), 0u);
+  Swarm t(10, l);
+  EXPECT_EQ(t.seed_order({4, 4, 12, 3, 9}), 3u);  // repeats and chunks out of range skipped
+  EXPECT_EQ(t.order(), (std::vector<uint32_t>{4, 3, 9}));
+  t.sources("a", "10.0.0.1:1", {3, 0}, 0);
+  EXPECT_EQ(t.order(), (std::vector<uint32_t>{4, 3, 9, 0}));
+}
+
+TEST(Tracker, BootOrderOutlivesTheTracker) {
+  char tmpl[] = "/tmp/nbdroot-order-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = std::string(tmpl) + "/tracker";  // made by the first save
+  {
+    Tracker t(limits(), dir);
+    t.with("lab@g1", 50, [](Swarm& s, double now) { return s.sources("a", "", {7, 2, 40}, now); });
+    EXPECT_EQ(t.save_orders(), 1u);
+    EXPECT_EQ(t.save_orders(), 0u);  // nothing new
+    t.with("lab@g1", 50, [](Swarm& s, double now) { return s.sources("b", "", {2, 3}, now); });
+  }  // the destructor saves what grew
+  Tracker t(limits(), dir);
+  auto order = t.with("lab@g1", 50, [](Swarm& s, double) { return s.order(); });
+  EXPECT_EQ(order, (std::vector<uint32_t>{7, 2, 40, 3}));
+  // The order of another size of generation, or a damaged file, is ignored.
+  Tracker u(limits(), dir);
+  EXPECT_TRUE(u.with("lab@g1", 40, [](Swarm& s, double) { return s.order().empty(); }));
+  std::ofstream(dir + "/lab@g2.order") << "nbdroot.boot-order/1 50\n1 2 x3\n";
+  EXPECT_TRUE(u.with("lab@g2", 50, [](Swarm& s, double) { return s.order().empty(); }));
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST(Tracker, ParseOrder) {
+  std::vector<uint32_t> o;
+  std::string err;
+  EXPECT_TRUE(Tracker::parse_order(Tracker::format_order(9, {8, 0, 3}), 9, &o, &err)) << err;
+  EXPECT_EQ(o, (std::vector<uint32_t>{8, 0, 3}));
+  EXPECT_TRUE(Tracker::parse_order("nbdroot.boot-order/1 9\n", 9, &o, &err));
+  EXPECT_TRUE(o.empty());
+  EXPECT_FALSE(Tracker::parse_order("", 9, &o, &err));
+  EXPECT_FALSE(Tracker::parse_order("nbdroot.boot-order/1 9\n9\n", 9, &o, &err));
+  EXPECT_NE(err.find("out of range"), std::string::npos);
+  EXPECT_FALSE(Tracker::parse_order("nbdroot.boot-order/1 9\n-1\n", 9, &o, &err));
+  EXPECT_FALSE(Tracker::parse_order("nbdroot.boot-order/1 9\n99999999999\n", 9, &o, &err));
+}
+
 TEST(Swarm, MatchesAModel) {
   std::mt19937 rng(7);
   const uint32_t chunks = 64;
