@@ -9,6 +9,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/program_options.hpp>
 #include <chrono>
@@ -58,6 +59,7 @@ struct Options {
   size_t upload_connections = 64;
   std::string tracker;        // HOST:PORT of the server's HTTP API
   int peer_timeout_ms = 500;  // a peer's answer after this goes to the server instead
+  bool prefetch = true;       // fetch the generation's boot order ahead of the kernel
   std::string ready_file;
   std::string stats_file;
   std::string log_level = "info";
@@ -93,6 +95,8 @@ struct Stats {
   std::atomic<uint64_t> peer_failures{0}, peer_bad_chunks{0}, peer_timeouts{0};
   std::atomic<uint64_t> served_bytes{0}, served_chunks{0}, served_refused{0};
   std::atomic<uint64_t> reconnects{0};
+  std::atomic<uint64_t> prefetched_chunks{0};
+  std::atomic<uint64_t> peer_skipped{0};  // named by the tracker, backed off here: the server
 };
 
 // One export on the server list, reconnecting on its own: callers retry
@@ -324,6 +328,9 @@ class Agent {
   ChunkBytes fetch_from_peer(uint64_t c, int slot);
   bool fetch_run_from_server(uint64_t first, size_t n, std::vector<ChunkBytes>* out, std::string* why);
   std::vector<int> ask_tracker(const std::vector<uint64_t>& chunks);
+  void load_order();
+  void prefetch();
+  bool all_dirty(uint64_t c);
   void report(bool leaving, int bad_slot);
   void housekeeping();
   void write_stats();
@@ -355,6 +362,19 @@ class Agent {
   std::unique_ptr<ChunkArena> arena_;  // the chunks' memory, made with the cache
   uint16_t peer_port_ = 0;
   std::unique_ptr<TrackerClient> tracker_;  // set when peers are on
+
+  // Prefetch: the generation's boot order (its first chunks, as many as
+  // fit the cache less kPrefetchHeadroom), fetched kPrefetchBatch chunks
+  // per tracker question by kPrefetchThreads threads from the kernel's
+  // first read on (not before: a node prefetches while it boots, not
+  // while it waits to be switched on).
+  static constexpr size_t kPrefetchThreads = 3, kPrefetchBatch = 16;
+  static constexpr uint64_t kPrefetchHeadroom = 8 << 20;
+  std::vector<uint64_t> order_;
+  std::mutex prefetch_mu_;
+  size_t prefetch_next_ = 0;  // where in order_ the next batch starts
+  std::atomic<bool> kernel_reading_{false};
+  std::vector<std::thread> prefetchers_;
   // --tls require: the generation's peer identity and key, which peers
   // serve and read with (TLS both ways, nothing in plaintext).
   std::optional<Psk> peer_psk_;
@@ -365,6 +385,8 @@ class Agent {
   std::map<int, Clock::time_point> peer_used_;              // their last use
   static constexpr size_t kMaxPeerConnections = 8;
   std::map<int, Clock::time_point> peer_backoff_;           // failed: not before
+  std::map<int, unsigned> peer_late_;  // late answers in a row; kLateInARow: skipped briefly
+  static constexpr unsigned kLateInARow = 3;
 
   std::mutex upload_mu_;
   double upload_tokens_ = 0;
@@ -408,6 +430,10 @@ nbd::Error Agent::read_view(uint8_t* buf, uint64_t len, uint64_t off, std::strin
 
 nbd::Error Agent::read(uint8_t* buf, uint64_t len, uint64_t off, std::string* why) {
   if (!chunked_) return read_view(buf, len, off, why);
+  if (!kernel_reading_.load(std::memory_order_relaxed) && !kernel_reading_.exchange(true)) {
+    std::lock_guard<std::mutex> g(stop_mu_);
+    stop_cv_.notify_all();  // the prefetchers wait on it
+  }
   std::vector<Piece> plan;
   {
     std::shared_lock<std::shared_mutex> g(dirty_mu_);
@@ -463,6 +489,8 @@ bool Agent::fetch_chunks(const std::vector<uint64_t>& chunks, std::map<uint64_t,
       from_server.push_back(chunks[i]);
     }
   }
+  // Prefetch batches come in boot order: sorted, neighbours make runs.
+  std::sort(from_server.begin(), from_server.end());
   bool ok = true;
   for (size_t i = 0; i < from_server.size();) {
     size_t j = i + 1;
@@ -561,19 +589,36 @@ ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
   {
     std::lock_guard<std::mutex> g(peers_mu_);
     auto b = peer_backoff_.find(slot);
-    if (b != peer_backoff_.end() && Clock::now() < b->second) return nullptr;
+    if (b != peer_backoff_.end() && Clock::now() < b->second) {
+      ++stats_.peer_skipped;
+      return nullptr;
+    }
     auto a = peer_addr_.find(slot);
     if (a == peer_addr_.end()) return nullptr;
     addr = a->second;
     auto it = peer_conn_.find(slot);
     if (it != peer_conn_.end() && !it->second->broken()) conn = it->second;
   }
-  auto fail = [&](const std::string& what, bool bad) {
+  // After a failure the chunk comes from the server. The peer is then
+  // skipped: not at all after a "not held" answer or a late one (the
+  // connection stays usable, and in a storm a late answer is mostly a peer
+  // still fetching the chunk itself) unless kLateInARow came in a row;
+  // briefly after a broken connection; for long after a lie (also
+  // reported to the tracker).
+  enum class Skip { kNo, kBrief, kLong };
+  bool first_drop = false;
+  auto fail = [&](const std::string& what, Skip skip) {
     spdlog::warn("peer {} (slot {}): chunk {}: {}; reading it from the server{}", addr, slot, c, what,
-                 bad ? ", and dropping that peer" : "");
+                 skip == Skip::kLong ? ", and dropping that peer" : "");
     ++stats_.peer_failures;
+    if (skip == Skip::kNo) return nullptr;
     std::lock_guard<std::mutex> g(peers_mu_);
-    peer_backoff_[slot] = Clock::now() + std::chrono::seconds(bad ? 600 : 5);
+    const auto until = Clock::now() + (skip == Skip::kLong ? std::chrono::seconds(600)
+                                                           : std::chrono::seconds(1));
+    // Several threads may catch the same lie at once: one reports it.
+    auto& b = peer_backoff_[slot];
+    first_drop = skip == Skip::kLong && b < until - std::chrono::seconds(60);
+    b = std::max(b, until);
     if (auto it = peer_conn_.find(slot); it != peer_conn_.end()) {
       it->second->close();
       peer_conn_.erase(it);
@@ -583,34 +628,38 @@ ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
   if (!conn) {
     Endpoint ep;
     std::string err;
-    if (!parse_endpoint(addr, &ep, &err)) return fail("bad address: " + err, false);
+    if (!parse_endpoint(addr, &ep, &err)) return fail("bad address: " + err, Skip::kBrief);
     conn = std::make_shared<NbdClient>();
     if (peer_psk_) conn->use_tls(*peer_psk_);
     if (!conn->connect(ep, gen_name_, {}, o_.peer_timeout_ms, &err)) {
       // A peer that does not take STARTTLS is dropped and reported, never
       // read in plaintext. A failed TLS handshake is only a failure: the
       // key that does not match may be ours.
-      if (!conn->starttls_refused()) return fail(err, false);
-      fail(err, true);
-      report(false, slot);
+      if (!conn->starttls_refused()) return fail(err, Skip::kBrief);
+      fail(err, Skip::kLong);
+      if (first_drop) report(false, slot);
       return nullptr;
     }
     if (conn->size() != gen_size_)
       return fail("it serves " + std::to_string(conn->size()) + " bytes, the generation has " +
                       std::to_string(gen_size_),
-                  true);
+                  Skip::kLong);
     std::lock_guard<std::mutex> g(peers_mu_);
     peer_conn_[slot] = conn;
     // Few connections kept: in a storm every node meets many peers, and
     // each peer takes only --upload-connections. The least recently used
-    // goes (a request still on it ends as a failure: the server serves it).
+    // idle one goes; one in use (a copy held outside this map, taken
+    // under peers_mu_) is never closed under its request: then there are
+    // more for a while.
     peer_used_[slot] = Clock::now();
     while (peer_conn_.size() > kMaxPeerConnections) {
       auto oldest = peer_used_.end();
-      for (auto it = peer_used_.begin(); it != peer_used_.end(); ++it)
-        if (it->first != slot && peer_conn_.count(it->first) &&
+      for (auto it = peer_used_.begin(); it != peer_used_.end(); ++it) {
+        auto pc = peer_conn_.find(it->first);
+        if (it->first != slot && pc != peer_conn_.end() && pc->second.use_count() == 1 &&
             (oldest == peer_used_.end() || it->second < oldest->second))
           oldest = it;
+      }
       if (oldest == peer_used_.end()) break;
       peer_conn_[oldest->first]->close();
       peer_conn_.erase(oldest->first);
@@ -626,18 +675,28 @@ ChunkBytes Agent::fetch_from_peer(uint64_t c, int slot) {
   if (!r.ok()) {
     if (r.kind == Result::kTimeout) ++stats_.peer_timeouts;
     // An error answer is a chunk the peer no longer holds: not a lie.
-    return fail(r.kind == Result::kNbdError ? "it does not hold it (" + r.why + ")" : r.why,
-                false);
+    if (r.kind == Result::kNbdError) return fail("it does not hold it (" + r.why + ")", Skip::kNo);
+    if (r.kind != Result::kTimeout) return fail(r.why, Skip::kBrief);
+    unsigned row;
+    {
+      std::lock_guard<std::mutex> g(peers_mu_);
+      row = ++peer_late_[slot];
+    }
+    return fail(r.why, row >= kLateInARow ? Skip::kBrief : Skip::kNo);
   }
   std::string err;
   auto v = digests_->verify(c, buf->data(), buf->size(), &err);
   if (v != storage::ChunkDigests::Verdict::kMatch) {
     ++stats_.peer_bad_chunks;
-    fail(v == storage::ChunkDigests::Verdict::kMismatch ? "wrong bytes (SHA-256 mismatch)"
-                                                        : "cannot check it: " + err,
-         v == storage::ChunkDigests::Verdict::kMismatch);
-    if (v == storage::ChunkDigests::Verdict::kMismatch) report(false, slot);
+    const bool lie = v == storage::ChunkDigests::Verdict::kMismatch;
+    fail(lie ? "wrong bytes (SHA-256 mismatch)" : "cannot check it: " + err,
+         lie ? Skip::kLong : Skip::kBrief);
+    if (lie && first_drop) report(false, slot);
     return nullptr;
+  }
+  {
+    std::lock_guard<std::mutex> g(peers_mu_);
+    peer_late_.erase(slot);
   }
   stats_.gen_peer_bytes += buf->size();
   return buf;
@@ -660,6 +719,67 @@ std::vector<int> Agent::ask_tracker(const std::vector<uint64_t>& chunks) {
   for (size_t i = 0; i < chunks.size(); ++i)
     slots[i] = got[i] > 0 && peer_addr_.count(got[i]) ? got[i] : 0;
   return slots;
+}
+
+// The recorded boot order, cut to what the cache holds with headroom for
+// the kernel's other reads. Without one (the generation's first boot, an
+// old server) nothing is prefetched.
+void Agent::load_order() {
+  if (!o_.prefetch) return;
+  const uint64_t budget = cache_.limit() > kPrefetchHeadroom ? cache_.limit() - kPrefetchHeadroom : 0;
+  std::string err;
+  if (!tracker_->order(gen_name_, budget / chunk_size_, &order_, &err)) {
+    spdlog::info("prefetch off: {}", err);
+    order_.clear();
+    return;
+  }
+  for (uint64_t c : order_)
+    if (c >= digests_->chunks()) {
+      spdlog::warn("prefetch off: the boot order names chunk {}, past the generation's end", c);
+      order_.clear();
+      return;
+    }
+  if (order_.empty())
+    spdlog::info("prefetch: no boot order recorded for {} yet", gen_name_);
+  else
+    spdlog::info("prefetch: {} chunks of {}'s boot order, from the kernel's first read on",
+                 order_.size(), gen_name_);
+}
+
+// Whether every block of chunk c is the node's own (read from the view).
+bool Agent::all_dirty(uint64_t c) {
+  std::shared_lock<std::shared_mutex> g(dirty_mu_);
+  for (const Piece& p : dirty_.plan(c * chunk_size_, chunk_len(c), chunk_size_))
+    if (p.src != Piece::kView) return false;
+  return true;
+}
+
+// One prefetch thread: claims the next batch of chunks in boot order that
+// nobody holds or fetches, and fetches it like a kernel read would (one
+// tracker question, peers, the server). Stops at the order's end or stop().
+void Agent::prefetch() {
+  {
+    std::unique_lock<std::mutex> lk(stop_mu_);
+    stop_cv_.wait(lk, [&] { return stopping_.load() || kernel_reading_.load(); });
+  }
+  while (!stopping_) {
+    std::vector<uint64_t> batch;
+    {
+      std::lock_guard<std::mutex> g(prefetch_mu_);
+      while (prefetch_next_ < order_.size() && batch.size() < kPrefetchBatch) {
+        const uint64_t c = order_[prefetch_next_++];
+        if (all_dirty(c)) continue;
+        bool mine = false;
+        ChunkBytes held = cache_.get_or_claim(c, 0, &mine);
+        if (mine) batch.push_back(c);
+      }
+    }
+    if (batch.empty()) return;
+    std::map<uint64_t, ChunkBytes> have;
+    std::string why;
+    if (!fetch_chunks(batch, &have, &why)) spdlog::debug("prefetch: {}", why);
+    for (const auto& [c, d] : have) stats_.prefetched_chunks += d != nullptr;
+  }
 }
 
 void Agent::report(bool leaving, int bad_slot) {
@@ -846,6 +966,8 @@ void Agent::write_stats() {
             {"served_chunks", stats_.served_chunks.load()},
             {"served_refused", stats_.served_refused.load()},
             {"reconnects", stats_.reconnects.load()},
+            {"prefetched_chunks", stats_.prefetched_chunks.load()},
+            {"peer_skipped", stats_.peer_skipped.load()},
             {"cache_bytes", cache_.bytes()},
             {"cache_limit", cache_.limit()},
             {"generation", gen_name_}};
@@ -932,6 +1054,7 @@ int Agent::run() {
         return 1;
       }
       peer_port_ = uint16_t(std::stoi(peers->address().substr(peers->address().rfind(':') + 1)));
+      load_order();
       spdlog::info("peers: serving chunks of {} on {}{} (cache {} MiB, {} chunks of {} KiB)",
                    gen_name_, peers->address(),
                    peer_psk_ ? " over TLS only, as '" + peer_psk_->identity + "'" : "",
@@ -947,6 +1070,8 @@ int Agent::run() {
   }
   kernel.start();
   if (peers) peers->start();
+  if (peers && !order_.empty())
+    for (size_t i = 0; i < kPrefetchThreads; ++i) prefetchers_.emplace_back([this] { prefetch(); });
   write_stats();  // there from the start, for whoever waits on the ready file
   if (!o_.ready_file.empty()) {
     std::ofstream f(o_.ready_file + ".tmp");
@@ -959,6 +1084,7 @@ int Agent::run() {
   housekeeping();  // until stop()
   spdlog::info("stopping");
   stop();  // wakes whatever waits on stop_cv_
+  for (std::thread& t : prefetchers_) t.join();
   if (peers) peers->stop();
   if (chunked_) report(true, 0);
   kernel.stop();
@@ -978,7 +1104,8 @@ void on_signal(int) {
 
 int run_agent(int argc, char** argv) {
   Options o;
-  std::string servers, cache = "64M", upload = "0", peers = "on", tls = "off", key_file;
+  std::string servers, cache = "64M", upload = "0", peers = "on", prefetch = "on", tls = "off",
+              key_file;
   po::options_description desc(
       "nbdserver node: the node agent. Serves the node's root to its kernel on a Unix socket\n"
       "(nbd-client -unix PATH), keeps the node's view on the server, reads clean blocks from\n"
@@ -1001,6 +1128,8 @@ int run_agent(int argc, char** argv) {
       "peer connections at once")(
       "peer-timeout-ms", po::value(&o.peer_timeout_ms)->default_value(o.peer_timeout_ms),
       "a peer slower than this is skipped for the server")(
+      "prefetch", po::value(&prefetch)->default_value(prefetch),
+      "on|off: fetch the generation's recorded boot order ahead of the kernel (peers on)")(
       "ready-file", po::value(&o.ready_file), "written once serving: 'unix PATH' and 'peer HOST:PORT'")(
       "stats-file", po::value(&o.stats_file), "counters as JSON, rewritten every 250 ms when they changed")(
       "log-level", po::value(&o.log_level)->default_value(o.log_level), "trace|debug|info|warn|error");
@@ -1051,6 +1180,9 @@ int run_agent(int argc, char** argv) {
   }
   if (peers != "on" && peers != "off") return bad("--peers must be on or off, got '" + peers + "'");
   o.peers = peers == "on";
+  if (prefetch != "on" && prefetch != "off")
+    return bad("--prefetch must be on or off, got '" + prefetch + "'");
+  o.prefetch = prefetch == "on";
   if (!parse_size(cache, &o.cache)) return bad("--cache: not a size: '" + cache + "'");
   if (!parse_size(upload, &o.upload_limit)) return bad("--upload-limit: not a size: '" + upload + "'");
   if (!o.tracker.empty()) {

@@ -219,6 +219,24 @@ bool TrackerClient::sources(const std::string& gen, const std::string& node, uin
   return true;
 }
 
+bool TrackerClient::order(const std::string& gen, uint64_t max, std::vector<uint64_t>* out,
+                          std::string* err) {
+  std::lock_guard<std::mutex> g(mu_);
+  Reply res;
+  bool ok = impl_->call(http::verb::get, "/v1/tracker/" + gen + "/order?max=" + std::to_string(max),
+                        "", kSmallBody, &res, err);
+  if (!answered(ok, res, "boot order of " + gen, err)) return false;
+  try {
+    json j = json::parse(res.body);
+    out->clear();
+    for (const json& c : j.at("chunks")) out->push_back(c.get<uint64_t>());
+  } catch (const std::exception& e) {
+    *err = "boot order of " + gen + ": bad answer: " + e.what();
+    return false;
+  }
+  return true;
+}
+
 bool TrackerClient::report(const std::string& gen, const std::string& node, uint16_t peer_port,
                            const std::vector<uint64_t>& dropped, int bad_slot, bool leaving,
                            std::string* err) {

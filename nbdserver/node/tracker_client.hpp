@@ -39,6 +39,9 @@ class TrackerClient {
   bool sources(const std::string& gen, const std::string& node, uint16_t peer_port,
                const std::vector<uint64_t>& chunks, std::vector<int>* slots,
                std::map<int, std::string>* peers, std::string* err);
+  // GET /v1/tracker/IMAGE@GEN/order?max=N: the generation's recorded boot
+  // order, its first `max` chunks (empty when none is recorded yet).
+  bool order(const std::string& gen, uint64_t max, std::vector<uint64_t>* out, std::string* err);
   // POST /v1/tracker/IMAGE@GEN/report.
   bool report(const std::string& gen, const std::string& node, uint16_t peer_port,
               const std::vector<uint64_t>& dropped, int bad_slot, bool leaving, std::string* err);

@@ -251,6 +251,41 @@ def test_a_second_node_reads_clean_chunks_from_the_first(nbdserver, store, sockd
     hb.shutdown()
 
 
+def test_a_booting_node_prefetches_the_recorded_boot_order(nbdserver, store, sockdir):
+    """The first boot of a generation records the order of its first reads;
+    the server keeps it across a restart; a later node fetches that order
+    ahead of its kernel, from its kernel's first read on (not before)."""
+    root, base = store
+    port, hport = free_port(), free_port()
+    extra = ("--http", f"127.0.0.1:{hport}")
+    srv = serve(nbdserver, root, port=port, http=False, extra=extra)
+    a = agent(nbdserver, srv, sockdir, "n1")
+    ha = a.handle()
+    order = [37, 5, 200, 6, 90, 12, 13, 14, 255, 0]
+    for c in order:
+        assert ha.pread(BS, c * CHUNK + BS) == base[c * CHUNK + BS:c * CHUNK + 2 * BS]
+    assert srv.terminate() == 0  # saves the order
+    with open(os.path.join(root, "tracker", "lab@g1.order")) as f:
+        assert [int(w) for w in f.read().split()[2:]] == order
+    srv = serve(nbdserver, root, port=port, http=False, extra=extra)
+    b = agent(nbdserver, srv, sockdir, "n2")
+    assert "boot order of 10 chunks read from" in srv.stderr()
+    hb = b.handle("lab/n2")
+    time.sleep(1.0)  # nothing to wait for: the agent must not start by itself
+    assert b.stats()["prefetched_chunks"] == 0
+    assert hb.pread(BS, order[0] * CHUNK) == base[order[0] * CHUNK:order[0] * CHUNK + BS]
+    st = b.wait_stats(lambda s: s["prefetched_chunks"] >= len(order) - 1)
+    assert st["prefetched_chunks"] >= len(order) - 1, st
+    fetched = st["gen_server_bytes"] + st["gen_peer_bytes"]
+    for c in order:
+        assert hb.pread(CHUNK, c * CHUNK) == base[c * CHUNK:(c + 1) * CHUNK]
+    st = b.wait_stats(lambda s: s["gen_cache_hits"] >= len(order))
+    assert st["gen_server_bytes"] + st["gen_peer_bytes"] == fetched, st
+    assert "prefetch: 10 chunks of lab@g1's boot order" in b.stderr()
+    ha.shutdown()
+    hb.shutdown()
+
+
 def test_changed_blocks_are_never_served_to_peers(nbdserver, store, sockdir):
     root, base = store
     srv = serve(nbdserver, root)
