@@ -377,7 +377,9 @@ def start_server(args, net, setup, base, store, tmp, logpath):
         return p, f"nbd://{srv_ip}:{NBD_PORT}/"
     ready = os.path.join(tmp, "server.ready")
     argv = [args.nbdserver, "--listen", f"{srv_ip}:{NBD_PORT}", "--ready-file", ready,
-            "--store", store, "--log-level", "warn"] + args.server_arg
+            "--store", store] + args.server_arg
+    if not any(a.startswith("--log-level") for a in args.server_arg):
+        argv += ["--log-level", "warn"]
     if setup == "peers" and args.tracker:
         argv += ["--http", f"{srv_ip}:{HTTP_PORT}"]
     p = spawn(net.server, argv, logpath)
@@ -386,33 +388,76 @@ def start_server(args, net, setup, base, store, tmp, logpath):
     return p, f"nbd://{srv_ip}:{NBD_PORT}/lab/node-%d"
 
 
-def start_agents(args, net, n, tmp, logdir):
+def start_agents(args, net, n, tmp, logdir, name="node", port=PEER_PORT):
+    """n agents lab/<name>-i, agent i in node i's namespace, kernel socket
+    <tmp>/<name>-i.sock; returns once every socket takes connections."""
     agents = []
     for i in range(n):
-        sock = os.path.join(tmp, f"node-{i}.sock")
+        sock = os.path.join(tmp, f"{name}-{i}.sock")
         argv = [args.agent_nbdserver, "node", "--server", f"{net.server_ip}:{NBD_PORT}",
-                "--export", f"lab/node-{i}", "--socket", sock,
-                "--peer-listen", f"{net.node_ip(i)}:{PEER_PORT}", "--peers", "on"]
+                "--export", f"lab/{name}-{i}", "--socket", sock,
+                "--peer-listen", f"{net.node_ip(i)}:{port}", "--peers", "on",
+                "--stats-file", os.path.join(tmp, f"{name}-{i}.stats")]
         if args.tracker:
             argv += ["--tracker", f"{net.server_ip}:{HTTP_PORT}"]
         argv += args.agent_arg
         if args.cache:
             argv += ["--cache", args.cache]
-        agents.append(spawn(net.node_ns(i), argv, os.path.join(logdir, f"agent-{i}.log")))
+        agents.append(spawn(net.node_ns(i), argv, os.path.join(logdir, f"agent-{name}-{i}.log")))
 
     def all_listening():
         for i in range(n):
             s = socket.socket(socket.AF_UNIX)
             try:
-                s.connect(os.path.join(tmp, f"node-{i}.sock"))
+                s.connect(os.path.join(tmp, f"{name}-{i}.sock"))
             except OSError:
                 return False
             finally:
                 s.close()
         return True
 
-    wait_for("agents", all_listening, agents, 60, os.path.join(logdir, "agent-0.log"))
+    wait_for("agents", all_listening, agents, 60,
+             os.path.join(logdir, f"agent-{name}-0.log"))
     return agents
+
+
+def seed_boot(args, net, tmp, logdir):
+    """One node boots alone before the storm, untimed, so that the tracker
+    records the generation's boot order (what a lab's first boot of a new
+    generation does); it then leaves, so it serves nobody in the storm."""
+    seed = start_agents(args, net, 1, tmp, logdir, name="seed", port=PEER_PORT + 1)
+    try:
+        argv = [args.nbdstorm, "--trace", args.trace, "--nodes", "1", "--qd", str(args.qd),
+                "--threads", "1", "--timeout", str(args.timeout),
+                "--uri", f"nbd+unix:///?socket={tmp}/seed-%d.sock"]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout + 60,
+                           preexec_fn=rb._preexec)
+        if p.returncode != 0:
+            raise rb.ServerError(f"seed boot: nbdstorm exited {p.returncode}: "
+                                 f"{p.stderr.strip()[-2000:]}")
+    finally:
+        stop_all(seed)
+
+
+AGENT_COUNTERS = ("gen_server_bytes", "gen_peer_bytes", "view_read_bytes", "gen_cache_hits",
+                  "prefetched_chunks", "peer_failures", "peer_skipped", "peer_timeouts", "peer_bad_chunks",
+                  "served_bytes", "served_refused")
+
+
+def agent_totals(tmp, n, name="node"):
+    """The agents' counters (--stats-file, rewritten every 250 ms: read
+    after a wait), summed over the storm's nodes."""
+    time.sleep(0.6)
+    tot = dict.fromkeys(AGENT_COUNTERS, 0)
+    for i in range(n):
+        try:
+            with open(os.path.join(tmp, f"{name}-{i}.stats")) as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for k in AGENT_COUNTERS:
+            tot[k] += st.get(k, 0)
+    return tot
 
 
 def storm_once(args, net, setup, n, rep, base, store, outdir):
@@ -422,6 +467,7 @@ def storm_once(args, net, setup, n, rep, base, store, outdir):
     os.makedirs(logdir)
     if setup != "nbdkit":
         storm.clear_nodes(store)
+        shutil.rmtree(os.path.join(store, "tracker"), ignore_errors=True)  # boot orders
     os.sync()
     rb.warm_cache(base)
     srv, uri = start_server(args, net, setup, base, store, tmp, os.path.join(logdir, "server.log"))
@@ -431,6 +477,8 @@ def storm_once(args, net, setup, n, rep, base, store, outdir):
                 "--threads", str(args.client_threads), "--timeout", str(args.timeout),
                 "--per-node", os.path.join(logdir, "pernode.txt")]
         if setup == "peers":
+            if args.seed_boot:
+                seed_boot(args, net, tmp, logdir)
             agents = start_agents(args, net, n, tmp, logdir)
             argv += ["--uri", f"nbd+unix:///?socket={tmp}/node-%d.sock"]
         else:
@@ -450,6 +498,8 @@ def storm_once(args, net, setup, n, rep, base, store, outdir):
         # A node's upload is what the switch's port n<i> received.
         node_up = sum(w1[f"n{i}"][1] - w0[f"n{i}"][1] for i in range(n))
         hwm = [vm_hwm_kib(a.pid) for a in agents]
+        if agents:
+            res["agents"] = agent_totals(tmp, n)
         busy = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
         res.update(setup=setup, nodes=n, rep=rep, server_cpu_s=round(cpu1 - cpu0, 2),
                    host_busy=round(busy, 3),
@@ -620,6 +670,9 @@ def parse_args():
     ap.add_argument("--queue-bytes", default="16mb", help="tbf limit (without netem)")
     ap.add_argument("--burst", default="256kb", help="tbf burst (without netem)")
     ap.add_argument("--cache", help="the agents' --cache SIZE")
+    ap.add_argument("--no-seed-boot", dest="seed_boot", action="store_false",
+                    help="peers: no untimed boot of one node before the storm (then the "
+                         "tracker has no boot order and the agents do not prefetch)")
     ap.add_argument("--workdir", default="/var/tmp/nbdroot-netstorm",
                     help="image, store (on the disk: flushes are real)")
     ap.add_argument("--outdir", help="default bench/results/netstorm-<timestamp>")
@@ -749,6 +802,16 @@ def main():
                         f"{r['server_cpu_s']:.2f} s, client CPU {r['client_cpu_s']:.2f} s"
                         + (f", agent VmHWM max {r['agent_hwm_kib_max'] / 1024:.1f} MiB"
                            if r.get("agent_hwm_kib_max") else ""))
+                    if r.get("agents"):
+                        a = r["agents"]
+                        log(f"  agents, per node: chunks from the server "
+                            f"{a['gen_server_bytes'] / n / MB:.1f} MB, from peers "
+                            f"{a['gen_peer_bytes'] / n / MB:.1f} MB, view reads "
+                            f"{a['view_read_bytes'] / n / MB:.2f} MB, prefetched "
+                            f"{a['prefetched_chunks'] / n:.0f} chunks; peer failures "
+                            f"{a['peer_failures']} ({a['peer_timeouts']} timeouts, "
+                            f"{a['peer_bad_chunks']} bad), skipped (backed off) {a['peer_skipped']}, "
+                            f"refused {a['served_refused']}")
                     results.append(r)
     except KeyboardInterrupt:
         problems.append("interrupted: results are partial")
