@@ -128,16 +128,19 @@ void post_sources(exports::Store& store, tracker::Tracker& tr, const httplib::Re
   });
   json peers = json::object();
   for (const auto& [slot, addr] : a.peers) peers[std::to_string(slot)] = addr;
-  reply_json(res, {{"peers", std::move(peers)}, {"sources", std::move(a.sources)}});
+  reply_json(res, {{"peers", std::move(peers)},
+                   {"sources", std::move(a.sources)},
+                   {"epoch", tr.epoch()}});
 }
 
 void post_report(exports::Store& store, tracker::Tracker& tr, const httplib::Request& req,
                  httplib::Response& res) {
   Call c;
   if (!begin_call(store, req, res, &c)) return;
-  std::vector<uint32_t> dropped;
+  std::vector<uint32_t> dropped, held;
   std::string err;
-  if (!read_chunks(c.body, "dropped", c.chunks, c.chunks, &dropped, &err))
+  if (!read_chunks(c.body, "dropped", c.chunks, c.chunks, &dropped, &err) ||
+      !read_chunks(c.body, "held", c.chunks, c.chunks, &held, &err))
     return reply_error(res, 400, err);
   std::optional<uint32_t> bad;
   if (c.body.contains("bad_peer") && !c.body["bad_peer"].is_null()) {
@@ -155,7 +158,7 @@ void post_report(exports::Store& store, tracker::Tracker& tr, const httplib::Req
   std::string bad_node, bad_addr;
   const bool ok = tr.with(c.key, c.chunks, [&](tracker::Swarm& s, double now) {
     if (bad) bad_node = s.node_of(*bad);
-    return s.report(c.node, c.address, dropped, bad, leaving, now, &err);
+    return s.report(c.node, c.address, dropped, held, bad, leaving, now, &err);
   });
   if (!ok) return reply_error(res, 400, err);
   if (bad)
@@ -163,7 +166,7 @@ void post_report(exports::Store& store, tracker::Tracker& tr, const httplib::Req
                  "out for {} s",
                  c.key, c.node, req.remote_addr, *bad, bad_node, tr.limits().quarantine);
   if (leaving) spdlog::info("tracker {}: node '{}' leaves", c.key, c.node);
-  reply_json(res, {{"ok", true}});
+  reply_json(res, {{"ok", true}, {"epoch", tr.epoch()}});
 }
 
 void get_stats(exports::Store& store, tracker::Tracker& tr, const httplib::Request& req,

@@ -375,6 +375,7 @@ class Agent {
   size_t prefetch_next_ = 0;  // where in order_ the next batch starts
   std::atomic<bool> kernel_reading_{false};
   std::vector<std::thread> prefetchers_;
+  std::atomic<bool> resend_held_{false};  // the tracker restarted: report() says what is held
   // --tls require: the generation's peer identity and key, which peers
   // serve and read with (TLS both ways, nothing in plaintext).
   std::optional<Psk> peer_psk_;
@@ -714,10 +715,16 @@ std::vector<int> Agent::ask_tracker(const std::vector<uint64_t>& chunks) {
     spdlog::debug("{}", err);
     return slots;
   }
-  std::lock_guard<std::mutex> g(peers_mu_);
-  for (auto& [slot, addr] : peers) peer_addr_[slot] = addr;
-  for (size_t i = 0; i < chunks.size(); ++i)
-    slots[i] = got[i] > 0 && peer_addr_.count(got[i]) ? got[i] : 0;
+  {
+    std::lock_guard<std::mutex> g(peers_mu_);
+    for (auto& [slot, addr] : peers) peer_addr_[slot] = addr;
+    for (size_t i = 0; i < chunks.size(); ++i)
+      slots[i] = got[i] > 0 && peer_addr_.count(got[i]) ? got[i] : 0;
+  }
+  if (tracker_->take_new_epoch()) {
+    resend_held_ = true;
+    report(false, 0);
+  }
   return slots;
 }
 
@@ -782,12 +789,29 @@ void Agent::prefetch() {
   }
 }
 
+// Tells the tracker what this node dropped, a bad peer, or that it leaves.
+// After the tracker restarted (a new epoch in an answer) it also says what
+// it holds, which the new tracker does not know.
 void Agent::report(bool leaving, int bad_slot) {
   if (!tracker_) return;
   std::string err;
-  if (!tracker_->report(gen_name_, o_.node_name, peer_port_, cache_.take_dropped(), bad_slot,
-                        leaving, &err))
+  std::vector<uint64_t> held;
+  if (resend_held_.exchange(false)) {
+    held = cache_.held();
+    spdlog::info("tracker: the server's tracker restarted; telling it the {} chunks held here",
+                 held.size());
+  }
+  const bool ok = tracker_->report(gen_name_, o_.node_name, peer_port_, cache_.take_dropped(),
+                                   leaving ? std::vector<uint64_t>{} : held, bad_slot, leaving, &err);
+  if (!ok) {
+    if (!held.empty()) resend_held_ = true;
     spdlog::debug("{}", err);
+    return;
+  }
+  if (tracker_->take_new_epoch()) {
+    resend_held_ = true;
+    report(leaving, 0);
+  }
 }
 
 // ---------------------------------------------------------------- peer side

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <utility>
 
 namespace node {
 
@@ -212,6 +213,7 @@ bool TrackerClient::sources(const std::string& gen, const std::string& node, uin
     slots->clear();
     for (const json& s : src) slots->push_back(s.get<int>());
     for (auto& [k, v] : j.at("peers").items()) (*peers)[std::stoi(k)] = v.get<std::string>();
+    saw_epoch(j.value("epoch", ""));
   } catch (const std::exception& e) {
     *err = std::string("tracker sources: bad answer: ") + e.what();
     return false;
@@ -238,18 +240,33 @@ bool TrackerClient::order(const std::string& gen, uint64_t max, std::vector<uint
 }
 
 bool TrackerClient::report(const std::string& gen, const std::string& node, uint16_t peer_port,
-                           const std::vector<uint64_t>& dropped, int bad_slot, bool leaving,
-                           std::string* err) {
+                           const std::vector<uint64_t>& dropped, const std::vector<uint64_t>& held,
+                           int bad_slot, bool leaving, std::string* err) {
   json body = {{"node", node},
                {"peer_port", peer_port},
                {"dropped", dropped},
+               {"held", held},
                {"bad_peer", bad_slot > 0 ? json(bad_slot) : json(nullptr)},
                {"leaving", leaving}};
   std::lock_guard<std::mutex> g(mu_);
   Reply res;
   bool ok = impl_->call(http::verb::post, "/v1/tracker/" + gen + "/report", body.dump(),
                         kSmallBody, &res, err);
-  return answered(ok, res, "tracker report", err);
+  if (!answered(ok, res, "tracker report", err)) return false;
+  json j = json::parse(res.body, nullptr, false);
+  if (j.is_object() && j.contains("epoch") && j["epoch"].is_string()) saw_epoch(j["epoch"]);
+  return true;
+}
+
+void TrackerClient::saw_epoch(const std::string& e) {
+  if (e.empty() || e == epoch_) return;
+  if (!epoch_.empty()) new_epoch_ = true;
+  epoch_ = e;
+}
+
+bool TrackerClient::take_new_epoch() {
+  std::lock_guard<std::mutex> g(mu_);
+  return std::exchange(new_epoch_, false);
 }
 
 }  // namespace node

@@ -44,12 +44,22 @@ class TrackerClient {
   bool order(const std::string& gen, uint64_t max, std::vector<uint64_t>* out, std::string* err);
   // POST /v1/tracker/IMAGE@GEN/report.
   bool report(const std::string& gen, const std::string& node, uint16_t peer_port,
-              const std::vector<uint64_t>& dropped, int bad_slot, bool leaving, std::string* err);
+              const std::vector<uint64_t>& dropped, const std::vector<uint64_t>& held,
+              int bad_slot, bool leaving, std::string* err);
+  // True once after an answer named another tracker epoch than the ones
+  // before it: the server restarted, and its tracker forgot what this node
+  // holds.
+  bool take_new_epoch();
 
  private:
   struct Impl;
+  // The epoch in an answer (tracker/tracker.hpp); mu_ held.
+  void saw_epoch(const std::string& e);
+
   std::mutex mu_;
   std::unique_ptr<Impl> impl_;
+  std::string epoch_;
+  bool new_epoch_ = false;
 };
 
 }  // namespace node

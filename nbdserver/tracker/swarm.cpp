@@ -117,8 +117,8 @@ size_t Swarm::seed_order(const std::vector<uint32_t>& recorded) {
 }
 
 bool Swarm::report(const std::string& node, const std::string& address,
-                   const std::vector<uint32_t>& dropped, std::optional<uint32_t> bad_peer,
-                   bool leaving, double now, std::string* err) {
+                   const std::vector<uint32_t>& dropped, const std::vector<uint32_t>& held,
+                   std::optional<uint32_t> bad_peer, bool leaving, double now, std::string* err) {
   auto mine = slots_.find(node);
   if (bad_peer && (*bad_peer == 0 || *bad_peer > peers_.size() ||
                    (mine != slots_.end() && mine->second == *bad_peer))) {
@@ -135,6 +135,10 @@ bool Swarm::report(const std::string& node, const std::string& address,
     if (h == holders_.end()) continue;
     h->second.remove(slot);
     if (h->second.isEmpty()) holders_.erase(h);
+  }
+  for (uint32_t c : held) {
+    assert(c < chunks_);
+    hold(me, slot, c);
   }
   if (bad_peer) {
     Peer& bad = peers_[*bad_peer - 1];

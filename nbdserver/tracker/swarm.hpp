@@ -92,13 +92,15 @@ class Swarm {
   SourcesAnswer sources(const std::string& node, const std::string& address,
                         const std::vector<uint32_t>& want, double now);
 
-  // A node's report: chunks it dropped from its cache, a peer that served
-  // it bad data (quarantined), or that it leaves (its holdings go; its slot
-  // stays reserved for it). Every chunk must be < chunks(). Returns false
-  // with *err when bad_peer is not a slot of another node; nothing changes then.
+  // A node's report: chunks it dropped from its cache, chunks it holds (a
+  // node says so after the tracker restarted and forgot), a peer that
+  // served it bad data (quarantined), or that it leaves (its holdings go;
+  // its slot stays reserved for it). Every chunk must be < chunks().
+  // Returns false with *err when bad_peer is not a slot of another node;
+  // nothing changes then.
   bool report(const std::string& node, const std::string& address,
-              const std::vector<uint32_t>& dropped, std::optional<uint32_t> bad_peer,
-              bool leaving, double now, std::string* err);
+              const std::vector<uint32_t>& dropped, const std::vector<uint32_t>& held,
+              std::optional<uint32_t> bad_peer, bool leaving, double now, std::string* err);
 
   // The boot order so far (see above).
   const std::vector<uint32_t>& order() const { return order_; }

@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <random>
 #include <sstream>
 
 #include "storage/durable_file.hpp"
@@ -21,7 +22,11 @@ constexpr size_t kOrderFileMax = 64 << 20;
 }  // namespace
 
 Tracker::Tracker(SwarmLimits limits, std::string order_dir)
-    : limits_(limits), order_dir_(std::move(order_dir)) {}
+    : limits_(limits), order_dir_(std::move(order_dir)) {
+  std::random_device rd;
+  const uint64_t r = (uint64_t(rd()) << 32) ^ rd();
+  epoch_ = fmt::format("{:016x}", r);
+}
 
 Tracker::~Tracker() { stop_saving(); }
 

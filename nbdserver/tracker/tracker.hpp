@@ -30,6 +30,10 @@ class Tracker {
   explicit Tracker(SwarmLimits limits, std::string order_dir = "");
   ~Tracker();
   const SwarmLimits& limits() const { return limits_; }
+  // Names this tracker's life: random, made at construction. Answers carry
+  // it, so that a node sees when the tracker restarted (and forgot what
+  // the node holds) and reports its holdings again.
+  const std::string& epoch() const { return epoch_; }
 
   // Runs fn on the swarm of `generation` ("IMAGE@GEN", `chunks` chunks
   // long), creating it if needed, under the lock, with the current time.
@@ -72,6 +76,7 @@ class Tracker {
   std::string order_path(const std::string& generation) const;
 
   SwarmLimits limits_;
+  std::string epoch_;
   std::string order_dir_;
   std::mutex mu_;
   std::map<std::string, Entry> swarms_;

@@ -286,6 +286,35 @@ def test_a_booting_node_prefetches_the_recorded_boot_order(nbdserver, store, soc
     hb.shutdown()
 
 
+def test_after_a_server_restart_nodes_tell_the_new_tracker_what_they_hold(
+        nbdserver, store, sockdir):
+    """A restarted server's tracker knows no holders; the first answer with
+    its new epoch makes an agent report what it holds, so the next node
+    still reads those chunks from it, not from the server."""
+    root, base = store
+    port, hport = free_port(), free_port()
+    extra = ("--http", f"127.0.0.1:{hport}")
+    srv = serve(nbdserver, root, port=port, http=False, extra=extra)
+    a = agent(nbdserver, srv, sockdir, "n1", "--prefetch", "off")
+    ha = a.handle()
+    assert ha.pread(MiB, 0) == base[:MiB]
+    assert srv.terminate() == 0
+    srv = serve(nbdserver, root, port=port, http=False, extra=extra)
+    # n1 asks the new tracker about one more chunk: it sees the new epoch.
+    assert ha.pread(CHUNK, 8 * MiB) == base[8 * MiB:8 * MiB + CHUNK]
+    deadline = time.monotonic() + 10
+    while "telling it the 16 chunks held here" not in a.stderr() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "telling it the 16 chunks held here" in a.stderr(), a.stderr()[-2000:]
+    b = agent(nbdserver, srv, sockdir, "n2", "--prefetch", "off")
+    hb = b.handle("lab/n2")
+    assert hb.pread(MiB, 0) == base[:MiB]
+    st = b.wait_stats(lambda s: s["gen_peer_bytes"] >= MiB)
+    assert st["gen_peer_bytes"] == MiB and st["gen_server_bytes"] == 0, st
+    ha.shutdown()
+    hb.shutdown()
+
+
 def test_changed_blocks_are_never_served_to_peers(nbdserver, store, sockdir):
     root, base = store
     srv = serve(nbdserver, root)

@@ -77,7 +77,7 @@ TEST(Swarm, NeverTheAskerNorANonServingNode) {
 TEST(Swarm, AMovedPeerHoldsNothingAtItsNewAddress) {
   Swarm s(10, limits());
   s.sources("a", "a:1", {0, 1}, 0);
-  s.report("a", "a:2", {}, std::nullopt, false, 1, nullptr);
+  s.report("a", "a:2", {}, {}, std::nullopt, false, 1, nullptr);
   EXPECT_EQ(s.sources("b", "b:1", {0}, 1).sources, (std::vector<uint32_t>{0}));
 }
 
@@ -86,7 +86,7 @@ TEST(Swarm, QuarantineLastsItsTime) {
   s.sources("a", "a:1", {0}, 0);
   const uint32_t sa = slot_of(s, "a");
   std::string err;
-  ASSERT_TRUE(s.report("b", "b:1", {}, sa, false, 1, &err));
+  ASSERT_TRUE(s.report("b", "b:1", {}, {}, sa, false, 1, &err));
   EXPECT_EQ(s.sources("c", "c:1", {0}, 2).sources, (std::vector<uint32_t>{0}));
   // a fetches chunk 5 again while quarantined: not handed out until 301.
   s.sources("a", "a:1", {5}, 100);
@@ -100,9 +100,9 @@ TEST(Swarm, BadPeerMustBeAnotherNodesSlot) {
   Swarm s(10, limits());
   s.sources("a", "a:1", {0}, 0);
   std::string err;
-  EXPECT_FALSE(s.report("a", "a:1", {}, slot_of(s, "a"), false, 0, &err));
-  EXPECT_FALSE(s.report("a", "a:1", {}, 0u, false, 0, &err));
-  EXPECT_FALSE(s.report("a", "a:1", {}, 7u, false, 0, &err));
+  EXPECT_FALSE(s.report("a", "a:1", {}, {}, slot_of(s, "a"), false, 0, &err));
+  EXPECT_FALSE(s.report("a", "a:1", {}, {}, 0u, false, 0, &err));
+  EXPECT_FALSE(s.report("a", "a:1", {}, {}, 7u, false, 0, &err));
   EXPECT_EQ(s.stats(0).quarantines, 0u);
   EXPECT_EQ(s.stats(0).peers.size(), 1u);  // a refused report registers nobody
 }
@@ -119,7 +119,7 @@ TEST(Swarm, ExpiryAndLeavingKeepTheSlot) {
   EXPECT_EQ(st.expired, 1u);
   EXPECT_EQ(s.sources("c", "c:1", {0, 1}, 61).sources,
             (std::vector<uint32_t>{0, slot_of(s, "b")}));
-  s.report("b", "b:1", {}, std::nullopt, true, 62, nullptr);
+  s.report("b", "b:1", {}, {}, std::nullopt, true, 62, nullptr);
   EXPECT_EQ(s.sources("d", "d:1", {1}, 62).sources, (std::vector<uint32_t>{slot_of(s, "c")}));
   s.sources("a", "a:1", {2}, 63);
   EXPECT_EQ(slot_of(s, "a"), sa);
@@ -143,6 +143,17 @@ TEST(Swarm, BoundedScanStillSpreadsLoad) {
 }
 
 // Random operations against a model of who holds what.
+TEST(Swarm, AReportOfHeldChunksMakesAHolder) {
+  Swarm s(100, limits());
+  std::string err;
+  ASSERT_TRUE(s.report("a", "10.0.0.1:1", {}, {4, 5}, std::nullopt, false, 0, &err));
+  const uint32_t sa = slot_of(s, "a");
+  EXPECT_EQ(s.sources("b", "10.0.0.2:1", {4, 5, 6}, 1).sources, (std::vector<uint32_t>{sa, sa, 0}));
+  // A node that does not serve holds nothing, whatever it says.
+  ASSERT_TRUE(s.report("c", "", {}, {7}, std::nullopt, false, 1, &err));
+  EXPECT_EQ(s.sources("d", "10.0.0.4:1", {7}, 1).sources, (std::vector<uint32_t>{0}));
+}
+
 TEST(Swarm, BootOrderIsFirstAsksWithinTheWindow) {
   SwarmLimits l = limits();
   l.order_window = 100;
@@ -231,10 +242,10 @@ TEST(Swarm, MatchesAModel) {
       }
       held[node].insert(cs.begin(), cs.end());
     } else if (op < 9) {
-      ASSERT_TRUE(s.report(node, node + ":1", cs, std::nullopt, false, now, nullptr));
+      ASSERT_TRUE(s.report(node, node + ":1", cs, {}, std::nullopt, false, now, nullptr));
       for (uint32_t c : cs) held[node].erase(c);
     } else {
-      ASSERT_TRUE(s.report(node, node + ":1", {}, std::nullopt, true, now, nullptr));
+      ASSERT_TRUE(s.report(node, node + ":1", {}, {}, std::nullopt, true, now, nullptr));
       held.erase(node);
     }
     for (const PeerStats& p : s.stats(now).peers) {
