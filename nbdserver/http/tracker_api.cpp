@@ -121,9 +121,12 @@ void post_sources(exports::Store& store, tracker::Tracker& tr, const httplib::Re
   std::vector<uint32_t> want;
   std::string err;
   if (!c.body.contains("chunks")) return reply_error(res, 400, "\"chunks\" is missing");
-  if (!read_chunks(c.body, "chunks", c.chunks, kMaxChunksPerRequest, &want, &err))
+  std::vector<uint32_t> have;
+  if (!read_chunks(c.body, "chunks", c.chunks, kMaxChunksPerRequest, &want, &err) ||
+      !read_chunks(c.body, "have", c.chunks, c.chunks, &have, &err))
     return reply_error(res, 400, err);
   tracker::SourcesAnswer a = tr.with(c.key, c.chunks, [&](tracker::Swarm& s, double now) {
+    if (!have.empty()) s.have(c.node, c.address, have, now);
     return s.sources(c.node, c.address, want, now);
   });
   json peers = json::object();

@@ -376,6 +376,22 @@ class Agent {
   std::atomic<bool> kernel_reading_{false};
   std::vector<std::thread> prefetchers_;
   std::atomic<bool> resend_held_{false};  // the tracker restarted: report() says what is held
+  // Chunks fetched since the tracker last heard: the next question (or
+  // report) says so, and the tracker sends peers here without a wait.
+  std::mutex have_mu_;
+  std::vector<uint64_t> have_;
+  void add_have(uint64_t c) {
+    std::lock_guard<std::mutex> g(have_mu_);
+    have_.push_back(c);
+  }
+  std::vector<uint64_t> take_have() {
+    std::lock_guard<std::mutex> g(have_mu_);
+    return std::exchange(have_, {});
+  }
+  void give_back_have(std::vector<uint64_t> v) {  // after a failed call
+    std::lock_guard<std::mutex> g(have_mu_);
+    have_.insert(have_.end(), v.begin(), v.end());
+  }
   // --tls require: the generation's peer identity and key, which peers
   // serve and read with (TLS both ways, nothing in plaintext).
   std::optional<Psk> peer_psk_;
@@ -485,6 +501,7 @@ bool Agent::fetch_chunks(const std::vector<uint64_t>& chunks, std::map<uint64_t,
     ChunkBytes d = slots[i] > 0 ? fetch_from_peer(chunks[i], slots[i]) : nullptr;
     if (d) {
       cache_.put(chunks[i], d);
+      add_have(chunks[i]);
       (*have)[chunks[i]] = std::move(d);
     } else {
       from_server.push_back(chunks[i]);
@@ -506,6 +523,7 @@ bool Agent::fetch_chunks(const std::vector<uint64_t>& chunks, std::map<uint64_t,
         continue;
       }
       cache_.put(from_server[k], got[k - i]);
+      add_have(from_server[k]);
       (*have)[from_server[k]] = got[k - i];
     }
     i = j;
@@ -711,8 +729,10 @@ std::vector<int> Agent::ask_tracker(const std::vector<uint64_t>& chunks) {
   std::vector<int> got;
   std::map<int, std::string> peers;
   std::string err;
-  if (!tracker_->sources(gen_name_, o_.node_name, peer_port_, chunks, &got, &peers, &err)) {
+  std::vector<uint64_t> have = take_have();
+  if (!tracker_->sources(gen_name_, o_.node_name, peer_port_, chunks, have, &got, &peers, &err)) {
     spdlog::debug("{}", err);
+    give_back_have(std::move(have));
     return slots;
   }
   {
@@ -795,7 +815,7 @@ void Agent::prefetch() {
 void Agent::report(bool leaving, int bad_slot) {
   if (!tracker_) return;
   std::string err;
-  std::vector<uint64_t> held;
+  std::vector<uint64_t> held = take_have();
   if (resend_held_.exchange(false)) {
     held = cache_.held();
     spdlog::info("tracker: the server's tracker restarted; telling it the {} chunks held here",
@@ -804,7 +824,7 @@ void Agent::report(bool leaving, int bad_slot) {
   const bool ok = tracker_->report(gen_name_, o_.node_name, peer_port_, cache_.take_dropped(),
                                    leaving ? std::vector<uint64_t>{} : held, bad_slot, leaving, &err);
   if (!ok) {
-    if (!held.empty()) resend_held_ = true;
+    give_back_have(std::move(held));
     spdlog::debug("{}", err);
     return;
   }
@@ -1067,8 +1087,11 @@ int Agent::run() {
       ServiceOptions popts;
       popts.what = "peers";
       popts.max_connections = o_.upload_connections;
-      popts.workers = 8;
-      popts.idle_timeout = 120;
+      // A request for a chunk still on its way here holds its worker while
+      // it waits (up to 2 s): in a storm, a node's children in the
+      // tracker's trees wait on it for several chunks at once.
+      popts.workers = 32;
+      popts.idle_timeout = 30;
       popts.fault_hangup_mid_reply = fault_ == "hangup";
       if (peer_psk_) popts.tls_keys = peer_keys();
       peers = std::make_unique<Service>(

@@ -198,9 +198,11 @@ bool TrackerClient::digests(const std::string& gen, std::string* out, std::strin
 }
 
 bool TrackerClient::sources(const std::string& gen, const std::string& node, uint16_t peer_port,
-                            const std::vector<uint64_t>& chunks, std::vector<int>* slots,
-                            std::map<int, std::string>* peers, std::string* err) {
+                            const std::vector<uint64_t>& chunks, const std::vector<uint64_t>& have,
+                            std::vector<int>* slots, std::map<int, std::string>* peers,
+                            std::string* err) {
   json body = {{"node", node}, {"peer_port", peer_port}, {"chunks", chunks}};
+  if (!have.empty()) body["have"] = have;
   std::lock_guard<std::mutex> g(mu_);
   Reply res;
   bool ok = impl_->call(http::verb::post, "/v1/tracker/" + gen + "/sources", body.dump(),

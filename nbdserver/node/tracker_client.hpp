@@ -36,8 +36,11 @@ class TrackerClient {
   // POST /v1/tracker/IMAGE@GEN/sources: a slot per chunk (0: the server),
   // and the addresses of the slots named. False when the tracker did not
   // answer (then ask the server).
+  // `have`: chunks fetched since the last call, which peers may now be
+  // sent to without waiting.
   bool sources(const std::string& gen, const std::string& node, uint16_t peer_port,
-               const std::vector<uint64_t>& chunks, std::vector<int>* slots,
+               const std::vector<uint64_t>& chunks, const std::vector<uint64_t>& have,
+               std::vector<int>* slots,
                std::map<int, std::string>* peers, std::string* err);
   // GET /v1/tracker/IMAGE@GEN/order?max=N: the generation's recorded boot
   // order, its first `max` chunks (empty when none is recorded yet).

@@ -1,5 +1,6 @@
 #include "tracker/swarm.hpp"
 
+#include <algorithm>
 #include <cassert>
 #include <cmath>
 
@@ -26,19 +27,33 @@ uint32_t Swarm::touch(const std::string& node, const std::string& address, doubl
 }
 
 void Swarm::drop_all(Peer& p, uint32_t slot) {
-  for (uint32_t c : p.chunks) {
-    auto h = holders_.find(c);
-    if (h == holders_.end()) continue;
-    h->second.remove(slot);
-    if (h->second.isEmpty()) holders_.erase(h);
-  }
+  for (uint32_t c : p.chunks) drop(p, slot, c);
   p.chunks = Roaring();
+  p.ready = Roaring();
+}
+
+// Forgets that slot holds chunk in the indexes (not in p.chunks: the
+// caller does that).
+void Swarm::drop(Peer& p, uint32_t slot, uint32_t chunk) {
+  for (auto* index : {&holders_, &ready_}) {
+    auto h = index->find(chunk);
+    if (h == index->end()) continue;
+    h->second.remove(slot);
+    if (h->second.isEmpty()) index->erase(h);
+  }
+  p.ready.remove(chunk);
 }
 
 void Swarm::hold(Peer& p, uint32_t slot, uint32_t chunk) {
   if (p.address.empty()) return;
   p.chunks.add(chunk);
   holders_[chunk].add(slot);
+}
+
+void Swarm::mark_ready(Peer& p, uint32_t slot, uint32_t chunk) {
+  if (p.address.empty()) return;
+  hold(p, slot, chunk);
+  if (p.ready.addChecked(chunk)) ready_[chunk].add(slot);
 }
 
 double Swarm::load_of(const Peer& p, double now) const {
@@ -50,10 +65,7 @@ bool Swarm::eligible(const Peer& p, double now) const {
   return p.live && !p.address.empty() && now >= p.quarantined_until;
 }
 
-uint32_t Swarm::pick(uint32_t chunk, uint32_t asker, double now) {
-  auto h = holders_.find(chunk);
-  if (h == holders_.end()) return 0;
-  const Roaring& slots = h->second;
+uint32_t Swarm::least_loaded(const Roaring& slots, uint32_t asker, double now) {
   uint32_t best = 0;
   double best_load = 0;
   unsigned seen = 0;
@@ -77,6 +89,24 @@ uint32_t Swarm::pick(uint32_t chunk, uint32_t asker, double now) {
   }
   if (slots.cardinality() > limits_.max_candidates) cursor_ = best + 1;
   return best;
+}
+
+uint32_t Swarm::pick(uint32_t chunk, uint32_t asker, double now) {
+  auto h = holders_.find(chunk);
+  if (h == holders_.end()) return 0;
+  if (auto r = ready_.find(chunk); r != ready_.end())
+    if (uint32_t s = least_loaded(r->second, asker, now)) return s;
+  if (auto a = askers_.find(chunk); a != askers_.end() && !a->second.empty()) {
+    const std::vector<uint32_t>& v = a->second;
+    auto self = std::find(v.begin(), v.end(), asker);
+    const size_t k = self != v.end() ? size_t(self - v.begin()) : v.size();
+    if (k >= 1) {
+      const uint32_t parent = v[(k - 1) / std::max(1u, limits_.fanout)];
+      if (parent != asker && h->second.contains(parent) && eligible(peers_[parent - 1], now))
+        return parent;
+    }
+  }
+  return least_loaded(h->second, asker, now);
 }
 
 SourcesAnswer Swarm::sources(const std::string& node, const std::string& address,
@@ -104,9 +134,25 @@ SourcesAnswer Swarm::sources(const std::string& node, const std::string& address
   const bool booting = now - me.first_seen < limits_.order_window;
   for (uint32_t c : want) {
     hold(me, asker, c);
+    if (!me.address.empty()) {
+      std::vector<uint32_t>& v = askers_[c];
+      if (v.size() < limits_.tree_askers && std::find(v.begin(), v.end(), asker) == v.end())
+        v.push_back(asker);
+    }
     if (booting && in_order_.addChecked(c)) order_.push_back(c);
   }
   return a;
+}
+
+void Swarm::have(const std::string& node, const std::string& address,
+                 const std::vector<uint32_t>& chunks, double now) {
+  expire(now);
+  const uint32_t slot = touch(node, address, now);
+  Peer& me = peers_[slot - 1];
+  for (uint32_t c : chunks) {
+    assert(c < chunks_);
+    mark_ready(me, slot, c);
+  }
 }
 
 size_t Swarm::seed_order(const std::vector<uint32_t>& recorded) {
@@ -130,15 +176,11 @@ bool Swarm::report(const std::string& node, const std::string& address,
   Peer& me = peers_[slot - 1];
   for (uint32_t c : dropped) {
     assert(c < chunks_);
-    if (!me.chunks.removeChecked(c)) continue;
-    auto h = holders_.find(c);
-    if (h == holders_.end()) continue;
-    h->second.remove(slot);
-    if (h->second.isEmpty()) holders_.erase(h);
+    if (me.chunks.removeChecked(c)) drop(me, slot, c);
   }
   for (uint32_t c : held) {
     assert(c < chunks_);
-    hold(me, slot, c);
+    mark_ready(me, slot, c);
   }
   if (bad_peer) {
     Peer& bad = peers_[*bad_peer - 1];

@@ -20,11 +20,22 @@
 // The next asker for a chunk is sent to it, so each chunk leaves the server
 // about once in a storm.
 //
-// Load: each answer naming a slot adds 1 to its load, which decays by half
-// every `load_half_life` seconds. Among a chunk's holders the least loaded
-// live one (not the asker, not quarantined) is picked, looking at no more
-// than `max_candidates` holders, starting at a rotating point, so a chunk
-// held by thousands costs a bounded scan.
+// Picking a source for a chunk, among live holders other than the asker,
+// not quarantined:
+//   1. holders that said they have it (have(), or a report's `held`): the
+//      least loaded. Load: each answer naming a slot adds 1, decaying by
+//      half every `load_half_life` seconds. At most `max_candidates`
+//      holders are looked at, from a rotating point, so a chunk held by
+//      thousands costs a bounded scan;
+//   2. else, while nobody has it yet, a tree in the order nodes asked
+//      (the first `tree_askers` askers of each chunk are kept): asker k
+//      (k >= 1; asker 0 got the server) is sent to asker (k - 1) / fanout.
+//      A storm's first askers of a chunk form a `fanout`-ary tree, so a
+//      chunk passes through about log(N) nodes, where always picking the
+//      least loaded holder (the newest asker, still waiting) made chains
+//      about as long as the swarm and timed out;
+//   3. else the least loaded holder, as in 1;
+//   4. else the server (0).
 //
 // Boot order: the chunks of the generation in the order nodes first asked
 // for them, each once, counting only what a node asks within `order_window`
@@ -54,6 +65,8 @@ struct SwarmLimits {
   double load_half_life = 10;     // seconds for a slot's load to halve
   unsigned max_candidates = 8;    // holders looked at per chunk
   double order_window = 120;      // seconds of a node's first asks that make the boot order
+  unsigned fanout = 4;            // children per node in a chunk's tree (rule 2)
+  unsigned tree_askers = 64;      // askers kept per chunk for the tree
 };
 
 struct PeerStats {
@@ -92,6 +105,12 @@ class Swarm {
   SourcesAnswer sources(const std::string& node, const std::string& address,
                         const std::vector<uint32_t>& want, double now);
 
+  // `node` has these chunks now (they are on their way no longer): it
+  // becomes a holder of each, preferred by rule 1. Every chunk must be <
+  // chunks().
+  void have(const std::string& node, const std::string& address,
+            const std::vector<uint32_t>& chunks, double now);
+
   // A node's report: chunks it dropped from its cache, chunks it holds (a
   // node says so after the tracker restarted and forgot), a peer that
   // served it bad data (quarantined), or that it leaves (its holdings go;
@@ -120,6 +139,7 @@ class Swarm {
     std::string node, address;
     bool live = false;
     Roaring chunks;
+    Roaring ready;  // the chunks of `chunks` it said it has
     double load = 0, load_at = 0;
     double last_seen = 0;
     double first_seen = 0;
@@ -128,9 +148,12 @@ class Swarm {
   };
   uint32_t touch(const std::string& node, const std::string& address, double now);
   void drop_all(Peer& p, uint32_t slot);
+  void drop(Peer& p, uint32_t slot, uint32_t chunk);
   void hold(Peer& p, uint32_t slot, uint32_t chunk);
+  void mark_ready(Peer& p, uint32_t slot, uint32_t chunk);
   double load_of(const Peer& p, double now) const;
   bool eligible(const Peer& p, double now) const;
+  uint32_t least_loaded(const Roaring& slots, uint32_t asker, double now);
   uint32_t pick(uint32_t chunk, uint32_t asker, double now);
 
   uint64_t chunks_;
@@ -138,6 +161,8 @@ class Swarm {
   // By chunk, only chunks someone holds (a vector of one bitmap per chunk
   // would cost ~40 bytes per 64 KiB even when nobody is there).
   std::unordered_map<uint32_t, Roaring> holders_;
+  std::unordered_map<uint32_t, Roaring> ready_;  // by chunk: holders that have it
+  std::unordered_map<uint32_t, std::vector<uint32_t>> askers_;  // by chunk, in order
   std::vector<Peer> peers_;       // by slot - 1
   std::map<std::string, uint32_t> slots_;
   uint32_t cursor_ = 0;  // where the next candidate scan starts

@@ -83,13 +83,23 @@ class Api:
         assert set(j) == {"error"} and isinstance(j["error"], str) and j["error"], j
         return j["error"]
 
-    def sources(self, node, chunks, peer_port=10809, gen="lab@g1"):
-        return self.json("POST", f"/v1/tracker/{gen}/sources",
-                         {"node": node, "peer_port": peer_port, "chunks": list(chunks)})
+    def epoch(self, j):
+        """j without its "epoch", which must be this server's (one per
+        server run: 16 hex digits)."""
+        e = j.pop("epoch")
+        assert len(e) == 16 and all(ch in "0123456789abcdef" for ch in e), e
+        assert getattr(self, "seen_epoch", e) == e, (self.seen_epoch, e)
+        self.seen_epoch = e
+        return j
+
+    def sources(self, node, chunks, peer_port=10809, gen="lab@g1", **kw):
+        return self.epoch(self.json("POST", f"/v1/tracker/{gen}/sources",
+                                    {"node": node, "peer_port": peer_port,
+                                     "chunks": list(chunks), **kw}))
 
     def report(self, node, peer_port=10809, gen="lab@g1", **kw):
-        return self.json("POST", f"/v1/tracker/{gen}/report",
-                         {"node": node, "peer_port": peer_port, **kw})
+        return self.epoch(self.json("POST", f"/v1/tracker/{gen}/report",
+                                    {"node": node, "peer_port": peer_port, **kw}))
 
     def stats(self, gen="lab@g1"):
         return self.json("GET", f"/v1/tracker/{gen}")
@@ -192,33 +202,35 @@ def test_chunk_digests_missing_or_damaged(tracker):
 # ---------------------------------------------------------------- the tracker
 
 def test_coalescing_order(tracker):
+    """Each chunk leaves the server once: while nobody has it, its askers
+    form a 4-ary tree in the order they asked; once nodes say they have it
+    (a report's "held", or "have" with a question), askers go to the least
+    loaded of those."""
     srv, api, _, _ = tracker()
     a = api.sources("n1", range(10), peer_port=2001)
     assert a == {"peers": {}, "sources": [0] * 10}
-    slot_a = peer(api, "n1")["slot"]
-    b = api.sources("n2", range(10), peer_port=2002)
-    assert b["sources"] == [slot_a] * 10
-    assert b["peers"] == {str(slot_a): "127.0.0.1:2001"}
-    slot_b = peer(api, "n2")["slot"]
-    assert slot_b != slot_a
-    # A has been named ten times, B never: C is sent to the less loaded B
-    # until their loads meet, and never to itself or the server.
-    c = api.sources("n3", range(10), peer_port=2003)
-    assert set(c["sources"]) <= {slot_a, slot_b}
-    assert c["sources"].count(slot_b) >= 9, c
-    assert set(c["peers"]) == {str(s) for s in set(c["sources"])}
-    # A fourth node after both have ~10 answers: spread over A, B and C.
-    d = api.sources("n4", range(30), peer_port=2004)
-    assert d["sources"][10:] == [0] * 20
-    named = d["sources"][:10]
-    slot_c = peer(api, "n3")["slot"]
-    assert 0 not in named and set(named) <= {slot_a, slot_b, slot_c}
-    assert named.count(slot_c) >= 5, named  # the idle C is the least loaded
+    slot = {"n1": peer(api, "n1")["slot"]}
+    for i in range(2, 7):
+        r = api.sources(f"n{i}", range(10), peer_port=2000 + i)
+        slot[f"n{i}"] = peer(api, f"n{i}")["slot"]
+        parent = 1 if i <= 5 else 2  # n2..n5 under n1, n6 under n2
+        assert r["sources"] == [slot[f"n{parent}"]] * 10, (i, r)
+        assert r["peers"] == {str(slot[f"n{parent}"]): f"127.0.0.1:{2000 + parent}"}
+    api.report("n5", peer_port=2005, held=list(range(5)))
+    assert api.sources("n6", [20], peer_port=2006, have=list(range(5)))["sources"] == [0]
+    r = api.sources("n7", range(10), peer_port=2007)
+    assert set(r["sources"][:5]) == {slot["n5"], slot["n6"]}, r  # spread by load
+    assert r["sources"][5:] == [slot["n2"]] * 5, r  # 7th asker: under n2
     st = api.stats()
-    assert st["server_answers"] == 10 + 20 and st["peer_answers"] == 30
+    assert st["server_answers"] == 10 + 1 and st["peer_answers"] == 5 * 10 + 10
     held = {p["node"]: p["chunks_held"] for p in st["peers"]}
-    assert held == {"n1": 10, "n2": 10, "n3": 10, "n4": 30}
-    assert st["chunks"] == CHUNKS and st["live_peers"] == 4
+    assert held == {"n1": 10, "n2": 10, "n3": 10, "n4": 10, "n5": 10, "n6": 11, "n7": 10}
+    assert st["chunks"] == CHUNKS and st["live_peers"] == 7
+    # "have" and "held" are checked like "chunks".
+    assert "out of range" in api.error("POST", "/v1/tracker/lab@g1/sources",
+                                       {"node": "n1", "chunks": [0], "have": [CHUNKS]})
+    assert "must be a list" in api.error("POST", "/v1/tracker/lab@g1/report",
+                                         {"node": "n1", "held": 3})
 
 
 def test_boot_order(tracker, nbdserver):

@@ -50,6 +50,8 @@ TEST(Swarm, LeastLoadedHolderWins) {
   Swarm s(100, limits());
   s.sources("a", "a:1", {0, 1, 2, 3}, 0);
   s.sources("b", "b:1", {0, 1, 2, 3}, 0);  // a: load 4
+  s.have("a", "a:1", {0, 1, 2, 3}, 0);
+  s.have("b", "b:1", {0, 1, 2, 3}, 0);
   const uint32_t sa = slot_of(s, "a"), sb = slot_of(s, "b");
   // b is idle: it takes chunks until its load passes a's.
   auto c = s.sources("c", "c:1", {0, 1, 2, 3, 0, 1}, 0);
@@ -60,6 +62,8 @@ TEST(Swarm, LoadDecays) {
   Swarm s(10, limits());
   s.sources("a", "a:1", {0}, 0);
   s.sources("b", "b:1", {0}, 0);
+  s.have("a", "a:1", {0}, 0);
+  s.have("b", "b:1", {0}, 0);
   for (int i = 0; i < 7; ++i) s.sources("x" + std::to_string(i), "", {0}, 0);
   const uint32_t sa = slot_of(s, "a");
   EXPECT_NEAR(s.stats(0).peers[sa - 1].load, 4, 1e-9);  // a, b alternated
@@ -129,7 +133,7 @@ TEST(Swarm, BoundedScanStillSpreadsLoad) {
   SwarmLimits l = limits();
   l.max_candidates = 4;
   Swarm s(1, l);
-  for (int i = 0; i < 50; ++i) s.sources("h" + std::to_string(i), "h:" + std::to_string(i), {0}, 0);
+  for (int i = 0; i < 50; ++i) s.have("h" + std::to_string(i), "h:" + std::to_string(i), {0}, 0);
   // 50 holders, 4 looked at per answer: 500 answers reach every holder.
   for (int i = 0; i < 500; ++i) s.sources("x", "", {0}, 0);
   uint64_t most = 0, fewest = UINT64_MAX;
@@ -142,7 +146,30 @@ TEST(Swarm, BoundedScanStillSpreadsLoad) {
   EXPECT_LE(most, 60u);
 }
 
-// Random operations against a model of who holds what.
+TEST(Swarm, WhileNobodyHasAChunkItsAskersFormATree) {
+  SwarmLimits l = limits();
+  l.fanout = 2;
+  Swarm s(4, l);
+  std::vector<uint32_t> got;
+  for (int i = 0; i < 7; ++i) {
+    const std::string n = "n" + std::to_string(i);
+    got.push_back(s.sources(n, n + ":1", {0}, 0).sources[0]);
+  }
+  auto slot = [&](int i) { return slot_of(s, "n" + std::to_string(i)); };
+  // n0 the server; n1, n2 -> n0; n3, n4 -> n1; n5, n6 -> n2.
+  EXPECT_EQ(got, (std::vector<uint32_t>{0, slot(0), slot(0), slot(1), slot(1), slot(2), slot(2)}));
+  // Once a node has it, askers go to the holders that have it.
+  s.have("n5", "n5:1", {0}, 1);
+  EXPECT_EQ(s.sources("n7", "n7:1", {0}, 1).sources[0], slot(5));
+  // A parent that left is skipped: the least loaded holder instead.
+  ASSERT_TRUE(s.report("n5", "n5:1", {}, {}, std::nullopt, true, 1, nullptr));
+  uint32_t src = s.sources("n8", "n8:1", {0}, 1).sources[0];
+  EXPECT_NE(src, 0u);
+  EXPECT_NE(src, slot(5));
+  // Asking again keeps a node's place in the tree.
+  EXPECT_EQ(s.sources("n4", "n4:1", {0}, 1).sources[0], slot(1));
+}
+
 TEST(Swarm, AReportOfHeldChunksMakesAHolder) {
   Swarm s(100, limits());
   std::string err;
@@ -210,6 +237,7 @@ TEST(Tracker, ParseOrder) {
   EXPECT_FALSE(Tracker::parse_order("nbdroot.boot-order/1 9\n99999999999\n", 9, &o, &err));
 }
 
+// Random operations against a model of who holds what.
 TEST(Swarm, MatchesAModel) {
   std::mt19937 rng(7);
   const uint32_t chunks = 64;
@@ -226,7 +254,7 @@ TEST(Swarm, MatchesAModel) {
     std::vector<uint32_t> cs;
     for (unsigned i = rng() % 8; i > 0; --i) cs.push_back(rng() % chunks);
     seen[node] = now;
-    if (op < 7) {
+    if (op < 6) {
       SourcesAnswer a = s.sources(node, node + ":1", cs, now);
       ASSERT_EQ(a.sources.size(), cs.size());
       for (size_t i = 0; i < cs.size(); ++i) {
@@ -240,6 +268,9 @@ TEST(Swarm, MatchesAModel) {
           EXPECT_TRUE(held[h].count(cs[i])) << h << " does not hold " << cs[i];
         }
       }
+      held[node].insert(cs.begin(), cs.end());
+    } else if (op < 8) {
+      s.have(node, node + ":1", cs, now);
       held[node].insert(cs.begin(), cs.end());
     } else if (op < 9) {
       ASSERT_TRUE(s.report(node, node + ":1", cs, {}, std::nullopt, false, now, nullptr));
