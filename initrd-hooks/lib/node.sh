@@ -235,13 +235,20 @@ nbdroot_agent_start() {
 		--peer-listen "0.0.0.0:$NBDROOT_PEER_PORT") \
 		</dev/null >"$NBDROOT_RUN/agent.log" 2>&1 &
 	_a_pid=$!
+	# The agent keeps trying the servers until it attaches (a server that
+	# is down or not up yet, a network still coming up, a TLS handshake
+	# the server fails because it has no key for this node yet): under
+	# TLS the key came once, and failing the boot would lose it. It stops
+	# by itself only on a refusal that retrying cannot change (no such
+	# export, not this node's), and that fails the boot. Meanwhile the
+	# console says every 10 s what it is waiting on.
 	i=0
 	while ! [ -s "$NBDROOT_RUN/agent.ready" ]; do
 		kill -0 $_a_pid 2>/dev/null ||
 			fail "nbdroot-agent stopped: $(tail -n 5 "$NBDROOT_RUN/agent.log" | tr '\n' ' ')"
 		i=$((i + 1))
-		# It tries the servers for a while before giving up by itself.
-		[ $i -gt 900 ] && fail "nbdroot-agent not ready after 180 s: $(tail -n 5 "$NBDROOT_RUN/agent.log" | tr '\n' ' ')"
+		[ $((i % 50)) = 0 ] &&
+			log "still waiting for nbdroot-agent to attach $NBDROOT_EXPORT ($((i / 5)) s): $(tail -n 1 "$NBDROOT_RUN/agent.log")"
 		sleep 0.2
 	done
 	# The agent holds the key in memory (locked) from here on.

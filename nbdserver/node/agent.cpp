@@ -21,6 +21,7 @@
 #include <mutex>
 #include <optional>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <shared_mutex>
 #include <thread>
 
@@ -60,6 +61,7 @@ struct Options {
   std::string tracker;        // HOST:PORT of the server's HTTP API
   int peer_timeout_ms = 500;  // a peer's answer after this goes to the server instead
   bool prefetch = true;       // fetch the generation's boot order ahead of the kernel
+  unsigned attach_timeout = 0;  // seconds the first attach is tried; 0: until stopped
   std::string ready_file;
   std::string stats_file;
   std::string log_level = "info";
@@ -104,6 +106,12 @@ struct Stats {
 // With a key (--tls require) every connection is TLS or nothing: a server
 // that does not take STARTTLS, or a failed TLS handshake, is logged as an
 // error and retried like any failed connection.
+//
+// One loop, dial(), makes every connection: the first one and reconnects.
+// It passes over the server list, backing off between passes, and logs
+// each distinct reason once, then how long it has been every 30 s. Only
+// the first attach may end on a server's final refusal (final_refusal());
+// a reconnect waits for the server to change its mind.
 class Link {
  public:
   // `psk` (may be null) must outlive the link.
@@ -117,59 +125,25 @@ class Link {
   void set_first_name(std::string n) { first_name_ = std::move(n); }
   void set_resume_name(std::string n) { resume_name_ = std::move(n); }
 
-  // The first connection; false and *err (each server's reason) when no
-  // server takes it.
-  bool connect_first(std::string* err) {
+  // The first connection, tried until a server takes it. False and *err
+  // (each server's last reason) when a server refused the export for good
+  // (the rest of the list was asked too), when a pass over the servers
+  // ends after `give_up` (Clock::now(): one pass), or when the agent is
+  // asked to stop.
+  bool connect_first(Clock::time_point give_up, std::string* err) {
     std::lock_guard<std::mutex> g(mu_);
-    err->clear();
-    for (const Endpoint& s : servers_) {
-      auto c = make_client();
-      std::string why;
-      if (c->connect(s, first_name_.empty() ? name_ : first_name_, contexts_, 10000, &why)) {
-        if (psk_)
-          spdlog::info("upstream: '{}' on {} over {} as '{}'", name_, s.text(), c->tls_description(),
-                       psk_->identity);
-        cur_ = std::move(c);
-        at_ = s.text();
-        return true;
-      }
-      *err += (err->empty() ? "" : "; ") + why;  // why names the server
-    }
-    return false;
+    cur_ = dial(first_name_.empty() ? name_ : first_name_, true, give_up, err);
+    return cur_ != nullptr;
   }
 
+  // The connection, reconnected first if it broke; null once the agent is
+  // stopping.
   std::shared_ptr<NbdClient> client() {
     std::lock_guard<std::mutex> g(mu_);
     if (cur_ && !cur_->broken()) return cur_;
-    std::string last;
-    auto lost = Clock::now();
-    int delay_ms = 20;
-    for (unsigned attempt = 0;; ++attempt) {
-      if (stopping_) return nullptr;
-      for (const Endpoint& s : servers_) {
-        auto c = make_client();
-        std::string err;
-        const std::string& name = resume_name_.empty() ? name_ : resume_name_;
-        if (c->connect(s, name, contexts_, 5000, &err)) {
-          double secs = std::chrono::duration<double>(Clock::now() - lost).count();
-          spdlog::info("upstream: '{}' reconnected to {} as '{}' after {:.2f} s{}", name_, s.text(),
-                       name, secs, psk_ ? " over " + c->tls_description() : "");
-          ++stats_.reconnects;
-          cur_ = std::move(c);
-          at_ = s.text();
-          return cur_;
-        }
-        if (err != last && c->tls_failed()) {
-          // err names the server: "HOST:PORT: the server did not accept ..."
-          spdlog::error("upstream: '{}' on {}; retrying", name_, err);
-        } else if (err != last) {
-          spdlog::warn("upstream: '{}' on {}: {}", name_, s.text(), err);
-        }
-        last = err;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
-      delay_ms = std::min(delay_ms * 2, 1000);
-    }
+    std::string err;
+    cur_ = dial(resume_name_.empty() ? name_ : resume_name_, false, Clock::time_point::max(), &err);
+    return cur_;
   }
 
   // Runs fn on a connection until it gets an answer (kOk, kNbdError or
@@ -196,6 +170,102 @@ class Link {
   }
 
  private:
+  // Distinct reasons logged per outage; past them only the 30 s notes.
+  static constexpr size_t kMaxReasons = 32;
+
+  // A refusal retrying cannot change: the server says the export does not
+  // exist or is not this node's to attach (NBD_REP_ERR_UNKNOWN, _POLICY,
+  // _INVALID), or that it requires TLS of an agent without a key. A
+  // connection error, a timeout, anything TLS (a failed handshake, a
+  // refused STARTTLS) and a server shutting down are worth another try.
+  static bool final_refusal(const NbdClient& c) {
+    const uint32_t r = c.refused();
+    return r == nbd::kRepErrUnknown || r == nbd::kRepErrPolicy || r == nbd::kRepErrInvalid ||
+           r == nbd::kRepErrTlsReqd;
+  }
+
+  // Sleeps `d`, in slices, while the agent is not asked to stop; false once
+  // it is.
+  bool pause(Clock::duration d) {
+    for (auto end = Clock::now() + d; !stopping_ && Clock::now() < end;)
+      std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(50),
+                                                            end - Clock::now()));
+    return !stopping_;
+  }
+
+  // Connects as `name`: passes over the server list until a server takes
+  // it, backing off between passes (the first attach 0.2 s doubling to
+  // 5 s, a reconnect 20 ms to 1 s). Null and *err as connect_first(); a
+  // reconnect (`first` false) does not end on a final refusal. mu_ held.
+  std::shared_ptr<NbdClient> dial(const std::string& name, bool first, Clock::time_point give_up,
+                                  std::string* err) {
+    using std::chrono::milliseconds;
+    const auto t0 = Clock::now();
+    const milliseconds max_delay(first ? 5000 : 1000);
+    std::set<std::string> seen;
+    std::string last;
+    auto note_at = t0 + std::chrono::seconds(30);
+    for (milliseconds delay(first ? 200 : 20);; delay = std::min(delay * 2, max_delay)) {
+      err->clear();
+      bool refused = false;  // a server's final refusal (first attach)
+      for (const Endpoint& s : servers_) {
+        if (stopping_) return *err = "the agent is stopping", nullptr;
+        auto c = make_client();
+        std::string why;
+        if (c->connect(s, name, contexts_, first ? 10000 : 5000, &why)) {
+          log_connected(*c, s, name, first, t0);
+          at_ = s.text();
+          return c;
+        }
+        *err += (err->empty() ? "" : "; ") + why;  // why names the server
+        last = why;
+        refused = refused || (first && final_refusal(*c));
+        // No log when this pass is the last: the caller reports *err.
+        if (!refused && Clock::now() < give_up && seen.size() < kMaxReasons &&
+            seen.insert(why).second)
+          log_failure(*c, why, first);
+      }
+      if (refused || Clock::now() >= give_up) return nullptr;
+      if (Clock::now() >= note_at) {
+        note_at += std::chrono::seconds(30);
+        spdlog::warn("upstream: '{}' still {} after {:.0f} s; the last reason: {}", name_,
+                     first ? "not attached" : "not reconnected",
+                     std::chrono::duration<double>(Clock::now() - t0).count(), last);
+      }
+      if (!pause(std::min<Clock::duration>(delay, give_up - Clock::now())))
+        return *err = "the agent is stopping", nullptr;
+    }
+  }
+
+  void log_connected(NbdClient& c, const Endpoint& s, const std::string& name, bool first,
+                     Clock::time_point t0) {
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    const std::string tls = psk_ ? " over " + c.tls_description() : "";
+    if (!first) {
+      spdlog::info("upstream: '{}' reconnected to {} as '{}' after {:.2f} s{}", name_, s.text(),
+                   name, secs, tls);
+      ++stats_.reconnects;
+    } else if (psk_) {
+      spdlog::info("upstream: '{}' on {}{} as '{}'{}", name_, s.text(), tls, psk_->identity,
+                   secs >= 0.1 ? fmt::format(" after {:.2f} s", secs) : "");
+    } else if (secs >= 0.1) {
+      spdlog::info("upstream: '{}' on {} after {:.2f} s", name_, s.text(), secs);
+    }
+  }
+
+  // `why` names the server: "HOST:PORT: the server did not accept ...".
+  void log_failure(const NbdClient& c, const std::string& why, bool first) {
+    if (first && c.tls_failed())
+      spdlog::error("upstream: cannot attach '{}' yet: {}; retrying (the server may have this "
+                    "node's key a moment later)", name_, why);
+    else if (first)
+      spdlog::warn("upstream: cannot attach '{}' yet: {}; retrying", name_, why);
+    else if (c.tls_failed())
+      spdlog::error("upstream: '{}' on {}; retrying", name_, why);
+    else
+      spdlog::warn("upstream: '{}' on {}", name_, why);
+  }
+
   std::shared_ptr<NbdClient> make_client() const {
     auto c = std::make_shared<NbdClient>();
     if (psk_) c->use_tls(*psk_);
@@ -953,7 +1023,7 @@ bool Agent::setup_generation(std::string* err) {
   arena_ = std::make_unique<ChunkArena>(cache_.limit(), chunk_size_);
   gen_ = std::make_unique<Link>(o_.servers, o_.psk ? &*o_.psk : nullptr, gen_name_,
                                 std::vector<std::string>{}, stats_, stopping_);
-  if (!gen_->connect_first(err)) return false;
+  if (!gen_->connect_first(Clock::now(), err)) return false;  // one pass: peers are optional
   if (gen_->size() != gen_size_) {
     *err = "the server's " + gen_name_ + " has another size than the node's view";
     return false;
@@ -1045,8 +1115,18 @@ void Agent::housekeeping() {
 
 int Agent::run() {
   std::string err;
-  if (!view_.connect_first(&err)) {
-    spdlog::error("cannot attach '{}': {}", o_.exp, err);
+  const Clock::time_point give_up = o_.attach_timeout > 0
+                                        ? Clock::now() + std::chrono::seconds(o_.attach_timeout)
+                                        : Clock::time_point::max();
+  if (!view_.connect_first(give_up, &err)) {
+    if (stopping_) {
+      spdlog::info("stopping: '{}' was never attached", o_.exp);
+      return 0;
+    }
+    spdlog::error("cannot attach '{}': {}{}", o_.exp, err,
+                  Clock::now() >= give_up
+                      ? fmt::format(" (given up after --attach-timeout {} s)", o_.attach_timeout)
+                      : "");
     return 1;
   }
   size_ = view_.size();
@@ -1165,6 +1245,12 @@ int run_agent(int argc, char** argv) {
       "tls", po::value(&tls)->default_value(tls),
       "off|require: every connection to the server over TLS (STARTTLS, the node's key)")(
       "tls-key-file", po::value(&key_file), "the node's key: one line NODE:HEX (psktool), mode 0600")(
+      "attach-timeout", po::value(&o.attach_timeout)->default_value(o.attach_timeout),
+      "seconds to keep trying the first attach; 0: until stopped. Connection errors, TLS\n"
+      "failures (the server may have the node's key a moment later) and a server shutting\n"
+      "down are retried, 0.2 s doubling to 5 s between passes over the servers; a refusal\n"
+      "(no such export, not this node's) ends it at once. 0 because the initrd's key comes\n"
+      "once per arming: an agent that gave up would lose it, and the boot with it")(
       "socket", po::value(&o.socket)->required(), "Unix socket for the kernel's nbd-client")(
       "tracker", po::value(&o.tracker), "the server's HTTP API (HOST:PORT); peers need it")(
       "peer-listen", po::value(&o.peer_listen)->default_value(o.peer_listen), "where peers connect")(

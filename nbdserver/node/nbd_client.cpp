@@ -167,6 +167,7 @@ bool NbdClient::handshake(const std::string& export_name, const std::vector<std:
   if (hs.status() == Status::kFailed) {
     // Between STARTTLS and TLS, any failure is the server not taking it.
     starttls_refused_ = asked_tls && !transport_->tls();
+    if (!starttls_refused_) refused_ = hs.refusal();
     return *err = hs.error(), false;
   }
   session_ = hs.session();

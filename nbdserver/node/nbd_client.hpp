@@ -84,6 +84,10 @@ class NbdClient {
   // The first of those: the server answered NBD_OPT_STARTTLS with anything
   // but its ACK (it speaks no TLS, or a man in the middle stripped it).
   bool starttls_refused() const { return starttls_refused_; }
+  // After a failed connect(): the NBD_REP_ERR_* the server answered an
+  // option other than NBD_OPT_STARTTLS with (the export's NBD_OPT_GO,
+  // mostly), which failed the handshake; 0 when it failed otherwise.
+  uint32_t refused() const { return refused_; }
   // "TLS1.3/AES-128-GCM" once connected over TLS, else "".
   std::string tls_description() const { return transport_ ? transport_->tls_description() : ""; }
 
@@ -148,6 +152,7 @@ class NbdClient {
   std::unique_ptr<Transport> transport_;  // over fd_, once it is open
   bool tls_failed_ = false;        // the TLS handshake failed
   bool starttls_refused_ = false;  // STARTTLS got no ACK
+  uint32_t refused_ = 0;           // the server's NBD_REP_ERR_* otherwise
   std::thread reader_thread_;
   std::mutex close_mu_;
 

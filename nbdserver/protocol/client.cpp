@@ -249,6 +249,7 @@ void ClientHandshake::fail_refused(std::string_view what, std::string_view data)
                 opt_name(cur_opt_));
   std::string why = std::string(what) + ": " + rep_name(cur_type_);
   if (!data.empty()) why += ": " + printable(data);
+  refusal_ = cur_type_;
   fail(std::move(why));
 }
 

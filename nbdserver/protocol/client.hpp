@@ -80,6 +80,9 @@ class ClientHandshake {
   Status status() const { return status_; }
   // Why the handshake failed, with the server's message when it sent one.
   const std::string& error() const { return error_; }
+  // The NBD_REP_ERR_* the server answered an option with when that failed
+  // the handshake (NBD_OPT_STARTTLS's included); 0 when it failed otherwise.
+  uint32_t refusal() const { return refusal_; }
   const ClientSession& session() const { return session_; }
 
  private:
@@ -109,6 +112,7 @@ class ClientHandshake {
   uint32_t cur_opt_ = 0;   // option awaiting replies
   uint32_t cur_type_ = 0;  // type of the reply being read
   uint32_t cur_len_ = 0;
+  uint32_t refusal_ = 0;
   bool have_export_ = false;
   ClientSession session_;
 };

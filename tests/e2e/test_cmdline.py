@@ -374,3 +374,40 @@ def test_tls_without_a_working_agent_fails_rather_than_attach_in_plaintext(shell
                        agent=agent)
     assert p.returncode == 1, p.stdout
     assert "FAIL nbdroot.tls=require" in p.stdout and "not attaching in plaintext" in p.stdout
+
+
+SLOW_AGENT = r'''#!/bin/sh
+# Stands in for an nbdroot-agent whose first attach takes 11 s of retries.
+[ "$1" = --help ] && exit 0
+while [ $# -gt 0 ]; do
+	case $1 in --ready-file) ready=$2; shift ;; esac
+	shift
+done
+echo "warning upstream: cannot attach 'lab/n1' yet: h:10809: connect: Connection refused; retrying" >&2
+sleep 11
+echo "unix x" >"$ready"
+'''
+
+GIVING_UP_AGENT = r'''#!/bin/sh
+[ "$1" = --help ] && exit 0
+echo "error cannot attach 'lab/n1': h:10809: export 'lab/n1' refused: NBD_REP_ERR_UNKNOWN" >&2
+exit 1
+'''
+
+
+def test_the_init_waits_for_a_retrying_agent_and_says_so_on_the_console(shell, tmp_path):
+    """No bound of its own (the key came once): every 10 s the console
+    gets the agent log's last line, and the boot goes on once it is ready."""
+    p, _ = start_agent(shell, tmp_path, "nbdroot=h/lab/n1", agent=SLOW_AGENT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "LOG still waiting for nbdroot-agent to attach lab/n1 (10 s): warning upstream: " \
+           "cannot attach 'lab/n1' yet: h:10809: connect: Connection refused; retrying" \
+           in p.stdout, p.stdout
+    assert "FAIL" not in p.stdout
+
+
+def test_an_agent_that_gives_up_fails_the_boot_with_its_reason(shell, tmp_path):
+    p, _ = start_agent(shell, tmp_path, "nbdroot=h/lab/n1", agent=GIVING_UP_AGENT)
+    assert p.returncode == 1, p.stdout
+    assert "FAIL nbdroot-agent stopped: error cannot attach 'lab/n1'" in p.stdout, p.stdout
+    assert "NBD_REP_ERR_UNKNOWN" in p.stdout

@@ -10,6 +10,7 @@ NBDROOT_FAULT_PEER set (the fault-injection boundary)."""
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -406,11 +407,107 @@ def test_bad_flags_are_refused_with_a_message(args, msg):
     assert msg in r.stderr, r.stderr
 
 
-def test_an_unreachable_server_fails_the_start_with_a_message(nbdserver, sockdir):
+def test_an_unreachable_server_fails_the_start_after_attach_timeout(nbdserver, sockdir):
+    """--attach-timeout bounds the first attach's retrying: exit 1 with the
+    last reason, which was logged once however many passes it took."""
     import subprocess
     from conftest import NBDSERVER
-    r = subprocess.run([NBDSERVER, "node", "--server", f"127.0.0.1:{free_port()}",
-                        "--export", "lab/n1", "--socket", os.path.join(sockdir, "x.sock")],
+    port = free_port()
+    t0 = time.monotonic()
+    r = subprocess.run([NBDSERVER, "node", "--server", f"127.0.0.1:{port}",
+                        "--export", "lab/n1", "--socket", os.path.join(sockdir, "x.sock"),
+                        "--attach-timeout", "2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert "cannot attach 'lab/n1'" in r.stderr
+    assert 2 <= time.monotonic() - t0 < 15
+    assert f"cannot attach 'lab/n1': 127.0.0.1:{port}: connect: Connection refused " \
+           "(given up after --attach-timeout 2 s)" in r.stderr, r.stderr
+    assert r.stderr.count("Connection refused") == 2, r.stderr  # once retrying, once at the end
+
+
+def spawn_agent(tmp_path, sockdir, port, *args):
+    from conftest import spawn
+    ready = os.path.join(sockdir, "n1.ready")
+    argv = ["node", "--server", f"127.0.0.1:{port}", "--export", "lab/n1",
+            "--socket", os.path.join(sockdir, "n1.sock"), "--peers", "off",
+            "--ready-file", ready, *args]
+    proc, stderr_path = spawn(argv, str(tmp_path), name="agent")
+    return proc, stderr_path, ready
+
+
+def wait_for_text(path, text, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, errors="replace") as f:
+            if text in f.read():
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path} within {timeout} s: {open(path).read()}")
+
+
+def test_an_agent_started_before_its_server_keeps_trying_and_attaches(
+        nbdserver, store, sockdir, tmp_path):
+    """No --attach-timeout: the first attach retries (0.2 s doubling to
+    5 s) until the server is there, with one log line for the reason, then
+    serves the node's view."""
+    from conftest import wait_ready
+    root, base = store
+    port = free_port()
+    proc, stderr_path, ready = spawn_agent(tmp_path, sockdir, port)
+    try:
+        wait_for_text(stderr_path, "Connection refused")
+        time.sleep(2)  # passes at 0.2, 0.6, 1.4 s
+        assert proc.poll() is None, open(stderr_path).read()
+        assert not os.path.exists(ready)
+        err = open(stderr_path).read()
+        assert err.count("Connection refused") == 1, err
+        assert "cannot attach 'lab/n1' yet: " in err and "; retrying" in err, err
+        serve(nbdserver, root, port=port, http=False)
+        wait_ready(proc, ready, stderr_path, timeout=30)
+        h = nbd.NBD()
+        h.set_export_name("lab/n1")
+        h.connect_unix(os.path.join(sockdir, "n1.sock"))
+        assert read_all(h) == base
+        h.shutdown()
+        assert f"upstream: 'lab/n1' on 127.0.0.1:{port} after " in open(stderr_path).read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_an_agent_still_trying_its_first_attach_stops_on_sigterm(sockdir, tmp_path):
+    proc, stderr_path, _ = spawn_agent(tmp_path, sockdir, free_port())
+    try:
+        wait_for_text(stderr_path, "Connection refused")
+        time.sleep(1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 2
+        assert "stopping: 'lab/n1' was never attached" in open(stderr_path).read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_an_unknown_export_fails_the_first_attach_at_once(nbdserver, store, sockdir):
+    """A refusal that retrying cannot change ends the first attach at
+    once (exit 1) with the server's answer, even with no --attach-timeout."""
+    import subprocess
+    from conftest import NBDSERVER
+    root, _ = store
+    srv = serve(nbdserver, root, http=False)
+    host, port = srv.tcp
+    t0 = time.monotonic()
+    r = subprocess.run([NBDSERVER, "node", "--server", f"{host}:{port}", "--export", "nosuch/n1",
+                        "--peers", "off", "--socket", os.path.join(sockdir, "x.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert time.monotonic() - t0 < 5
+    assert f"cannot attach 'nosuch/n1': {host}:{port}: export 'nosuch/n1' refused: " \
+           "NBD_REP_ERR_UNKNOWN" in r.stderr, r.stderr
+    assert "retrying" not in r.stderr, r.stderr

@@ -12,6 +12,10 @@ it (tests/nbdclient-probe --tls-key-file).
   not attach, and says why; a relay that lets the first connection through
   and strips STARTTLS from the reconnects gets nothing in plaintext, and
   the kernel's read waits until TLS is back.
+- The first attach keeps trying (the key reaches a node once per arming):
+  an agent started before its server, or before the server has its key,
+  attaches once it is there, logs each reason once, and its key file
+  still works afterwards; an unknown export still ends it at once.
 - node::NbdClient against nbdkit --tls=require --tls-psk (a TLS-PSK server
   that is not ours): reads, writes and 4 threads of both work with the key;
   a wrong key fails the TLS handshake; nbdkit without TLS refuses STARTTLS.
@@ -20,6 +24,7 @@ it (tests/nbdclient-probe --tls-key-file).
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -30,9 +35,10 @@ import time
 import nbd
 import pytest
 
-from conftest import NBDSERVER, run, spawn
+from conftest import NBDSERVER, run, spawn, wait_ready
 from storeutil import MiB, admin, make_store
 from test_nbd_client import PROBE
+from test_node_agent import free_port
 
 NODE = "n1"
 HEX = "0123456789abcdef" * 4
@@ -222,19 +228,23 @@ def plain_server(nbdserver, tmp_path):
 @pytest.mark.parametrize("mode", ["strip", "strip-relay"])
 def test_an_agent_whose_starttls_is_stripped_sends_nothing_more(plain_server, tmp_path, sockdir,
                                                                 mode):
-    """The first attach: the agent gives up (exit 1, as for any server that
-    refuses it), says why, and names the server; not one byte follows its
-    NBD_OPT_STARTTLS, so nothing of the node's (its export name, its
-    blocks) crosses in plaintext."""
+    """The first attach: the agent retries (the server may speak TLS a
+    moment later) until --attach-timeout, then exits 1; it says why once
+    and names the server; not one byte follows its NBD_OPT_STARTTLS on any
+    try, so nothing of the node's (its export name, its blocks) crosses in
+    plaintext."""
     relay = Relay(plain_server.tcp, mode)
     try:
         argv = node_argv(relay.address, sockdir, "--tls", "require",
-                         "--tls-key-file", key_file(tmp_path),
+                         "--tls-key-file", key_file(tmp_path), "--attach-timeout", "2",
                          "--ready-file", str(tmp_path / "ready"))
         proc, stderr_path = spawn(argv, str(tmp_path), name="agent")
         assert proc.wait(60) == 1
         err = open(stderr_path).read()
         assert relay.address in err, err
+        assert len(relay.sessions) >= 2, "the agent did not retry"
+        assert err.count("retrying") == 1, "the same refusal logged more than once"
+        assert "given up after --attach-timeout 2 s" in err, err
         assert "did not accept NBD_OPT_STARTTLS" in err, err
         assert "refusing to continue without TLS" in err, err
         if mode == "strip-relay":
@@ -306,13 +316,144 @@ def test_a_wrong_key_does_not_attach_and_says_why(nbdserver, tls_store, sockdir,
     store, _, _ = tls_store
     srv = tls_server(nbdserver, store)
     wrong = key_file(tmp_path, f"{NODE}:{'e' * 64}\n", name="wrong.psk")
-    argv = node_argv(server_address(srv), sockdir, "--tls", "require", "--tls-key-file", wrong)
+    argv = node_argv(server_address(srv), sockdir, "--tls", "require", "--tls-key-file", wrong,
+                     "--attach-timeout", "1")
     proc, stderr_path = spawn(argv, str(tmp_path), name="agent")
     assert proc.wait(60) == 1
     err = open(stderr_path).read()
+    assert f"cannot attach 'lab/{NODE}' yet: {server_address(srv)}: TLS handshake failed" in err
+    assert "the server may have this node's key a moment later" in err, err
     assert f"cannot attach 'lab/{NODE}': {server_address(srv)}: TLS handshake failed" in err, err
     assert f"is the server's key for '{NODE}' the one this node has?" in err, err
     assert "e" * 64 not in err
+
+
+# ---------------------------------------------------------------- the first attach keeps trying
+
+def wait_for_text(path, text, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, errors="replace") as f:
+            if text in f.read():
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path} within {timeout} s: {open(path).read()}")
+
+
+def attached_agent_serves(proc, ready, stderr_path, sockdir, base):
+    """Waits for the agent's ready file; reads the view and writes to it."""
+    wait_ready(proc, ready, stderr_path, timeout=30)
+    h = handle(sockdir)
+    assert h.pread(4 * MiB, 0) == base
+    h.pwrite(b"K" * 4096, MiB)
+    h.flush()
+    h.shutdown()
+
+
+def key_still_works(nbdserver, srv, key, sockdir):
+    """A second agent with the same key file attaches, and sees the first's write."""
+    again = nbdserver(args=node_argv(server_address(srv), sockdir, "--tls", "require",
+                                     "--tls-key-file", key, "--attach-timeout", "10"),
+                      listen=False)
+    h = handle(sockdir)
+    assert h.pread(4096, MiB) == b"K" * 4096
+    h.shutdown()
+    assert again.terminate() == 0
+
+
+def test_an_agent_started_before_its_tls_server_attaches_once_it_is_up(
+        nbdserver, tls_store, sockdir, tmp_path):
+    """The server is not there yet (a node booting while it restarts): the
+    agent keeps trying, logs the refused connection once, and attaches over
+    TLS once the server listens. The key file is as it was, and works."""
+    store, base, key = tls_store
+    with open(key) as f:
+        line = f.read()
+    port = free_port()
+    ready = str(tmp_path / "ready")
+    argv = node_argv(f"127.0.0.1:{port}", sockdir, "--tls", "require", "--tls-key-file", key,
+                     "--ready-file", ready)
+    proc, stderr_path = spawn(argv, str(tmp_path), name="agent")
+    try:
+        wait_for_text(stderr_path, "Connection refused")
+        time.sleep(2)  # passes at 0.2, 0.6, 1.4 s: one line for them all
+        assert proc.poll() is None, open(stderr_path).read()
+        assert not os.path.exists(ready)
+        err = open(stderr_path).read()
+        assert err.count("Connection refused") == 1, err
+        assert f"cannot attach 'lab/{NODE}' yet: 127.0.0.1:{port}: connect" in err, err
+        srv = nbdserver(args=["--listen", f"127.0.0.1:{port}", "--store", store, "--threads", "2",
+                              "--tls", "require"], listen=False)
+        attached_agent_serves(proc, ready, stderr_path, sockdir, base)
+        err = open(stderr_path).read()
+        assert f"upstream: 'lab/{NODE}' on 127.0.0.1:{port} over TLS1.3/AES-" in err, err
+        assert line[line.index(":") + 1:].strip() not in err  # never the key
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    with open(key) as f:
+        assert f.read() == line
+    key_still_works(nbdserver, srv, key, sockdir)
+
+
+def test_an_agent_whose_key_the_server_lacks_yet_attaches_once_it_has_it(
+        nbdserver, tls_store, sockdir, tmp_path):
+    """The server runs but has no key for the node yet: every TLS handshake
+    fails. The agent says so once (the key may come a moment later), keeps
+    trying, and attaches once the server has the key."""
+    store, base, key = tls_store
+    record = os.path.join(store, "nodes", NODE, "tls-key.json")
+    with open(record) as f:
+        saved = f.read()
+    admin(store, "key", NODE, "--remove")
+    srv = tls_server(nbdserver, store)
+    ready = str(tmp_path / "ready")
+    argv = node_argv(server_address(srv), sockdir, "--tls", "require", "--tls-key-file", key,
+                     "--ready-file", ready)
+    proc, stderr_path = spawn(argv, str(tmp_path), name="agent")
+    try:
+        wait_for_text(stderr_path, "TLS handshake failed")
+        time.sleep(2)
+        assert proc.poll() is None, open(stderr_path).read()
+        assert not os.path.exists(ready)
+        err = open(stderr_path).read()
+        assert err.count("TLS handshake failed") == 1, err
+        assert "the server may have this node's key a moment later" in err, err
+        # The key comes back (as an admin's restore would put it).
+        tmp = record + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, saved.encode())
+        os.close(fd)
+        os.replace(tmp, record)
+        attached_agent_serves(proc, ready, stderr_path, sockdir, base)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    key_still_works(nbdserver, srv, key, sockdir)
+
+
+def test_an_unknown_export_ends_the_first_attach_at_once(nbdserver, tls_store, sockdir,
+                                                         tmp_path):
+    """A refusal that retrying cannot change: exit 1 at once, with the
+    server's answer, and no retry."""
+    store, _, key = tls_store
+    srv = tls_server(nbdserver, store)
+    argv = node_argv(server_address(srv), sockdir, "--tls", "require", "--tls-key-file", key,
+                     export=f"nosuch/{NODE}")
+    t0 = time.monotonic()
+    proc, stderr_path = spawn(argv, str(tmp_path), name="agent")
+    assert proc.wait(30) == 1
+    assert time.monotonic() - t0 < 5
+    err = open(stderr_path).read()
+    assert f"cannot attach 'nosuch/{NODE}': {server_address(srv)}: export 'nosuch/{NODE}' " \
+           "refused: NBD_REP_ERR_UNKNOWN" in err, err
+    assert "retrying" not in err, err
 
 
 def test_a_man_in_the_middle_stripping_starttls_on_a_reconnect_gets_nothing(

@@ -108,6 +108,7 @@ TEST(ClientHandshake, MissingExportCarriesTheServersMessage) {
   ASSERT_EQ(client.status(), ClientHandshake::Status::kFailed);
   EXPECT_NE(client.error().find("unknown export 'nosuch'"), std::string::npos) << client.error();
   EXPECT_NE(client.error().find("NBD_REP_ERR_UNKNOWN"), std::string::npos) << client.error();
+  EXPECT_EQ(client.refusal(), kRepErrUnknown);
 }
 
 // ---- Lying servers, scripted ----
@@ -283,6 +284,21 @@ TEST(ClientHandshake, StartTlsAgainstAServerWithoutTls) {
   EXPECT_NE(client.error().find(kRefusal), std::string::npos) << client.error();
   EXPECT_NE(client.error().find("NBD_REP_ERR_UNSUP"), std::string::npos) << client.error();
   EXPECT_EQ(server.status(), Handshake::Status::kContinue) << "nothing but STARTTLS was asked";
+}
+
+// refusal() is the server's answer when that failed the handshake, and 0
+// when something else did (the node agent retries those).
+TEST(ClientHandshake, RefusalIsTheServersErrorReplyOnly) {
+  const std::string ok_structured = kGreeting + rep(kOptStructuredReply, kRepAck);
+  EXPECT_EQ(run_script(ok_structured + rep(kOptGo, kRepErrPolicy, "no")).refusal(), kRepErrPolicy);
+  EXPECT_EQ(run_script(ok_structured + rep(kOptGo, kRepErrShutdown)).refusal(), kRepErrShutdown);
+  EXPECT_EQ(run_script(kGreeting + rep(kOptStartTls, kRepErrUnsup), tls_options()).refusal(),
+            kRepErrUnsup);
+  EXPECT_EQ(run_script(ok_structured + rep(kOptGo, kRepAck)).refusal(), 0u);  // a lie, no refusal
+  EXPECT_EQ(run_script(ok_structured + rep(kOptGo, kRepServer)).refusal(), 0u);
+  auto ok = run_script(ok_structured + info_export(4096, 1) + rep(kOptGo, kRepAck));
+  EXPECT_EQ(ok.status(), ClientHandshake::Status::kReady);
+  EXPECT_EQ(ok.refusal(), 0u);
 }
 
 TEST(ClientHandshake, WithoutStartTlsAServerRequiringTlsRefuses) {
