@@ -236,8 +236,11 @@ void deliver_key(Api& api, const httplib::Request& req, const std::string& node,
   }
   const std::optional<storage::NodeKey> k = storage::take_armed(api.root(), node, now, &why, &st);
   if (k) {
-    (*vars)["tls_args"] = value(" nbdroot.tls=require nbdroot.key=" + storage::psk_line(*k));
+    std::string line = storage::psk_line(*k);
+    (*vars)["tls_args"] = value(" nbdroot.tls=require nbdroot.key=" + line);
+    tls::wipe(line);
     *r = render_template(tmpl, *vars, rel);
+    tls::wipe((*vars)["tls_args"].text);
     spdlog::info("http: node {}: its armed key (generation {}) was delivered in its boot script "
                  "to {}", node, k->generation, req.remote_addr);
     audit_key(api, node + " delivered in the boot script to " + req.remote_addr);
@@ -365,6 +368,7 @@ void get_boot(Api& api, const httplib::Request& req, httplib::Response& res) {
   }
   if (api.opts.tls_require) deliver_key(api, req, node, text, rel, &vars, &r);
   reply_text(res, 200, r.text);
+  tls::wipe(r.text);  // it may carry the key; httplib's copy is the one sent
 }
 
 // Checks the common parts of a POST from a node; false once it replied.

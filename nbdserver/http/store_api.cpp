@@ -28,7 +28,7 @@ void add_peer_key(exports::Store& store, const exports::NodeRecord& rec, nlohman
   std::string why;
   std::optional<storage::NodeKey> k =
       storage::load(store.root(), rec.node, int64_t(time(nullptr)), &why);
-  std::array<uint8_t, 32> secret{};
+  tls::Key secret;
   if (!k) return;
   if (!storage::peer_secret(store.root(), &secret, &why)) {
     spdlog::error("peer keys: {}", why);

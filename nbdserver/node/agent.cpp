@@ -1050,8 +1050,7 @@ bool Agent::open_peer_key(const NodeInfo& info, std::string* err) {
            " that this node cannot open: " + why;
     return false;
   }
-  peer_psk_ = Psk{info.peer_identity, *k};
-  k->fill(0);
+  peer_psk_ = Psk{info.peer_identity, std::move(*k)};  // *k is wiped
   return true;
 }
 

@@ -128,11 +128,9 @@ std::optional<Psk> read_psk_file(const std::string& path, std::string* err) {
   } else if (why.empty()) {
     p = tls::parse_psk_line(line, &why);
   }
-  std::fill(text.begin(), text.end(), '\0');  // no copy of the key left behind
+  tls::wipe(text);  // no copy of the key left behind
   if (!p) return *err = why, std::nullopt;
-  Psk psk{std::move(p->identity), p->key};
-  p->key.fill(0);
-  return psk;
+  return Psk{std::move(p->identity), std::move(p->key)};  // p's key is wiped
 }
 
 // ---------------------------------------------------------------- TLS

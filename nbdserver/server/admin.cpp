@@ -303,7 +303,11 @@ struct KeyFlags {
 
 // The node's key, printed for psktool, nbdinfo's tls-psk-file and the node
 // agent: the only thing `admin key` writes on stdout.
-void print_key(const storage::NodeKey& k) { printf("%s\n", storage::psk_line(k).c_str()); }
+void print_key(const storage::NodeKey& k) {
+  std::string line = storage::psk_line(k);
+  printf("%s\n", line.c_str());
+  tls::wipe(line);
+}
 
 std::string key_summary(const storage::NodeKey& k) {
   return "generation " + std::to_string(k.generation) + ", expires " +

@@ -37,6 +37,7 @@ bool TlsKeys::load(const std::string& store, const std::string& psk_file, std::s
     }
     fixed_[l->identity] = l->key;
   }
+  tls::wipe(line);
   if (in.bad()) {
     *err = "--tls-psk-file " + psk_file + ": read error";
     return false;

@@ -50,13 +50,11 @@ bool check_name(const std::string& node, KeyStatus* status, std::string* why) {
                 status, why);
 }
 
-std::string to_hex(const std::array<uint8_t, 32>& key) { return tls::key_hex(key); }
+std::string to_hex(const tls::Key& key) { return tls::key_hex(key); }
 
-bool from_hex(const std::string& s, std::array<uint8_t, 32>* key) {
-  return tls::key_from_hex(s, key);
-}
+bool from_hex(const std::string& s, tls::Key* key) { return tls::key_from_hex(s, key); }
 
-bool random_bytes(std::array<uint8_t, 32>* key, std::string* err) {
+bool random_bytes(tls::Key* key, std::string* err) {
   if (tls::random_key(key)) return true;
   *err = std::string("getrandom: ") + strerror(errno);
   return false;
@@ -161,10 +159,13 @@ bool read_record(const std::string& store, const std::string& node, NodeKey* k,
   const bool read = private_file(fd, &problem) && read_fd(fd, &text, &problem);
   ::close(fd);
   if (read) {
-    const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
     if (j.is_discarded()) problem = "not valid JSON";
     else from_json(j, node, k, &problem);
+    if (j.is_object() && j.contains("key") && j["key"].is_string())
+      tls::wipe(j["key"].get_ref<std::string&>());
   }
+  tls::wipe(text);
   if (!problem.empty())
     return refuse(KeyStatus::kCorrupt, "corrupt key file: " + path + ": " + problem, status, why);
   if (status) *status = KeyStatus::kOk;
@@ -178,7 +179,12 @@ bool expired(const NodeKey& k, int64_t now, KeyStatus* status, std::string* why)
 }
 
 bool write_record(const std::string& store, const NodeKey& k, std::string* err) {
-  return write_file_durable(key_path(store, k.node), to_json(k).dump(2) + "\n", err, 0600);
+  nlohmann::json j = to_json(k);
+  std::string text = j.dump(2) + "\n";
+  tls::wipe(j["key"].get_ref<std::string&>());
+  const bool ok = write_file_durable(key_path(store, k.node), text, err, 0600);
+  tls::wipe(text);
+  return ok;
 }
 
 // The node's key lock, held; `missing` when the node has no directory.
@@ -346,7 +352,7 @@ std::string utc_time(int64_t unix_seconds) {
 
 namespace storage {
 
-bool peer_secret(const std::string& store_dir, std::array<uint8_t, 32>* out, std::string* err) {
+bool peer_secret(const std::string& store_dir, tls::Key* out, std::string* err) {
   static std::mutex mu;  // one creator per process (the HTTP service's threads)
   std::lock_guard<std::mutex> g(mu);
   const std::string dir = store_dir + "/keys", path = dir + "/peer-secret";
@@ -358,6 +364,7 @@ bool peer_secret(const std::string& store_dir, std::array<uint8_t, 32>* out, std
       ::close(fd);
       while (!text.empty() && text.back() == '\n') text.pop_back();
       if (read && !from_hex(text, out)) problem = "not 64 hex digits";
+      tls::wipe(text);
       if (!problem.empty()) {
         *err = path + ": " + problem;
         return false;
@@ -368,10 +375,12 @@ bool peer_secret(const std::string& store_dir, std::array<uint8_t, 32>* out, std
       *err = path + ": cannot open: " + strerror(errno);
       return false;
     }
-    std::array<uint8_t, 32> secret{};
-    if (!make_dir(dir, err) || !random_bytes(&secret, err) ||
-        !write_file_durable(path, to_hex(secret) + "\n", err, 0600))
-      return false;
+    tls::Key secret;
+    if (!make_dir(dir, err) || !random_bytes(&secret, err)) return false;
+    std::string text = to_hex(secret) + "\n";
+    const bool written = write_file_durable(path, text, err, 0600);
+    tls::wipe(text);
+    if (!written) return false;
   }
   *err = path + ": written but not readable";
   return false;

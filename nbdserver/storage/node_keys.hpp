@@ -22,10 +22,11 @@
 // No server, HTTP or io_uring dependency: admin, HTTP and tests share it.
 #pragma once
 
-#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
+
+#include "tls/engine.hpp"
 
 namespace storage {
 
@@ -33,7 +34,7 @@ inline constexpr const char* kNodeKeyFile = "tls-key.json";
 
 struct NodeKey {
   std::string node;
-  std::array<uint8_t, 32> key{};
+  tls::Key key;  // wipes itself
   int64_t created = 0;
   int64_t expires = 0;      // 0: never
   uint64_t generation = 0;  // 0 for the first key, +1 per rotation
@@ -88,6 +89,7 @@ std::optional<NodeKey> take_armed(const std::string& store_dir, const std::strin
                                   int64_t now, std::string* why, KeyStatus* status = nullptr);
 
 // "NODE:HEX" with lower-case hex, as `psktool -u NODE -p FILE` writes it.
+// The caller holds a copy of the key: tls::wipe() it once used.
 std::string psk_line(const NodeKey& k);
 
 // A key lifetime for --expires: "30d", "12h", "90m", "3600s", or "0" for
@@ -98,7 +100,7 @@ bool parse_key_lifetime(const std::string& s, int64_t* seconds);
 // keys/peer-secret (mode 0600), made from getrandom at first use. False and
 // *err when it cannot be read or made, or is not a private 64-hex-digit file.
 // Thread-safe within a process.
-bool peer_secret(const std::string& store_dir, std::array<uint8_t, 32>* out, std::string* err);
+bool peer_secret(const std::string& store_dir, tls::Key* out, std::string* err);
 
 // "2027-01-01T00:00:00Z".
 std::string utc_time(int64_t unix_seconds);

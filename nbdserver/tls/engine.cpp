@@ -264,11 +264,18 @@ std::string Engine::description() const {
   return d;
 }
 
+void wipe(std::string& s) {
+  s.resize(s.capacity());
+  explicit_bzero(s.data(), s.size());
+  s.clear();
+}
+
 std::string key_hex(const Key& key) {
   gnutls_datum_t in{const_cast<unsigned char*>(key.data()), unsigned(key.size())};
   gnutls_datum_t hex{};
   if (gnutls_hex_encode2(&in, &hex) != GNUTLS_E_SUCCESS) return "";
   std::string s(reinterpret_cast<const char*>(hex.data), hex.size);
+  gnutls_memset(hex.data, 0, hex.size);
   gnutls_free(hex.data);
   return s;
 }
@@ -280,7 +287,9 @@ bool key_from_hex(std::string_view hex, Key* key) {
   gnutls_datum_t raw{};
   const bool ok = gnutls_hex_decode2(&in, &raw) == GNUTLS_E_SUCCESS && raw.size == key->size();
   if (ok) std::memcpy(key->data(), raw.data, key->size());
+  if (raw.data) gnutls_memset(raw.data, 0, raw.size);
   gnutls_free(raw.data);
+  wipe(copy);
   return ok;
 }
 

@@ -14,6 +14,8 @@
 // Threads: an Engine is not thread-safe; one owner at a time.
 #pragma once
 
+#include <string.h>  // explicit_bzero
+
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -25,8 +27,53 @@
 
 namespace tls {
 
-// A 256-bit pre-shared key.
-using Key = std::array<uint8_t, 32>;
+// A 256-bit pre-shared key. Its bytes are wiped (explicit_bzero, which the
+// compiler may not drop as a dead store) when it is destroyed, moved from
+// or wipe()d, so a key leaves no copy in freed memory or on a dead stack
+// frame. A copy is a second secret that wipes itself in turn.
+class Key {
+ public:
+  static constexpr size_t kSize = 32;
+
+  Key() = default;  // all zero
+  Key(const Key&) = default;
+  Key& operator=(const Key&) = default;
+  Key(Key&& o) noexcept : bytes_(o.bytes_) { o.wipe(); }
+  Key& operator=(Key&& o) noexcept {
+    if (this != &o) {
+      bytes_ = o.bytes_;
+      o.wipe();
+    }
+    return *this;
+  }
+  ~Key() { wipe(); }
+
+  // Sets every byte to zero.
+  void wipe() { explicit_bzero(bytes_.data(), bytes_.size()); }
+
+  uint8_t* data() { return bytes_.data(); }
+  const uint8_t* data() const { return bytes_.data(); }
+  static constexpr size_t size() { return kSize; }
+  uint8_t& operator[](size_t i) { return bytes_[i]; }
+  uint8_t operator[](size_t i) const { return bytes_[i]; }
+  uint8_t* begin() { return bytes_.data(); }
+  uint8_t* end() { return bytes_.data() + kSize; }
+  const uint8_t* begin() const { return bytes_.data(); }
+  const uint8_t* end() const { return bytes_.data() + kSize; }
+  // In time independent of where the keys differ.
+  friend bool operator==(const Key& a, const Key& b) {
+    uint8_t diff = 0;
+    for (size_t i = 0; i < kSize; ++i) diff |= uint8_t(a.bytes_[i] ^ b.bytes_[i]);
+    return diff == 0;
+  }
+
+ private:
+  std::array<uint8_t, kSize> bytes_{};
+};
+
+// Wipes all of s's buffer (its capacity, not only its size), then empties
+// it: for hex text and file contents that held a key.
+void wipe(std::string& s);
 
 // Server side: the key of `identity`, or nullopt with *why saying why not
 // (unknown identity, removed or expired key). Called during the handshake,

@@ -89,7 +89,7 @@ TEST_F(NodeKeysTest, CreateWritesA256BitKeyWithMode0600) {
   EXPECT_EQ(k.generation, 0u);
   EXPECT_FALSE(k.armed);
   EXPECT_EQ(k.delivered_at, 0);
-  EXPECT_NE(k.key, (std::array<uint8_t, 32>{}));
+  EXPECT_NE(k.key, tls::Key{});
   const nlohmann::json j = read_json();
   EXPECT_EQ(j["node"], kNode);
   EXPECT_TRUE(std::regex_match(j["key"].get<std::string>(), std::regex("[0-9a-f]{64}")));

@@ -4,7 +4,9 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tls/engine.hpp"
@@ -174,6 +176,48 @@ TEST(TlsEngine, PskLinesAsPsktoolWritesThem) {
   ASSERT_TRUE(random_key(&a));
   ASSERT_TRUE(random_key(&b));
   EXPECT_NE(a, b);
+}
+
+bool all_zero(const Key& k) {
+  for (uint8_t b : k)
+    if (b) return false;
+  return true;
+}
+
+// A key wipes itself when moved from or wipe()d, and ~Key() is wipe(). The
+// destructor's own effect is not observed here: reading the bytes of an
+// object whose lifetime ended is undefined behaviour, so a test that did
+// (placement new into a buffer, ~Key(), read the buffer) would prove
+// little. explicit_bzero is what keeps the compiler from dropping that
+// last store as dead.
+static_assert(!std::is_trivially_destructible_v<Key>, "~Key() must wipe");
+static_assert(sizeof(Key) == Key::kSize);
+
+TEST(TlsKey, WipesItselfWhenMovedFromOrWiped) {
+  Key a = key_of(9);
+  Key b = std::move(a);
+  EXPECT_TRUE(all_zero(a)) << "a moved-from key keeps no copy";  // NOLINT(bugprone-use-after-move)
+  EXPECT_EQ(b, key_of(9));
+  Key c = key_of(1);
+  c = std::move(b);
+  EXPECT_TRUE(all_zero(b));  // NOLINT(bugprone-use-after-move)
+  EXPECT_EQ(c, key_of(9));
+  c.wipe();
+  EXPECT_TRUE(all_zero(c));
+  Key copy = key_of(5), original = key_of(5);
+  EXPECT_EQ(copy, original);  // a copy is a second, equal secret
+  EXPECT_NE(copy, key_of(6));
+  std::optional<Key> o = key_of(4);
+  Key taken = std::move(*o);
+  EXPECT_TRUE(all_zero(*o));
+  EXPECT_EQ(taken, key_of(4));
+}
+
+TEST(TlsKey, WipeEmptiesAString) {
+  std::string hex = key_hex(key_of(2));
+  ASSERT_EQ(hex.size(), 64u);
+  wipe(hex);
+  EXPECT_TRUE(hex.empty());
 }
 
 }  // namespace
