@@ -255,7 +255,9 @@ class Link {
 
   // `why` names the server: "HOST:PORT: the server did not accept ...".
   void log_failure(const NbdClient& c, const std::string& why, bool first) {
-    if (first && c.tls_failed())
+    if (first && c.starttls_refused())
+      spdlog::error("upstream: cannot attach '{}' yet: {}; retrying", name_, why);
+    else if (first && c.tls_failed())
       spdlog::error("upstream: cannot attach '{}' yet: {}; retrying (the server may have this "
                     "node's key a moment later)", name_, why);
     else if (first)
