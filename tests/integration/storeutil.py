@@ -12,6 +12,7 @@ import json
 import os
 import random
 import subprocess
+import time
 
 from conftest import NBDSERVER
 
@@ -248,3 +249,14 @@ def write_chunk_digests(store, image, gen, data, chunk_size=64 * 1024):
     with open(path, "wb") as f:
         f.write(head + table)
     return path
+
+
+def wait_for_text(path, text, timeout=20):
+    """Waits until the file at `path` (a log) holds `text`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, errors="replace") as f:
+            if text in f.read():
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path} within {timeout} s: {open(path).read()}")

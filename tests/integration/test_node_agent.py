@@ -18,7 +18,8 @@ import time
 import nbd
 import pytest
 
-from storeutil import BS, MiB, kill9, make_store, node_record, write_chunk_digests
+from storeutil import (BS, MiB, kill9, make_store, node_record, wait_for_text,
+                       write_chunk_digests)
 
 SIZE = 16 * MiB
 CHUNK = 64 * 1024
@@ -433,16 +434,6 @@ def spawn_agent(tmp_path, sockdir, port, *args):
             "--ready-file", ready, *args]
     proc, stderr_path = spawn(argv, str(tmp_path), name="agent")
     return proc, stderr_path, ready
-
-
-def wait_for_text(path, text, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, errors="replace") as f:
-            if text in f.read():
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"no {text!r} in {path} within {timeout} s: {open(path).read()}")
 
 
 def test_an_agent_started_before_its_server_keeps_trying_and_attaches(

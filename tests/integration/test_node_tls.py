@@ -36,7 +36,7 @@ import nbd
 import pytest
 
 from conftest import NBDSERVER, run, spawn, wait_ready
-from storeutil import MiB, admin, make_store
+from storeutil import MiB, admin, make_store, wait_for_text
 from test_nbd_client import PROBE
 from test_node_agent import free_port
 
@@ -330,16 +330,6 @@ def test_a_wrong_key_does_not_attach_and_says_why(nbdserver, tls_store, sockdir,
 
 
 # ---------------------------------------------------------------- the first attach keeps trying
-
-def wait_for_text(path, text, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, errors="replace") as f:
-            if text in f.read():
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"no {text!r} in {path} within {timeout} s: {open(path).read()}")
-
 
 def attached_agent_serves(proc, ready, stderr_path, sockdir, base):
     """Waits for the agent's ready file; reads the view and writes to it."""
