@@ -2,11 +2,16 @@
 
 #include <spdlog/spdlog.h>
 
+#include <ctime>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
 
 #include "http/store_api.hpp"
 #include "storage/chunk_digests.hpp"
 #include "storage/generation.hpp"
+#include "storage/node_keys.hpp"
+#include "tls/seal.hpp"
 
 namespace http {
 namespace {
@@ -23,11 +28,66 @@ struct Call {
   json body;
 };
 
+// The tls tier's proof that a POST comes from the node it names (see
+// tracker_api.hpp), and the last counter taken from each node.
+class NodeAuth {
+ public:
+  explicit NodeAuth(bool required) : required_(required) {}
+
+  // True when not required, or the request carries a good MAC under the
+  // node's key with a counter above the last one; then that counter is the
+  // last. Else replies 401 (the reason, never key material; "counter") and
+  // logs why.
+  bool check(exports::Store& store, const httplib::Request& req, const std::string& node,
+             httplib::Response& res) {
+    if (!required_) return true;
+    std::string why;
+    const std::string h = req.get_header_value("X-Nbdroot-Auth");
+    const size_t sp = h.find(' ');
+    uint64_t counter = 0;
+    const std::string digits = sp == std::string::npos ? "" : h.substr(0, sp);
+    if (digits.empty() || digits.size() > 19 ||
+        digits.find_first_not_of("0123456789") != std::string::npos) {
+      return refuse(res, node, req, "no X-Nbdroot-Auth: COUNTER MAC header (--tls require)");
+    }
+    counter = std::stoull(digits);
+    std::optional<storage::NodeKey> k =
+        storage::load(store.root(), node, int64_t(time(nullptr)), &why);
+    if (!k) return refuse(res, node, req, "node '" + node + "' has no usable key: " + why);
+    const std::string mac = tls::request_mac(k->key, req.method, req.target, counter, req.body);
+    if (mac.empty() || !tls::equal_in_constant_time(mac, h.substr(sp + 1)))
+      return refuse(res, node, req, "the request's MAC does not match node '" + node + "''s key");
+    std::lock_guard<std::mutex> g(mu_);
+    uint64_t& last = last_[node];
+    if (counter <= last)
+      return refuse(res, node, req,
+                    "counter " + std::to_string(counter) + " is not above the last one taken (" +
+                        std::to_string(last) + "): a request played again, or a node's clock that went back",
+                    last);
+    last = counter;
+    return true;
+  }
+
+ private:
+  bool refuse(httplib::Response& res, const std::string& node, const httplib::Request& req,
+              const std::string& why, uint64_t last = 0) {
+    spdlog::warn("tracker: {} {} from {} for node '{}' refused: {}", req.method, req.path,
+                 req.remote_addr, node, why);
+    reply_json(res, {{"error", why}, {"counter", last}}, 401);
+    return false;
+  }
+
+  const bool required_;
+  std::mutex mu_;
+  std::unordered_map<std::string, uint64_t> last_;
+};
+
 // Reads the generation from the path and the node and peer_port from the
-// body, and checks the node may speak for that generation. On failure
-// replies and returns false.
-bool begin_call(exports::Store& store, const httplib::Request& req, httplib::Response& res,
-                Call* c) {
+// body, and checks the node may speak for that generation (and, under
+// --tls require, that it is that node). On failure replies and returns
+// false.
+bool begin_call(exports::Store& store, NodeAuth& auth, const httplib::Request& req,
+                httplib::Response& res, Call* c) {
   // The server takes bodies up to a verification report's size; tracker
   // calls stay within 1 MiB.
   if (req.body.size() > kTrackerBodyMax) {
@@ -58,6 +118,7 @@ bool begin_call(exports::Store& store, const httplib::Request& req, httplib::Res
     return false;
   }
   c->node = b["node"].get<std::string>();
+  if (!auth.check(store, req, c->node, res)) return false;
   if (b.contains("peer_port") && !b["peer_port"].is_null()) {
     const json& p = b["peer_port"];
     if (!p.is_number_unsigned() || p.get<uint64_t>() == 0 || p.get<uint64_t>() > 65535) {
@@ -114,10 +175,10 @@ bool read_chunks(const json& body, const char* name, uint64_t chunks, size_t max
   return true;
 }
 
-void post_sources(exports::Store& store, tracker::Tracker& tr, const httplib::Request& req,
-                  httplib::Response& res) {
+void post_sources(exports::Store& store, tracker::Tracker& tr, NodeAuth& auth,
+                  const httplib::Request& req, httplib::Response& res) {
   Call c;
-  if (!begin_call(store, req, res, &c)) return;
+  if (!begin_call(store, auth, req, res, &c)) return;
   std::vector<uint32_t> want;
   std::string err;
   if (!c.body.contains("chunks")) return reply_error(res, 400, "\"chunks\" is missing");
@@ -136,10 +197,10 @@ void post_sources(exports::Store& store, tracker::Tracker& tr, const httplib::Re
                    {"epoch", tr.epoch()}});
 }
 
-void post_report(exports::Store& store, tracker::Tracker& tr, const httplib::Request& req,
-                 httplib::Response& res) {
+void post_report(exports::Store& store, tracker::Tracker& tr, NodeAuth& auth,
+                 const httplib::Request& req, httplib::Response& res) {
   Call c;
-  if (!begin_call(store, req, res, &c)) return;
+  if (!begin_call(store, auth, req, res, &c)) return;
   std::vector<uint32_t> dropped, held;
   std::string err;
   if (!read_chunks(c.body, "dropped", c.chunks, c.chunks, &dropped, &err) ||
@@ -237,14 +298,15 @@ void get_order(exports::Store& store, tracker::Tracker& tr, const httplib::Reque
 }  // namespace
 
 void add_tracker_api(httplib::Server& svr, std::shared_ptr<exports::Store> store,
-                     std::shared_ptr<tracker::Tracker> tracker) {
+                     std::shared_ptr<tracker::Tracker> tracker, bool tls_required) {
+  auto auth = std::make_shared<NodeAuth>(tls_required);
   svr.Post(R"(/v1/tracker/([^/]+)/sources)",
-           [store, tracker](const httplib::Request& req, httplib::Response& res) {
-             post_sources(*store, *tracker, req, res);
+           [store, tracker, auth](const httplib::Request& req, httplib::Response& res) {
+             post_sources(*store, *tracker, *auth, req, res);
            });
   svr.Post(R"(/v1/tracker/([^/]+)/report)",
-           [store, tracker](const httplib::Request& req, httplib::Response& res) {
-             post_report(*store, *tracker, req, res);
+           [store, tracker, auth](const httplib::Request& req, httplib::Response& res) {
+             post_report(*store, *tracker, *auth, req, res);
            });
   svr.Get(R"(/v1/tracker/([^/]+)/order)",
           [store, tracker](const httplib::Request& req, httplib::Response& res) {

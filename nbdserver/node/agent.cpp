@@ -990,6 +990,7 @@ bool Agent::setup_generation(std::string* err) {
   auto colon = o_.tracker.rfind(':');
   tracker_ = std::make_unique<TrackerClient>(o_.tracker.substr(0, colon),
                                              std::stoi(o_.tracker.substr(colon + 1)));
+  if (o_.psk) tracker_->set_key(o_.psk->key);  // the tls tier: tracker calls are signed
   NodeInfo info;
   if (!tracker_->node_info(o_.exp, &info, err)) return false;
   if (o_.psk && !open_peer_key(info, err)) return false;

@@ -13,8 +13,11 @@
 #include <boost/beast/http.hpp>
 #include <chrono>
 #include <nlohmann/json.hpp>
+#include <algorithm>
 #include <optional>
 #include <utility>
+
+#include "tls/seal.hpp"
 
 namespace node {
 
@@ -41,6 +44,8 @@ struct Reply {
 struct TrackerClient::Impl {
   std::string host;
   int port;
+  std::optional<tls::Key> key;  // set_key()
+  uint64_t counter = 0;
   asio::io_context ioc;
   std::optional<beast::tcp_stream> stream;
   beast::flat_buffer buf;  // bytes read past one reply stay for the next
@@ -120,15 +125,40 @@ struct TrackerClient::Impl {
     return true;
   }
 
-  // One request; false with `*err` when no complete answer came.
+  // Signs a POST (set_key()): the next counter and the MAC.
+  void sign(http::request<http::string_body>& req) {
+    const uint64_t now_us = uint64_t(std::chrono::duration_cast<std::chrono::microseconds>(
+                                         std::chrono::system_clock::now().time_since_epoch())
+                                         .count());
+    counter = std::max(counter + 1, now_us);
+    req.set("X-Nbdroot-Auth",
+            std::to_string(counter) + " " +
+                tls::request_mac(*key, "POST", std::string(req.target()), counter, req.body()));
+  }
+
+  // One request; false with `*err` when no complete answer came. A signed
+  // POST refused for a stale counter is signed again past the server's.
   bool call(http::verb verb, const std::string& target, const std::string& body, uint64_t limit,
             Reply* out, std::string* err) {
+    if (!call_once(verb, target, body, limit, out, err)) return false;
+    if (out->status != 401 || !key || verb != http::verb::post) return true;
+    json j = json::parse(out->body, nullptr, false);
+    if (!j.is_object() || !j.contains("counter") || !j["counter"].is_number_unsigned() ||
+        j["counter"].get<uint64_t>() < counter)
+      return true;
+    counter = j["counter"].get<uint64_t>();
+    return call_once(verb, target, body, limit, out, err);
+  }
+
+  bool call_once(http::verb verb, const std::string& target, const std::string& body,
+                 uint64_t limit, Reply* out, std::string* err) {
     http::request<http::string_body> req{verb, target, 11};
     req.set(http::field::host, host);
     req.keep_alive(true);
     if (verb == http::verb::post) {
       req.set(http::field::content_type, "application/json");
       req.body() = body;
+      if (key) sign(req);
     }
     req.prepare_payload();
     for (int attempt = 0;; ++attempt) {
@@ -146,6 +176,11 @@ struct TrackerClient::Impl {
 TrackerClient::TrackerClient(std::string host, int port)
     : impl_(std::make_unique<Impl>(std::move(host), port)) {}
 TrackerClient::~TrackerClient() = default;
+
+void TrackerClient::set_key(const tls::Key& key) {
+  std::lock_guard<std::mutex> g(mu_);
+  impl_->key = key;
+}
 
 namespace {
 

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "tls/engine.hpp"
+
 namespace node {
 
 struct NodeInfo {
@@ -28,6 +30,13 @@ class TrackerClient {
   // `host_port`: HOST:PORT of the server's HTTP API.
   TrackerClient(std::string host, int port);
   ~TrackerClient();
+
+  // The tls tier: every POST then carries "X-Nbdroot-Auth: COUNTER MAC"
+  // (http/tracker_api.hpp) under this node's key; the counter starts at
+  // the clock in microseconds, grows by at least 1 per request, and moves
+  // past the server's when a 401 names a higher one (a clock that went
+  // back), once per request.
+  void set_key(const tls::Key& key);
 
   // GET /v1/nodes/IMAGE/NODE.
   bool node_info(const std::string& exp, NodeInfo* out, std::string* err);

@@ -208,7 +208,7 @@ int run_server(const ServerOptions& opts) {
     peer_tracker->start_saving(std::chrono::seconds(2));
     http::add_store_api(http_server->routes(), store, opts.tls_required);
     http::add_files_api(http_server->routes(), store);
-    http::add_tracker_api(http_server->routes(), store, peer_tracker);
+    http::add_tracker_api(http_server->routes(), store, peer_tracker, opts.tls_required);
     std::vector<std::string> written;
     if (!http::install_default_templates(opts.store, &written, &err)) {
       return stop_loops_after(err);

@@ -89,4 +89,23 @@ std::optional<Key> unseal(const Key& key, std::string_view context, std::string_
   return out;
 }
 
+std::string request_mac(const Key& key, std::string_view method, std::string_view target,
+                        uint64_t counter, std::string_view body) {
+  std::string msg = "nbdroot request\n" + std::string(method) + "\n" + std::string(target) + "\n" +
+                    std::to_string(counter) + "\n";
+  msg.append(body);
+  uint8_t mac[32];
+  if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, key.data(), key.size(), msg.data(), msg.size(), mac) !=
+      GNUTLS_E_SUCCESS)
+    return "";
+  return to_hex(mac, sizeof mac);
+}
+
+bool equal_in_constant_time(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char d = 0;
+  for (size_t i = 0; i < a.size(); ++i) d |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return d == 0;
+}
+
 }  // namespace tls

@@ -8,6 +8,7 @@
 // from peers, and a generation's key opens nothing else.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -35,5 +36,15 @@ std::optional<Key> unseal(const Key& key, std::string_view context, std::string_
 
 // The context a node's sealed peer key is bound to.
 std::string peer_key_context(std::string_view node, std::string_view generation);
+
+// Binds an HTTP request to a node (the tls tier's tracker calls): hex of
+// HMAC-SHA256 under the node's key of "nbdroot request\n" METHOD "\n"
+// TARGET "\n" COUNTER "\n" BODY. COUNTER only grows per node, so a
+// recorded request cannot be played again.
+std::string request_mac(const Key& key, std::string_view method, std::string_view target,
+                        uint64_t counter, std::string_view body);
+
+// a == b, in time that depends only on the lengths.
+bool equal_in_constant_time(std::string_view a, std::string_view b);
 
 }  // namespace tls

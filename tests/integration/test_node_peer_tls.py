@@ -87,12 +87,36 @@ def tls_agent(nbdserver, srv, sockdir, node, key, *args):
     return agent(nbdserver, srv, sockdir, node, "--tls", "require", "--tls-key-file", key, *args)
 
 
-def http_json(hostport, path, body=None):
-    req = urllib.request.Request(f"http://{hostport}{path}",
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+def request_mac(hexkey, method, target, counter, body):
+    """tls::request_mac: HMAC-SHA256 under the node's key."""
+    import hashlib
+    import hmac
+    msg = f"nbdroot request\n{method}\n{target}\n{counter}\n".encode() + body
+    return hmac.new(bytes.fromhex(hexkey), msg, hashlib.sha256).hexdigest()
+
+
+def http_json(hostport, path, body=None, key=None, counter=None, auth=None):
+    """GET, or POST `body` as JSON; signed as node `key` (hex) with
+    `counter` (default: the clock in microseconds), or with the header
+    `auth` as given."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        counter = counter if counter is not None else time.time_ns() // 1000
+        headers["X-Nbdroot-Auth"] = f"{counter} {request_mac(key, 'POST', path, counter, data)}"
+    if auth is not None:
+        headers["X-Nbdroot-Auth"] = auth
+    req = urllib.request.Request(f"http://{hostport}{path}", data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
+
+
+def http_refusal(hostport, path, body, **kw):
+    """The JSON of a 401 answer to a POST."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        http_json(hostport, path, body, **kw)
+    assert e.value.code == 401, e.value.code
+    return json.load(e.value)
 
 
 def open_peer_key(hexkey, node, sealed):
@@ -250,8 +274,9 @@ def test_a_peer_that_refuses_starttls_is_dropped_reported_and_never_read(
     # The fake registers as a node of the store about to hold every chunk:
     # the tracker sends the next node to it.
     admin(root, "create", "n3", "--image", "lab")
+    _, k3 = node_key(root, tmp_path, "n3")
     http_json(srv.http, f"/v1/tracker/{GEN}/sources",
-              {"node": "n3", "peer_port": fake.port, "chunks": list(range(SIZE // CHUNK))})
+              {"node": "n3", "peer_port": fake.port, "chunks": list(range(SIZE // CHUNK))}, key=k3)
     k2, _ = node_key(root, tmp_path, "n2")
     b = tls_agent(nbdserver, srv, sockdir, "n2", k2)
     hb = b.handle("lab/n2")
@@ -424,3 +449,61 @@ def test_no_image_byte_crosses_the_wire_in_plaintext_peers_included(
     else:
         # The control: the same run in plaintext, and the capture has them.
         assert len(seen) == len(ws), f"only {len(seen)} of {len(ws)} windows in a plaintext capture"
+
+
+# ---------------------------------------------------------------- tracker calls bound to the node
+
+def test_tracker_changes_need_the_nodes_key(nbdserver, store, tmp_path):
+    """Under --tls require a tracker POST proves it comes from the node it
+    names: a MAC under that node's key over method, target, a counter and
+    the body. Without it, with another node's key, with a changed body or
+    with a counter played again, 401 with the reason, and nothing changes;
+    a 401 for a stale counter names the last one taken."""
+    root, base = store
+    srv = serve(nbdserver, root, extra=("--tls", "require"))
+    admin(root, "create", "n1", "n2", "--image", "lab")
+    _, k1 = node_key(root, tmp_path, "n1")
+    _, k2 = node_key(root, tmp_path, "n2")
+    path = f"/v1/tracker/{GEN}/sources"
+    body = {"node": "n1", "peer_port": 4000, "chunks": [0, 1]}
+    assert "no X-Nbdroot-Auth" in http_refusal(srv.http, path, body)["error"]
+    assert "does not match" in http_refusal(srv.http, path, body, key=k2)["error"]
+    good = f"{10**15} {request_mac(k1, 'POST', path, 10**15, json.dumps(body).encode())}"
+    changed = dict(body, chunks=[0, 1, 2])
+    assert "does not match" in http_refusal(srv.http, path, changed, auth=good)["error"]
+    for bad in ("", "12", "x y", "-1 ab", "1" * 25 + " ab"):
+        http_refusal(srv.http, path, body, auth=bad)
+    assert http_json(srv.http, f"/v1/tracker/{GEN}")["peers"] == []  # nothing registered
+    assert http_json(srv.http, path, body, auth=good)["sources"] == [0, 0]
+    j = http_refusal(srv.http, path, body, auth=good)  # played again
+    assert "not above the last one taken" in j["error"] and j["counter"] == 10**15, j
+    assert http_json(srv.http, path, body, key=k1, counter=10**15 + 1)["sources"] == [0, 0]
+    # report too, and a node without a key
+    rep = {"node": "n1", "peer_port": 4000, "leaving": True}
+    assert "no X-Nbdroot-Auth" in http_refusal(srv.http, f"/v1/tracker/{GEN}/report", rep)["error"]
+    admin(root, "create", "n9", "--image", "lab")
+    j = http_refusal(srv.http, path, dict(body, node="n9"), key=k1)
+    assert "node 'n9' has no usable key: no key" in j["error"], j
+    assert k1 not in srv.stderr() and k2 not in srv.stderr()
+    assert "refused: the request's MAC does not match" in srv.stderr()
+
+
+def test_an_agent_whose_clock_went_back_moves_past_the_servers_counter(
+        nbdserver, store, sockdir, tmp_path):
+    """The server took a counter from the node's future (a clock set back
+    since): the agent's first signed call is refused naming it, and the
+    agent signs again past it."""
+    root, base = store
+    srv = serve(nbdserver, root, extra=("--tls", "require"))
+    admin(root, "create", "n1", "--image", "lab")
+    kf, k1 = node_key(root, tmp_path, "n1")
+    future = (time.time_ns() // 1000) + 10**12
+    http_json(srv.http, f"/v1/tracker/{GEN}/report", {"node": "n1"}, key=k1, counter=future)
+    a = tls_agent(nbdserver, srv, sockdir, "n1", kf)
+    h = a.handle()
+    assert read_all(h, size=MiB) == base[:MiB]
+    a.wait_stats(lambda s: s["gen_server_bytes"] >= MiB)
+    tr = http_json(srv.http, f"/v1/tracker/{GEN}")
+    assert [p["node"] for p in tr["peers"] if p["chunks_held"] >= 16] == ["n1"], tr
+    assert "not above the last one taken" in srv.stderr()
+    h.shutdown()
