@@ -260,3 +260,16 @@ def wait_for_text(path, text, timeout=20):
                 return
         time.sleep(0.05)
     raise AssertionError(f"no {text!r} in {path} within {timeout} s: {open(path).read()}")
+
+
+def stop_cleanly(proc):
+    """SIGTERM; the process must exit 0 within 20 s."""
+    proc.send_signal(_signal.SIGTERM)
+    assert proc.wait(20) == 0
+
+
+def kill_if_running(proc):
+    """For a finally: no process outlives its test."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)

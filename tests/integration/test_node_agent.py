@@ -18,8 +18,8 @@ import time
 import nbd
 import pytest
 
-from storeutil import (BS, MiB, kill9, make_store, node_record, wait_for_text,
-                       write_chunk_digests)
+from storeutil import (BS, MiB, kill9, kill_if_running, make_store, node_record, stop_cleanly,
+                       wait_for_text, write_chunk_digests)
 
 SIZE = 16 * MiB
 CHUNK = 64 * 1024
@@ -461,12 +461,9 @@ def test_an_agent_started_before_its_server_keeps_trying_and_attaches(
         assert read_all(h) == base
         h.shutdown()
         assert f"upstream: 'lab/n1' on 127.0.0.1:{port} after " in open(stderr_path).read()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        stop_cleanly(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        kill_if_running(proc)
 
 
 def test_an_agent_still_trying_its_first_attach_stops_on_sigterm(sockdir, tmp_path):
@@ -480,9 +477,7 @@ def test_an_agent_still_trying_its_first_attach_stops_on_sigterm(sockdir, tmp_pa
         assert time.monotonic() - t0 < 2
         assert "stopping: 'lab/n1' was never attached" in open(stderr_path).read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        kill_if_running(proc)
 
 
 def test_an_unknown_export_fails_the_first_attach_at_once(nbdserver, store, sockdir):

@@ -36,7 +36,7 @@ import nbd
 import pytest
 
 from conftest import NBDSERVER, run, spawn, wait_ready
-from storeutil import MiB, admin, make_store, wait_for_text
+from storeutil import MiB, admin, kill_if_running, make_store, stop_cleanly, wait_for_text
 from test_nbd_client import PROBE
 from test_node_agent import free_port
 
@@ -379,12 +379,9 @@ def test_an_agent_started_before_its_tls_server_attaches_once_it_is_up(
         err = open(stderr_path).read()
         assert f"upstream: 'lab/{NODE}' on 127.0.0.1:{port} over TLS1.3/AES-" in err, err
         assert line[line.index(":") + 1:].strip() not in err  # never the key
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        stop_cleanly(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        kill_if_running(proc)
     with open(key) as f:
         assert f.read() == line
     key_still_works(nbdserver, srv, key, sockdir)
@@ -420,12 +417,9 @@ def test_an_agent_whose_key_the_server_lacks_yet_attaches_once_it_has_it(
         os.close(fd)
         os.replace(tmp, record)
         attached_agent_serves(proc, ready, stderr_path, sockdir, base)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        stop_cleanly(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        kill_if_running(proc)
     key_still_works(nbdserver, srv, key, sockdir)
 
 
