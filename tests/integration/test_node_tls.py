@@ -24,7 +24,6 @@ it (tests/nbdclient-probe --tls-key-file).
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -293,7 +292,7 @@ def test_the_agent_reads_and_writes_over_tls(nbdserver, tls_store, sockdir, tmp_
     agent = nbdserver(args=node_argv(server_address(srv), sockdir, "--tls", "require",
                                      "--tls-key-file", key), listen=False)
     err = agent.stderr()
-    assert f"over TLS1.3/AES-" in err and f"as '{NODE}'" in err, err
+    assert "over TLS1.3/AES-" in err and f"as '{NODE}'" in err, err
     h = handle(sockdir)
     assert h.pread(4 * MiB, 0) == base
     data = bytes(range(256)) * 1024
