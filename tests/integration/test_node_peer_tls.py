@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -43,6 +42,7 @@ import nbd
 import pytest
 
 import nbdraw
+from sockutil import Listener, recv_exact
 from storeutil import MiB, add_generation, admin, write_chunk_digests
 from test_node_agent import Agent, agent, read_all, serve
 from test_tls import netns, windows  # noqa: F401 (netns is a fixture)
@@ -209,26 +209,14 @@ def test_the_peer_listener_gives_nothing_without_the_peer_key(nbdserver, store, 
     ha.shutdown()
 
 
-class PlainPeer:
+class PlainPeer(Listener):
     """A peer that speaks no TLS: greets, answers the first option with
     NBD_REP_ERR_UNSUP (as a plaintext server answers STARTTLS), then records
     whatever the client sends until it closes."""
 
     def __init__(self):
         self.sessions = []
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(16)
-        self.port = self.lsock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(c,), daemon=True).start()
+        super().__init__()
 
     def _session(self, c):
         rec = {"first_option": None, "after": b""}
@@ -251,19 +239,6 @@ class PlainPeer:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.lsock.close()
-
-
-def recv_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        b = s.recv(n - len(buf))
-        if not b:
-            raise ConnectionError("closed")
-        buf += b
-    return buf
 
 
 def test_a_peer_that_refuses_starttls_is_dropped_reported_and_never_read(

@@ -35,6 +35,7 @@ import nbd
 import pytest
 
 from conftest import NBDSERVER, run, spawn, wait_ready
+from sockutil import Listener, recv_exact
 from storeutil import MiB, admin, kill_if_running, make_store, stop_cleanly, wait_for_text
 from test_nbd_client import PROBE
 from test_node_agent import free_port
@@ -60,17 +61,7 @@ def key_file(tmp_path, line=f"{NODE}:{HEX}\n", mode=0o600, name="node.psk"):
     return str(path)
 
 
-def recv_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        b = s.recv(n - len(buf))
-        if not b:
-            raise ConnectionError("closed")
-        buf += b
-    return buf
-
-
-class Relay:
+class Relay(Listener):
     """A man in the middle on 127.0.0.1 in front of `upstream` (host, port),
     for each connection:
     - "pass": relays every byte both ways;
@@ -85,20 +76,8 @@ class Relay:
         self.upstream = upstream
         self.mode = mode
         self.sessions = []
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(16)
-        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
         self.open = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(c,), daemon=True).start()
+        super().__init__()
 
     def _session(self, c):
         s = socket.create_connection(self.upstream)
@@ -160,7 +139,7 @@ class Relay:
                 pass
 
     def close(self):
-        self.lsock.close()
+        super().close()
         self.cut()
 
 
