@@ -1313,6 +1313,14 @@ int run_agent(int argc, char** argv) {
       return bad("--tls-key-file " + key_file + ": the key is for node '" + o.psk->identity +
                  "', and --export names node '" + o.node_name + "'");
   }
+  // Boost reads "-1" into an unsigned option as its largest value: the
+  // bounds below catch that too.
+  if (o.attach_timeout > 366u * 86400)
+    return bad("--attach-timeout must be at most 31622400 seconds (0: keep trying)");
+  if (o.upload_connections < 1 || o.upload_connections > 65536)
+    return bad("--upload-connections must be 1 to 65536");
+  if (o.peer_timeout_ms < 1 || o.peer_timeout_ms > 600000)
+    return bad("--peer-timeout-ms must be 1 to 600000");
   if (peers != "on" && peers != "off") return bad("--peers must be on or off, got '" + peers + "'");
   o.peers = peers == "on";
   if (prefetch != "on" && prefetch != "off")
