@@ -223,6 +223,20 @@ TEST(Tracker, BootOrderOutlivesTheTracker) {
   std::filesystem::remove_all(tmpl);
 }
 
+TEST(Tracker, AnOrderThatCannotBeSavedIsKeptAndTriedAgain) {
+  char tmpl[] = "/tmp/nbdroot-order-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = std::string(tmpl) + "/tracker";
+  std::ofstream(dir) << "a file where the directory should be\n";
+  Tracker t(limits(), dir);
+  t.with("lab@g1", 50, [](Swarm& s, double now) { return s.sources("a", "", {7, 2}, now); });
+  EXPECT_EQ(t.save_orders(), 0u);  // logged, nothing lost
+  EXPECT_EQ(t.with("lab@g1", 50, [](Swarm& s, double) { return s.order().size(); }), 2u);
+  std::filesystem::remove(dir);
+  EXPECT_EQ(t.save_orders(), 1u);  // the next try writes it
+  std::filesystem::remove_all(tmpl);
+}
+
 TEST(Tracker, ParseOrder) {
   std::vector<uint32_t> o;
   std::string err;
