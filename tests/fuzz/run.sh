@@ -20,26 +20,42 @@ targets=(fuzz_handshake fuzz_handshake_tls fuzz_transmission fuzz_client)
 cmake -S "$root/tests/fuzz" -B "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" -j"$(nproc)"
 
-status=0
-for t in "${targets[@]}"; do
-  work=$build/corpus/$t
-  artifacts=$build/artifacts/$t
-  log=$build/$t.log
+# One target: its log in $build/$t.log, its summary in $build/$t.result.
+run_target() {
+  local t=$1 work=$build/corpus/$1 artifacts=$build/artifacts/$1 log=$build/$1.log
   rm -rf "$work" "$artifacts"
   mkdir -p "$work" "$artifacts"
   cp "$root/tests/fuzz/corpus/$t/"* "$work/"
-  echo "== $t: ${secs}s"
   if "$build/$t" -max_total_time="$secs" -timeout=25 -max_len=8192 -print_final_stats=1 \
       -artifact_prefix="$artifacts/" "$work" >"$log" 2>&1; then
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
     cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -1)
-    echo "   ok: ${execs:-?} runs, $cov, corpus $(ls "$work" | wc -l) files"
+    echo "   ok: ${execs:-?} runs, $cov, corpus $(ls "$work" | wc -l) files" >"$build/$t.result"
   else
-    rc=$?
-    echo "   FAILED (exit $rc); log $log, artifacts:" >&2
-    ls -l "$artifacts" >&2 || true
-    tail -n 40 "$log" >&2
-    status=1
+    echo "   FAILED (exit $?); log $log" >"$build/$t.result"
   fi
+}
+
+# The targets run side by side, one per core (FUZZ_JOBS overrides): each
+# is single-threaded, and one at a time left the other core idle.
+par=${FUZZ_JOBS:-$(nproc)}
+status=0
+for ((i = 0; i < ${#targets[@]}; i += par)); do
+  batch=("${targets[@]:i:par}")
+  for t in "${batch[@]}"; do
+    echo "== $t: ${secs}s"
+    run_target "$t" &
+  done
+  wait
+  for t in "${batch[@]}"; do
+    echo "== $t"
+    cat "$build/$t.result"
+    if grep -q '^   FAILED' "$build/$t.result"; then
+      echo "   artifacts:" >&2
+      ls -l "$build/artifacts/$t" >&2 || true
+      tail -n 40 "$build/$t.log" >&2
+      status=1
+    fi
+  done
 done
 exit $status
