@@ -17,8 +17,11 @@
 #include "exports/audit.hpp"
 #include "http/boot_template.hpp"
 #include "lifecycle/report.hpp"
+#include "storage/chunk_digests.hpp"
 #include "storage/generation.hpp"
 #include "storage/node_keys.hpp"
+#include "tls/engine.hpp"
+#include "tls/seal.hpp"
 
 namespace http {
 namespace {
@@ -269,6 +272,76 @@ void deliver_key(Api& api, const httplib::Request& req, const std::string& node,
   }
 }
 
+// The report token's header, and what the server keeps of a token.
+constexpr const char* kReportTokenHeader = "X-Nbdroot-Report-Token";
+std::string token_digest(std::string_view token) {
+  return storage::to_hex(storage::sha256(token.data(), token.size()));
+}
+
+// Under --tls require, after `r` rendered the Linux step of a verification
+// run with {{verify_cmdline}}: makes the run's report token (256 bits from
+// getrandom), keeps its digest in the node's state and renders again with
+// nbdroot.report_token=HEX. Reports and heartbeats of the run must carry it
+// (check_report_token), so that in this tier only the machine that booted
+// the run's script can move the node to ready. One fetch per run enters the
+// Linux step (a second one fails the run), so there is one token per run.
+// False and *err (the fetch fails) when the token cannot be kept.
+bool deliver_report_token(Api& api, const httplib::Request& req,
+                          const lifecycle::NodeLife& l, const std::string& tmpl,
+                          const std::string& rel, TemplateVars* vars, RenderResult* r,
+                          std::string* err) {
+  if (l.state != lifecycle::State::kVerify || l.step != "linux" || l.run.empty()) return true;
+  if (!r->used.count("verify_cmdline")) {
+    spdlog::warn("http: node {} runs verification {}, but {} has no {{{{verify_cmdline}}}}: it "
+                 "gets no report token, and under --tls require its report will be refused",
+                 l.node, l.run, rel);
+    return true;
+  }
+  tls::Key k;
+  if (!tls::random_key(&k)) {
+    *err = "no random bytes for the report token of run " + l.run;
+    return false;
+  }
+  std::string token = tls::key_hex(k);
+  if (!api.life->set_report_token(l.node, l.run, token_digest(token), now_s(), err)) {
+    tls::wipe(token);
+    return false;
+  }
+  const std::string line = (*vars)["verify_cmdline"].text;
+  (*vars)["verify_cmdline"] = value(line + " nbdroot.report_token=" + token);
+  tls::wipe(token);
+  *r = render_template(tmpl, *vars, rel);
+  tls::wipe((*vars)["verify_cmdline"].text);
+  spdlog::info("http: node {}: the report token of run {} was delivered in its boot script to {}",
+               l.node, l.run, req.remote_addr);
+  audit_key(api, l.node + " report token of run " + l.run + " delivered in the boot script to " +
+                     req.remote_addr);
+  return true;
+}
+
+// Under --tls require: true when the request carries the report token of
+// the node's current run `l`; else replies 401 (the reason also logged).
+bool check_report_token(const Api& api, const httplib::Request& req, const lifecycle::NodeLife& l,
+                        const char* what, httplib::Response& res) {
+  if (!api.opts.tls_require) return true;
+  const std::string token = req.get_header_value(kReportTokenHeader);
+  std::string why;
+  if (l.report_token.empty())
+    why = "run " + (l.run.empty() ? std::string("(none)") : l.run) +
+          " has no report token (none was delivered: its Linux step's boot script had no "
+          "{{verify_cmdline}}, or the run is not in that step)";
+  else if (token.empty())
+    why = std::string("no ") + kReportTokenHeader +
+          " header: under --tls require a verification run reports with the token its boot "
+          "script gave (nbdroot.report_token=)";
+  else if (!tls::equal_in_constant_time(token_digest(token), l.report_token))
+    why = std::string("the ") + kReportTokenHeader + " does not match run " + l.run + "'s token";
+  if (why.empty()) return true;
+  spdlog::warn("http: {} of node {} from {} refused: {}", what, l.node, req.remote_addr, why);
+  reply_error(res, 401, why);
+  return false;
+}
+
 // The query parameters a node may send, checked; false and *err when one
 // is repeated or not safe_hint().
 bool read_hints(const httplib::Request& req, lifecycle::Hints* h, std::string* query,
@@ -366,7 +439,14 @@ void get_boot(Api& api, const httplib::Request& req, httplib::Response& res) {
     spdlog::error("http: boot script of node {}: {}", node, r.error);
     return reply_error(res, r.unavailable ? 409 : 500, r.error);
   }
-  if (api.opts.tls_require) deliver_key(api, req, node, text, rel, &vars, &r);
+  if (api.opts.tls_require) {
+    deliver_key(api, req, node, text, rel, &vars, &r);
+    if (!deliver_report_token(api, req, d.life, text, rel, &vars, &r, &err)) {
+      tls::wipe(r.text);
+      spdlog::error("http: boot script of node {}: {}", node, err);
+      return reply_error(res, 500, err);
+    }
+  }
   reply_text(res, 200, r.text);
   tls::wipe(r.text);  // it may carry the key; httplib's copy is the one sent
 }
@@ -425,6 +505,7 @@ void post_report(Api& api, const httplib::Request& req, httplib::Response& res) 
     spdlog::warn("http: report refused: {}", err);
     return reply_error(res, 409, err);
   }
+  if (!check_report_token(api, req, *l, "report", res)) return;
   if (!lifecycle::store_report(api.root(), rep, &err)) {
     spdlog::error("http: report of node {}: {}", node, err);
     return reply_error(res, 500, err);
@@ -456,7 +537,9 @@ void post_heartbeat(Api& api, const httplib::Request& req, httplib::Response& re
     return reply_error(res, 400, "step: expected 1 to 128 characters [A-Za-z0-9._:@-]");
   const std::shared_ptr<std::mutex> lock = api.node_lock(node);
   std::lock_guard<std::mutex> g(*lock);
-  if (!known_node(api, node, res)) return;
+  const std::optional<lifecycle::NodeLife> l = known_node(api, node, res);
+  if (!l) return;
+  if (l->run == run && !check_report_token(api, req, *l, "heartbeat", res)) return;
   std::string err;
   if (!api.life->on_heartbeat(node, run, step, now_s(), &err)) {
     spdlog::info("http: heartbeat of node {} refused: {}", node, err);

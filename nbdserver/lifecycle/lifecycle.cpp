@@ -139,6 +139,7 @@ nlohmann::json to_json(const NodeLife& l) {
           {"run_started", l.run_started},
           {"task", l.task},
           {"memtest86", l.memtest86},
+          {"report_token_sha256", l.report_token},
           {"boots", l.boots},
           {"last_seen", l.last_seen},
           {"hints",
@@ -165,6 +166,7 @@ bool from_json(const nlohmann::json& j, NodeLife* out, std::string* err) {
   r.get("run_started", &l.run_started);
   r.get("task", &l.task, false);
   r.get("memtest86", &l.memtest86, false);
+  r.get("report_token_sha256", &l.report_token, false);
   r.get("boots", &l.boots);
   r.get("last_seen", &l.last_seen);
   if (!r.ok || !state_field(j, "state", &l.state, err)) return false;
@@ -303,6 +305,7 @@ void Lifecycle::start_run(NodeLife* l, int64_t now) const {
   l->run_started = now;
   l->task.clear();
   l->memtest86.clear();
+  l->report_token.clear();
   if (d_.memtest_s > 0) {
     // memtest86+ never stops on its own: it gets its time box, then the
     // node must come back (power cycle) within a heartbeat's silence.
@@ -468,6 +471,12 @@ bool Lifecycle::on_heartbeat(const std::string& node, const std::string& run,
     if (!step.empty()) l->task = step.substr(0, 64);
     l->deadline = capped(*l, now + d_.heartbeat_s);
   }, err);
+}
+
+bool Lifecycle::set_report_token(const std::string& node, const std::string& run,
+                                 const std::string& sha256_hex, int64_t now, std::string* err) {
+  return in_current_run(node, run, "report token", now,
+                        [&](NodeLife* l) { l->report_token = sha256_hex; }, err);
 }
 
 bool Lifecycle::on_report(const std::string& node, const std::string& run,

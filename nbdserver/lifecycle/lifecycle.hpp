@@ -68,6 +68,10 @@ struct NodeLife {
   int64_t run_started = 0;
   std::string task;       // the Linux step's task, from its heartbeats ("memtester")
   std::string memtest86;  // the run's memtest86+ outcome ("ran, result unknown", ...)
+  // Hex SHA-256 of the run's report token (the tls tier: handed to the node in
+  // the boot script of its Linux step; reports and heartbeats must carry it).
+  // "" when the run has none.
+  std::string report_token;
   uint64_t boots = 0;     // boot scripts served
   int64_t last_seen = 0;  // unix seconds of the last script fetch, heartbeat or report
   Hints hints;
@@ -123,6 +127,10 @@ class Lifecycle {
                  const std::string& summary, int64_t now, std::string* err);
   // `nbdserver admin state NODE STATE` (and retire). Creates the record
   // when the node has none (the node directory must exist).
+  // Records the hex SHA-256 of run `run`'s report token (replacing any).
+  // False and *err unless the node is in that run.
+  bool set_report_token(const std::string& node, const std::string& run,
+                        const std::string& sha256_hex, int64_t now, std::string* err);
   bool set_state(const std::string& node, State s, const std::string& by,
                  const std::string& reason, int64_t now, std::string* err);
   // Moves every node whose deadline passed to failed ("timed out in STEP").

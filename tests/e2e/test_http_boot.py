@@ -16,6 +16,7 @@ coverage check is about how much RAM is tested, not how often.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -147,6 +148,27 @@ def test_new_node_is_verified_then_boots_its_root(make_lab):
     assert node["state"] == "ready" and node["last_verification"]["status"] == "passed", node
     print(f"\nnew -> verify -> ready -> booted: {time.monotonic() - vm.started:.0f} s; "
           f"memtester {mt['results']['ram_share']:.0%} of RAM")
+
+
+def test_tls_tier_node_reports_with_its_run_token_then_boots_with_its_key(make_lab):
+    """The same life under --tls require (issue 13): the verification
+    initrd reports with the run's token from its boot script (a report
+    without it would be refused), and the ready node's script hands it its
+    armed key, with which its agent attaches the root over TLS."""
+    lab = make_lab("--tls", "require",
+                   "--boot-cmdline", f"console=ttyS0 panic=10 no_timer_check {MASK}")
+    lab.store.admin("key", NODE, "--arm")
+    vm = netboot_vm(lab, "tlsverify", memory_mib=512, smp=2, reboot=True)
+    vm.wait_for(r"E2E: init started, generation g1", timeout=VERIFY_TIMEOUT)
+    s = state(lab)
+    assert s["state"] == "ready", s
+    assert report(lab)["status"] == "passed"
+    log = lab.server.text()
+    assert f"node {NODE}: the report token of run " in log, log[-3000:]
+    assert f"of node {NODE} from" not in log, log[-3000:]  # no refused report or heartbeat
+    assert f"node {NODE}: its armed key" in log, log[-3000:]
+    assert re.search(rf"TLS established \(TLS1\.3/AES-128-GCM\) as '{NODE}'", log), log[-3000:]
+    assert f"attached export 'lab/{NODE}'" in log, log[-3000:]
 
 
 def test_failed_memory_test_makes_the_node_failed_and_it_cannot_attach(make_lab):

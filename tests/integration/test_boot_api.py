@@ -63,9 +63,10 @@ def script(srv, node=NODE, query=""):
     return body
 
 
-def post_json(srv, path, doc, content_type="application/json"):
+def post_json(srv, path, doc, content_type="application/json", headers=None):
     body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    status, headers, data = fetch(srv, path, body, {"Content-Type": content_type}, "POST")
+    status, _, data = fetch(srv, path, body, {"Content-Type": content_type, **(headers or {})},
+                            "POST")
     return status, data
 
 
@@ -377,7 +378,7 @@ def test_cmdline_from_flag_and_node_file(boot):
     with open(path, "w") as f:
         f.write("nbdroot.mode=ephemeral\n  loglevel=7\n")
     text = script(srv)
-    assert f"ip=dhcp console=ttyS0,115200 quiet nbdroot.mode=ephemeral loglevel=7 ||" in text
+    assert "ip=dhcp console=ttyS0,115200 quiet nbdroot.mode=ephemeral loglevel=7 ||" in text
     with open(path, "w") as f:
         f.write("x=${evil}\n")
     status, _, body = fetch(srv, f"/boot/{NODE}.ipxe")
@@ -401,10 +402,10 @@ def test_which_image(boot, tmp_path):
     # A node created on an image boots that one, at its pinned generation.
     admin(store, "create", "pinned", "--image", "other")
     add_generation(store, "other", "o2", size=4 * MiB)
-    assert f"/files/other/o1/vmlinuz" in script(srv, node="pinned")
+    assert "/files/other/o1/vmlinuz" in script(srv, node="pinned")
     srv.terminate()
     srv, _ = boot("--boot-image", "other")
-    assert f"/files/other/o2/vmlinuz" in script(srv, node="fresh")
+    assert "/files/other/o2/vmlinuz" in script(srv, node="fresh")
     assert "/lab/" not in script(srv, node="fresh")
 
 
@@ -561,9 +562,10 @@ def test_concurrent_reports_for_one_node(boot):
 
 # ---------------------------------------------------------------- heartbeats
 
-def heartbeat(srv, run, node=NODE, step="memtester", progress=0.5, ctype="application/json"):
+def heartbeat(srv, run, node=NODE, step="memtester", progress=0.5, ctype="application/json",
+              headers=None):
     doc = {"run": run, "step": step, "progress": progress}
-    return post_json(srv, f"/nodes/{node}/heartbeat", doc, ctype)
+    return post_json(srv, f"/nodes/{node}/heartbeat", doc, ctype, headers)
 
 
 def test_heartbeats_keep_a_run_alive_and_silence_fails_it(boot):
@@ -620,3 +622,110 @@ def test_heartbeat_for_a_ready_node_is_refused(boot):
     script(srv)
     status, data = heartbeat(srv, "r1")
     assert status == 409 and error_of(data)
+
+
+# ---------------------------------------------------------------- the tls tier's report token
+
+TOKEN_RE = re.compile(r" nbdroot\.report_token=([0-9a-f]{64}) ")
+
+
+def token_header(token):
+    return {"X-Nbdroot-Report-Token": token}
+
+
+def test_tls_tier_reports_and_heartbeats_need_the_runs_token(boot):
+    """Under --tls require the Linux step's script carries a report token
+    (256 bits); the node's state keeps only its SHA-256. A report or a
+    heartbeat without it, or with another, is refused (401) and changes
+    nothing; with it, the node becomes ready."""
+    srv, store = boot("--new-nodes", "verify", "--tls", "require")
+    text = script(srv)
+    st = state_of(store)
+    assert st["state"] == "verify" and st["step"] == "linux", st
+    run = st["run"]
+    m = TOKEN_RE.search(text)
+    assert m, text
+    token = m.group(1)
+    assert st["report_token_sha256"] == hashlib.sha256(token.encode()).hexdigest(), st
+    with open(os.path.join(store, "nodes", NODE, "state.json")) as f:
+        assert token not in f.read()
+    assert f"nbdroot.run={run} ip=dhcp memtest=1 nbdroot.report_token={token} ||" in text, text
+
+    before = tree_hash(store)
+    other = "ab" * 32
+    for headers, why in (({}, "no X-Nbdroot-Report-Token header"),
+                         (token_header(other), f"does not match run {run}'s token"),
+                         (token_header(token.upper()), f"does not match run {run}'s token"),
+                         (token_header(token[:-1]), f"does not match run {run}'s token")):
+        status, data = post_json(srv, f"/nodes/{NODE}/report", report(NODE, run), headers=headers)
+        assert status == 401 and why in error_of(data), (status, data)
+        status, data = heartbeat(srv, run, headers=headers)
+        assert status == 401 and why in error_of(data), (status, data)
+    assert tree_hash(store) == before
+    assert state_of(store)["state"] == "verify"
+
+    status, data = heartbeat(srv, run, headers=token_header(token))
+    assert status == 204, data
+    status, data = post_json(srv, f"/nodes/{NODE}/report", report(NODE, run),
+                             headers=token_header(token))
+    assert status == 201 and json.loads(data)["state"] == "ready", data
+    log = srv.stderr()
+    assert f"report of node {NODE} from 127.0.0.1 refused: no X-Nbdroot-Report-Token" in log, log
+    assert token not in log
+    audit = open(os.path.join(store, "audit.log")).read()
+    assert f"{NODE} report token of run {run} delivered in the boot script to 127.0.0.1" in audit
+    assert token not in audit
+
+
+
+def test_tls_tier_token_is_per_run_and_only_in_the_linux_step(boot):
+    """memtest86+'s step gets no token (it reports nothing); the Linux step
+    does. A new run (an admin's `state verify`) gets a new token, and the
+    old run's token is refused for it."""
+    srv, store = boot("--new-nodes", "verify", "--tls", "require", "--memtest-timeout", "30")
+    text = script(srv)
+    st = state_of(store)
+    assert st["step"] == "memtest86" and not TOKEN_RE.search(text), text
+    assert st["report_token_sha256"] == "", st
+    text = script(srv)
+    st = state_of(store)
+    assert st["step"] == "linux", st
+    first_run, first = st["run"], TOKEN_RE.search(text).group(1)
+
+    admin(store, "state", NODE, "verify")
+    script(srv)  # memtest86+ again
+    text = script(srv)
+    st = state_of(store)
+    assert st["step"] == "linux" and st["run"] != first_run, st
+    second = TOKEN_RE.search(text).group(1)
+    assert second != first
+    status, data = post_json(srv, f"/nodes/{NODE}/report", report(NODE, st["run"]),
+                             headers=token_header(first))
+    assert status == 401, data
+    status, data = post_json(srv, f"/nodes/{NODE}/report", report(NODE, st["run"]),
+                             headers=token_header(second))
+    assert status == 201, data
+
+
+def test_tls_tier_run_without_a_delivered_token_cannot_report(boot):
+    """A verify template without {{verify_cmdline}} delivers no token: the
+    server says so when it serves the script, and the run's reports are
+    refused with that reason."""
+    srv, store = boot("--new-nodes", "verify", "--tls", "require")
+    with open(os.path.join(store, "templates", "verify.ipxe"), "w") as f:
+        f.write("#!ipxe\necho nbdroot: {{node}} run {{run}}\n")
+    script(srv)
+    st = state_of(store)
+    assert st["step"] == "linux" and st["report_token_sha256"] == "", st
+    assert "has no {{verify_cmdline}}: it gets no report token" in srv.stderr()
+    status, data = post_json(srv, f"/nodes/{NODE}/report", report(NODE, st["run"]),
+                             headers=token_header("ab" * 32))
+    assert status == 401 and "has no report token" in error_of(data), data
+
+
+def test_lab_tier_scripts_carry_no_report_token(boot):
+    srv, store, run = verifying(boot)
+    admin(store, "state", NODE, "verify")
+    text = script(srv)
+    assert "report_token" not in text, text
+    assert state_of(store)["report_token_sha256"] == ""

@@ -555,6 +555,36 @@ TEST_F(LifecycleTest, RecordRoundTrips) {
   EXPECT_EQ(to_json(parsed), read_state());
 }
 
+TEST_F(LifecycleTest, ReportTokenIsKeptPerRunAndANewRunStartsWithout) {
+  Lifecycle lc(root_, NewNodes::kVerify, d_);
+  NodeLife l = boot(lc, kT0);
+  EXPECT_EQ(l.report_token, "");
+  std::string err;
+  const std::string digest(64, 'a');
+  // Only for the node's current run.
+  EXPECT_FALSE(lc.set_report_token(kNode, "other-run", digest, kT0 + 1, &err));
+  EXPECT_NE(err.find("current run"), std::string::npos) << err;
+  ASSERT_TRUE(lc.set_report_token(kNode, l.run, digest, kT0 + 1, &err)) << err;
+  EXPECT_EQ(read_state()["report_token_sha256"], digest);
+  auto back = lc.get(kNode, &err);
+  ASSERT_TRUE(back) << err;
+  EXPECT_EQ(back->report_token, digest);
+  // A record written before the field existed reads as "no token".
+  nlohmann::json old = read_state();
+  old.erase("report_token_sha256");
+  NodeLife parsed;
+  ASSERT_TRUE(from_json(old, &parsed, &err)) << err;
+  EXPECT_EQ(parsed.report_token, "");
+  // An admin's new run starts without one.
+  ASSERT_TRUE(lc.set_state(kNode, State::kVerify, "admin (uid 0)", "again", kT0 + 2, &err)) << err;
+  l = boot(lc, kT0 + 3);
+  EXPECT_EQ(l.report_token, "");
+  EXPECT_EQ(read_state()["report_token_sha256"], "");
+  // Not for a node that is not verifying.
+  ASSERT_TRUE(lc.on_report(kNode, l.run, "passed", "ok", kT0 + 4, &err)) << err;
+  EXPECT_FALSE(lc.set_report_token(kNode, l.run, digest, kT0 + 5, &err));
+}
+
 TEST_F(LifecycleTest, ListIsSortedAndSkipsStrangers) {
   Lifecycle lc(root_, NewNodes::kReady, d_);
   boot(lc, kT0, "node-b");
