@@ -147,6 +147,25 @@ def test_unknown_node_is_refused_under_verify_and_refuse(nbdserver, store, polic
     attach(srv, "lab/n2").shutdown()
 
 
+def test_registered_nodes_only_and_ready_only_together(nbdserver, store):
+    """The lab tier's "registered nodes only, on request": with --nodes
+    registered an unknown node is refused, and a registered node that is
+    not ready is refused too; only a registered, ready node attaches."""
+    root, base = store
+    admin(root, "create", "n1", "--image", "lab")
+    admin(root, "state", "n1", "verify", "--reason", "new hardware")
+    srv = serve_store(nbdserver, root, "--nodes", "registered")
+    before = tree(root)
+    assert "n9" in refused(srv, "lab/n9")
+    assert "node n1 is in state verify (new hardware)" in refused(srv, "lab/n1")
+    assert tree(root) == before
+    assert not os.path.exists(os.path.join(root, "nodes", "n9"))
+    admin(root, "state", "n1", "ready")
+    h = attach(srv, "lab/n1")
+    assert read_all(h, SIZE) == base
+    h.shutdown()
+
+
 def test_unknown_node_is_created_at_attach_by_default(nbdserver, store):
     root, base = store
     srv = serve_store(nbdserver, root)
