@@ -37,7 +37,7 @@ Chunk::~Chunk() {
   slots_->free.push_back(slot_);
 }
 
-ChunkArena::ChunkArena(uint64_t bytes, uint32_t chunk_size) : slots_(std::make_shared<Chunk::Slots>()) {
+ChunkArena::ChunkArena(uint64_t bytes, uint32_t chunk_size, bool huge) : slots_(std::make_shared<Chunk::Slots>()) {
   slots_->chunk_size = chunk_size;
   if (bytes == 0 || chunk_size == 0) return;
   const uint64_t count = (bytes + chunk_size - 1) / chunk_size + kSpareSlots;
@@ -56,8 +56,9 @@ ChunkArena::ChunkArena(uint64_t bytes, uint32_t chunk_size) : slots_(std::make_s
   if (aligned > base) munmap(base, size_t(aligned - base));
   uint8_t* end = base + len + kHuge;
   if (end > aligned + len) munmap(aligned + len, size_t(end - (aligned + len)));
-  if (madvise(aligned, len, MADV_HUGEPAGE) != 0)
-    spdlog::debug("chunk memory: madvise(MADV_HUGEPAGE): {}", strerror(errno));
+  if (madvise(aligned, len, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0)
+    spdlog::debug("chunk memory: madvise({}): {}", huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE",
+                  strerror(errno));
   slots_->base = aligned;
   slots_->map_len = len;
   slots_->count = uint32_t(len / chunk_size);

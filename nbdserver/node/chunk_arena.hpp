@@ -1,14 +1,21 @@
 // Memory for the node agent's chunks: one mapping reserved at start for the
-// chunk cache's limit, in transparent huge pages, carved into fixed slots.
+// chunk cache's limit, carved into fixed slots, so that a freed slot is
+// reused while still mapped (no fault, no zeroing again).
 //
-// Why: the cache fills with chunks nobody touched before, and a fresh 4 KiB
-// page costs a fault (16 per 64 KiB chunk; on a paravirtualised VM about
-// 15 us each, more than fetching and checking the chunk). Huge pages fault
-// once per 2 MiB, and a freed slot is reused while still mapped.
+// Huge pages are optional (`huge`, the agent's --huge-pages, off by
+// default). On: MADV_HUGEPAGE, one fault per 2 MiB instead of 16 per 64 KiB
+// chunk; that pays where faults are dear (about 15 us each on a
+// paravirtualised TCG guest). Off: MADV_NOHUGEPAGE. Off is the default
+// because a fresh huge page is dear where the host takes freed guest memory
+// back (free page reporting in VMs): a new 2 MiB page is then mostly memory
+// the host must fault in again. On the bench host, first-touch zeroing ran
+// at 0.17 GB/s in huge pages against 1.9 GB/s in 4 KiB pages (which come
+// from memory just freed), and a 50-node netstorm spent 37 % of its CPU in
+// that zeroing (bench/README.md).
 //
 // Slots are handed out lowest first and reused most recently freed first,
 // so the memory touched stays compact: RSS grows with what the cache holds
-// (in 2 MiB steps), never past the mapping. When every slot is taken
+// (in 2 MiB steps with huge pages), never past the mapping. When every slot is taken
 // (chunks evicted from the cache but still being sent), a chunk comes from
 // the heap instead. Thread-safe; a Chunk keeps its arena alive.
 #pragma once
@@ -45,8 +52,9 @@ class Chunk {
 class ChunkArena {
  public:
   // Room for about `bytes` of chunks of `chunk_size` (plus a few slots for
-  // chunks in flight). bytes 0: every chunk comes from the heap.
-  ChunkArena(uint64_t bytes, uint32_t chunk_size);
+  // chunks in flight). bytes 0: every chunk comes from the heap. `huge`:
+  // ask for transparent huge pages (else ask for none).
+  ChunkArena(uint64_t bytes, uint32_t chunk_size, bool huge = false);
 
   // A chunk of `size` bytes (<= chunk_size for a slot, any size from the
   // heap), its bytes undefined.

@@ -395,6 +395,8 @@ def test_the_upload_limit_holds(nbdserver, store, sockdir):
     (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
       "--prefetch", "sometimes"], "--prefetch must be on or off"),
     (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
+      "--huge-pages", "yes"], "--huge-pages must be on or off"),
+    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
       "--attach-timeout", "-1"], "--attach-timeout must be at most"),
     (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
       "--attach-timeout", "soon"], "--attach-timeout"),

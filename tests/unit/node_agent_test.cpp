@@ -5,9 +5,12 @@
 #include <sys/mman.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <chrono>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -197,13 +200,39 @@ TEST(ChunkArena, AChunkKeepsItsMemoryAfterTheArenaIsGone) {
   EXPECT_EQ(c->data()[65535], 0x5a);
 }
 
-// The cache's memory is one mapping in huge pages (when the kernel has
-// them): touching it does not fault page by page.
-TEST(ChunkArena, TheMappingAsksForHugePages) {
-  node::ChunkArena arena(8 << 20, 65536);
-  ASSERT_TRUE(arena.mapped());
-  auto c = arena.make(65536);
+// The VmFlags line of the mapping holding `p`, from /proc/self/smaps.
+std::string vm_flags_of(const void* p) {
+  std::ifstream in("/proc/self/smaps");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::string line;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    uintptr_t lo = 0, hi = 0;
+    if (sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find(' ')) {
+      inside = lo <= a && a < hi;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line;
+    }
+  }
+  return "";
+}
+
+// The cache's memory is one mapping that asks for huge pages when told to
+// (touching it then does not fault page by page), and for none when not
+// (--huge-pages off, the default: see chunk_arena.hpp).
+TEST(ChunkArena, TheMappingAsksForHugePagesOnlyWhenTold) {
+  node::ChunkArena huge(8 << 20, 65536, true);
+  ASSERT_TRUE(huge.mapped());
+  auto c = huge.make(65536);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(c->data()) % (2 << 20), 0u) << "slots start on a 2 MiB boundary";
+  const std::string hf = vm_flags_of(c->data());
+  EXPECT_NE(hf.find(" hg"), std::string::npos) << hf;
+  node::ChunkArena small(8 << 20, 65536, false);
+  ASSERT_TRUE(small.mapped());
+  auto d = small.make(65536);
+  const std::string sf = vm_flags_of(d->data());
+  EXPECT_NE(sf.find(" nh"), std::string::npos) << sf;
+  EXPECT_EQ(sf.find(" hg"), std::string::npos) << sf;
 }
 
 }  // namespace
