@@ -552,7 +552,10 @@ def report(args, med, sims, tr, out):
         best = [med[(b, n)] for b in NO_PEER if (b, n) in med]
         bw = min((b["wall_s"] for b in best), default=None)
         be = min((b["egress_per_node"] for b in best), default=None)
-        sim = sims.get(("peers" if s == "peers" and args.tracker else "nopeer", n))
+        # Peers are compared with the model of this host (its CPU shared by
+        # every agent), when a peers run calibrated it.
+        sim = (sims.get(("peers-host", n)) or sims.get(("peers", n))
+               if s == "peers" and args.tracker else sims.get(("nopeer", n)))
         sw = sim["wall_s"] if sim else None
         se = sim["server_tx_bytes"] / n / MB if sim else None
         err_w = (sw / m["wall_s"] - 1) * 100 if sw and m["wall_s"] else None
@@ -601,16 +604,18 @@ def report(args, med, sims, tr, out):
 
 def sim_report(sims, sizes, calibrated, out):
     lines = ["", "stormsim predictions (" + ("calibrated from the no-peer runs above" if calibrated
-                                             else "not calibrated: no no-peer run") + "):",
+                                             else "not calibrated: no no-peer run") +
+             "; peers on a LAN, where each node's CPU is its own, and, when a peers run "
+             "calibrated it, on this host, whose CPU every agent shares):",
              f"{'N':>7} {'no-peer wall s':>14} {'egress/node MB':>14} {'peers wall s':>12} "
-             f"{'egress/node MB':>14} {'wall ratio':>10}"]
+             f"{'egress/node MB':>14} {'wall ratio':>10} {'this host s':>11}"]
     for n in sizes:
-        a, b = sims.get(("nopeer", n)), sims.get(("peers", n))
+        a, b, h = sims.get(("nopeer", n)), sims.get(("peers", n)), sims.get(("peers-host", n))
         if not a:
             continue
         lines.append(f"{n:>7} {a['wall_s']:>14.2f} {a['server_tx_bytes'] / n / MB:>14.1f} "
                      f"{b['wall_s']:>12.2f} {b['server_tx_bytes'] / n / MB:>14.2f} "
-                     f"{b['wall_s'] / a['wall_s']:>9.2f}x")
+                     f"{b['wall_s'] / a['wall_s']:>9.2f}x {fmt(h['wall_s'] if h else None):>11}")
     text = "\n".join(lines)
     print(text)
     out.write(text + "\n")
@@ -629,10 +634,11 @@ def chart(med, sims, setups, path):
                        color=colors[s], label=LABEL[s])
             ax[1].plot([n for n, _ in pts], [m["egress_per_node"] / MB for _, m in pts], "o-",
                        color=colors[s], label=LABEL[s])
-    for kind, c in (("nopeer", "tab:blue"), ("peers", "tab:green")):
+    for kind, c in (("nopeer", "tab:blue"), ("peers", "tab:green"), ("peers-host", "tab:olive")):
         pts = sorted((n, v) for (k, n), v in sims.items() if k == kind)
         if pts:
-            lbl = f"stormsim, {'no peers' if kind == 'nopeer' else 'peers'}"
+            lbl = "stormsim, " + {"nopeer": "no peers", "peers": "peers on a LAN",
+                                  "peers-host": "peers on this host"}[kind]
             ax[0].plot([n for n, _ in pts], [v["wall_s"] for _, v in pts], "x--", color=c,
                        alpha=0.6, label=lbl)
             ax[1].plot([n for n, _ in pts], [v["server_tx_bytes"] / n / MB for n, v in pts],
@@ -827,6 +833,7 @@ def main():
         subprocess.run(["rm", "-rf", args.rundir])
     med = summarize(results, args.setups, args.sizes)
     sims = {}
+    host_params = None
     calib = [m | {"nodes": n} for (s, n), m in med.items() if s == "nbdroot"] or \
         [m | {"nodes": n} for (s, n), m in med.items() if s == "nbdkit"]
     try:
@@ -837,6 +844,15 @@ def main():
         for n in args.sim_sizes:
             for kind in ("nopeer", "peers"):
                 sims[(kind, n)] = stormsim.simulate(reqs, n, params, peers=kind == "peers")
+        # This host: every agent shares its CPU; the cost per chunk comes
+        # from the peers runs, so the sizes not measured show the error.
+        host_params = stormsim.calibrate_host(
+            params, reqs, [m | {"nodes": n} for (s, n), m in med.items() if s == "peers"],
+            os.cpu_count() or 1)
+        if host_params:
+            for n in args.sim_sizes:
+                if n <= 1000:
+                    sims[("peers-host", n)] = stormsim.simulate(reqs, n, host_params, peers=True)
     except Exception:  # noqa: BLE001  (the measured figures must survive a sim bug)
         problems.append("stormsim failed:\n" + traceback.format_exc())
     with open(os.path.join(outdir, "netstorm-report.txt"), "w") as out:
@@ -845,6 +861,9 @@ def main():
         if sims:
             out.write(f"stormsim parameters: {params.describe()}\n")
             print(f"stormsim parameters: {params.describe()}")
+            if host_params:
+                out.write(f"stormsim on this host: {host_params.describe()}\n")
+                print(f"stormsim on this host: {host_params.describe()}")
             sim_report(sims, args.sim_sizes, bool(calib), out)
         for p in problems:
             print("problem: " + p)
@@ -853,7 +872,9 @@ def main():
         json.dump(dict(header=header, trace=tr, results=results, problems=problems,
                        medians=[dict(setup=s, nodes=n, **m) for (s, n), m in med.items()],
                        sim=[dict(kind=k, nodes=n, **v) for (k, n), v in sims.items()],
-                       sim_params=vars(params) if sims else None), f, indent=1)
+                       sim_params=vars(params) if sims else None,
+                       sim_host_params=vars(host_params) if sims and host_params else None),
+                  f, indent=1)
     try:
         chart(med, sims, args.setups, os.path.join(outdir, "chart.png"))
     except Exception:  # noqa: BLE001  (a missing matplotlib must not lose the results)

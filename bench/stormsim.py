@@ -22,12 +22,24 @@ The model:
   Every request costs the node `req_overhead` (the measured client CPU per
   request).
 - Without peers every read goes to the server, as requested.
-- With peers, reads work on 64 KiB chunks.  A chunk the node holds is a
-  local hit.  For the others the node asks the tracker (one round trip and
-  one server request per read request); the first asker of a chunk fetches
-  it from the server, every later asker from the holder (or the node
-  already fetching it) that can deliver it first: the least-loaded.  A
-  chunk the node wrote is read from the server (its own view).
+- With peers, reads work on 64 KiB chunks.  A chunk the node holds, or
+  is fetching, is a local hit (once it is there).  From its first read on
+  the node prefetches the generation's boot order (the trace's chunks in
+  first-read order): `prefetch_threads` streams, each asking the tracker
+  for `prefetch_batch` chunks at a time and fetching them one by one.  A
+  read of a chunk nobody fetched yet asks the tracker itself.  The source
+  of a chunk, as the tracker picks it: the least-loaded holder that has it
+  already; else, while it is among the first `tree_askers` askers, its
+  parent in a `fanout`-ary tree in asking order (asker k from asker
+  (k-1)/fanout, which may still be fetching it); else the least-loaded
+  holder; the first asker gets it from the server.  A chunk the node
+  wrote is read from the server (its own view).
+- The emulation host (`host_cores` > 0, netstorm's one machine): every
+  chunk an agent receives costs `host_cpu_chunk` of one shared CPU of
+  `host_cores` cores (the agents, their threads and the emulated network
+  share it), so a chunk is there when both its transfer and that CPU are
+  done.  `host_cores` 0 is a LAN: each node's CPU is its own and is not
+  modelled beyond `req_overhead`.
 - Nodes are simulated in at most `max_actors` actors: with more nodes, an
   actor stands for K identical nodes with K times a node's link; without
   peers it asks the server for K copies, with peers one copy enters the
@@ -36,6 +48,8 @@ The model:
 
     /usr/bin/python3 bench/stormsim.py                  # N = 50 ... 10,000
     /usr/bin/python3 bench/stormsim.py --calibration bench/results/netstorm-*/netstorm.json
+        (its nbdroot runs calibrate the server and node costs; its peers runs,
+        if any, the host's CPU per chunk for the "this host" column)
 """
 
 import argparse
@@ -66,13 +80,22 @@ class Params:
     flush_s: float = 0.0            # s a flush takes at the server beyond its CPU
     wire: float = 1.04              # egress bytes on the wire per payload byte
     max_actors: int = 200
+    prefetch_threads: int = 3       # the agent's prefetch streams (0: no prefetch)
+    prefetch_batch: int = 16        # chunks per tracker question
+    fanout: int = 4                 # the tracker's trees
+    tree_askers: int = 64
+    host_cores: float = 0.0         # 0: a LAN; else the emulation host's cores
+    host_cpu_chunk: float = 0.0     # s of host CPU per chunk an agent receives
 
     def describe(self):
         return (f"server {self.server_rate * 8 / 1e9:.2f} Gbit/s, node {self.node_rate * 8 / 1e9:.2f}"
                 f" Gbit/s, rtt {self.rtt * 1e3:.2f} ms, QD{self.qd}, chunk {self.chunk // 1024} KiB,"
                 f" server CPU {self.srv_cpu_req * 1e6:.1f} us/request, "
                 f"{self.tracker_cpu * 1e6:.0f} us/tracker query on {self.server_cores:g} cores, node overhead {self.req_overhead * 1e6:.0f} us/request, wire "
-                f"{self.wire:.3f} bytes/byte, at most {self.max_actors} actors")
+                f"{self.wire:.3f} bytes/byte, at most {self.max_actors} actors; peers: prefetch "
+                f"{self.prefetch_threads} x {self.prefetch_batch} chunks, {self.fanout}-ary trees; "
+                + (f"one host of {self.host_cores:g} cores, {self.host_cpu_chunk * 1e3:.3f} ms "
+                   "of its CPU per chunk received" if self.host_cores else "a LAN (no shared host)"))
 
 
 def rate_bps(text):
@@ -134,6 +157,15 @@ def simulate(reqs, n, p, peers):
     held = [dict() for _ in range(actors)]   # chunk -> time it is there
     dirty = [set() for _ in range(actors)]
     holders = {}                             # chunk -> [actor, ...] in order of asking
+    host = Fifo(p.host_cores) if p.host_cores > 0 else None
+    order, seen = [], set()                  # the boot order: chunks in first-read order
+    for op, off, ln in ops:
+        if op == "R" and ln:
+            for c in range(off // p.chunk, (off + ln - 1) // p.chunk + 1):
+                if c not in seen:
+                    seen.add(c)
+                    order.append(c)
+    cursor = [0] * actors                    # where each actor's prefetch is in `order`
 
     def server_cpu(t, k=1):
         start = max(t, cpu.free)
@@ -169,10 +201,23 @@ def simulate(reqs, n, p, peers):
             return held[a][c]
         hs = holders.setdefault(c, [])
         best, best_t = None, None
-        for h in (hs[:8] + hs[-8:]) if len(hs) > 16 else hs:
-            est = max(t + half, held[h][c], up[h].free, down[a].free) + p.chunk / p.node_rate
-            if best_t is None or est < best_t:
-                best, best_t = h, est
+        # The tracker weighs every holder; the model looks at 16 of them
+        # spread over the asking order, and the newest.
+        sample = hs if len(hs) <= 16 else hs[::len(hs) // 16] + hs[-4:]
+        def est(h):  # (delivery, the holder's queue: when deliveries tie, the emptier)
+            return (max(t + half, held[h][c], up[h].free, down[a].free) + p.chunk / p.node_rate,
+                    up[h].free)
+        # The tracker spreads askers over the holders by their load, and
+        # while few have asked sends them down a tree in asking order; the
+        # model, which knows every queue, takes the holder (or the parent)
+        # that would deliver first.
+        for h in sample:
+            if best_t is None or est(h) < best_t:
+                best, best_t = h, est(h)
+        if 0 < len(hs) < p.tree_askers:
+            parent = hs[(len(hs) - 1) // p.fanout]
+            if est(parent) < best_t:
+                best, best_t = parent, est(parent)
         if best is None:   # first asker: from the server
             ready = server_cpu(t + half)
             end = transfer(srv_up, down[a], p.chunk * p.wire, ready)
@@ -180,6 +225,9 @@ def simulate(reqs, n, p, peers):
         else:
             end = transfer(up[best], down[a], p.chunk * p.wire, t + half, held[best][c])
             peer_bytes += p.chunk * p.wire
+        if host:
+            host.free = max(t, host.free) + p.host_cpu_chunk * size[a] / host.rate
+            end = max(end, host.free)
         arrive = spread(a, end + half)
         peer_bytes += (size[a] - 1) * p.chunk * p.wire
         held[a][c] = arrive
@@ -207,13 +255,35 @@ def simulate(reqs, n, p, peers):
             return end + half + p.req_overhead
         missing = [c for c in chunks if c not in held[a]]
         if not missing:
-            return t + p.req_overhead
+            return max([t] + [held[a][c] for c in chunks]) + p.req_overhead
         t_ask = tracker(t + half) + half               # the tracker's answer
         done = max(fetch_chunk(a, c, t_ask) for c in missing)
         done = max([done] + [held[a][c] for c in chunks])
         return done + p.req_overhead
 
-    # Event loop: (time, seq, actor, request index completed or -1 to start).
+    streams = {}  # (actor, stream) -> chunks of its batch still to fetch
+
+    def prefetch(a, k, t):
+        """Prefetch stream k of actor a is free at t: it fetches the next
+        chunk of its batch (first taking a batch and asking the tracker),
+        one chunk per event so that links are reserved in time order. The
+        time it is free again, or None when the order is used up."""
+        batch = streams.setdefault((a, k), [])
+        while batch and (batch[0] in held[a] or batch[0] in dirty[a]):
+            batch.pop(0)
+        if not batch:
+            while cursor[a] < len(order) and len(batch) < p.prefetch_batch:
+                c = order[cursor[a]]
+                cursor[a] += 1
+                if c not in held[a] and c not in dirty[a]:
+                    batch.append(c)
+            if not batch:
+                return None
+            return tracker(t + half) + half
+        return fetch_chunk(a, batch.pop(0), t)
+
+    # Event loop: (time, seq, actor, i): i >= 0 the request completed, -1
+    # the actor starts, -2 - k its prefetch stream k is free.
     nxt = [0] * actors
     inflight = [0] * actors
     flushing = [False] * actors
@@ -225,6 +295,16 @@ def simulate(reqs, n, p, peers):
     total = len(ops)
     while ev:
         t, _, a, i = heapq.heappop(ev)
+        if i <= -2:
+            done = prefetch(a, -2 - i, t)
+            if done is not None:
+                seq += 1
+                heapq.heappush(ev, (done, seq, a, i))
+            continue
+        if i == -1 and peers:
+            for k in range(p.prefetch_threads):
+                seq += 1
+                heapq.heappush(ev, (t, seq, a, -2 - k))
         if i >= 0:
             inflight[a] -= 1
             completed[a] += 1
@@ -269,6 +349,19 @@ def calibrate(p, reqs, runs):
                                wire=med("server_tx_bytes", st["read_bytes"]))
 
 
+def calibrate_host(p, reqs, runs, cores):
+    """The emulation host's CPU per chunk an agent receives, from measured
+    peers runs (dicts with nodes, wall_s, host_busy, server_cpu_s): the
+    host's busy CPU seconds less the server's, per chunk of the boot's
+    distinct reads per node; the median over the runs. None without runs."""
+    if not runs:
+        return None
+    chunks = trace_stats(reqs)["distinct_chunks"]
+    v = sorted((r["host_busy"] * cores * r["wall_s"] - r["server_cpu_s"]) / (r["nodes"] * chunks)
+               for r in runs)
+    return dataclasses.replace(p, host_cores=cores, host_cpu_chunk=max(0.0, v[len(v) // 2]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,27 +373,35 @@ def main():
     ap.add_argument("--rtt-ms", type=float, default=0.2)
     ap.add_argument("--server-cores", type=float, default=2.0)
     ap.add_argument("--max-actors", type=int, default=200)
+    ap.add_argument("--host-cores", type=float, default=float(os.cpu_count() or 1),
+                    help="cores of the host that ran the calibration's peers runs")
     args = ap.parse_args()
     reqs = read_trace(args.trace)
     p = Params(server_rate=rate_bps(args.server_rate), node_rate=rate_bps(args.node_rate),
                rtt=args.rtt_ms / 1000, server_cores=args.server_cores, max_actors=args.max_actors)
+    host = None
     if args.calibration:
         with open(args.calibration) as f:
             j = json.load(f)
         p = calibrate(p, reqs, [m for m in j["medians"] if m["setup"] == "nbdroot"])
+        host = calibrate_host(p, reqs, [m for m in j["medians"] if m["setup"] == "peers"],
+                              args.host_cores)
     st = trace_stats(reqs)
     print(f"trace: {st['requests']} requests, {st['read_bytes'] / 1e6:.1f} MB read, "
           f"{st['distinct_read_bytes'] / 1e6:.1f} MB distinct, {st['distinct_chunks']} chunks")
     print(p.describe())
+    if host:
+        print("this host: " + host.describe())
     print(f"{'N':>7} {'no-peer wall s':>14} {'p50 s':>7} {'egress/node MB':>14} | "
           f"{'peers wall s':>12} {'p50 s':>7} {'egress/node MB':>14} {'wall ratio':>10} "
-          f"{'sim s':>6}")
+          f"{'sim s':>6}" + (f" {'this host s':>11}" if host else ""))
     for n in [int(x) for x in args.nodes.split(",")]:
         a = simulate(reqs, n, p, False)
         b = simulate(reqs, n, p, True)
         print(f"{n:>7} {a['wall_s']:>14.2f} {a['p50_s']:>7.2f} {a['server_tx_bytes'] / n / 1e6:>14.1f}"
               f" | {b['wall_s']:>12.2f} {b['p50_s']:>7.2f} {b['server_tx_bytes'] / n / 1e6:>14.2f}"
-              f" {b['wall_s'] / a['wall_s']:>9.2f}x {a['seconds'] + b['seconds']:>6.1f}",
+              f" {b['wall_s'] / a['wall_s']:>9.2f}x {a['seconds'] + b['seconds']:>6.1f}"
+              + (f" {simulate(reqs, n, host, True)['wall_s']:>11.2f}" if host and n <= 1000 else ""),
               flush=True)
     return 0
 
