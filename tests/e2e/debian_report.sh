@@ -3,6 +3,9 @@
 # multi-user.target: reports on the serial console (lines "E2E: ...") and
 # powers off. Scenario 7 reads these lines.
 exec >/dev/ttyS0 2>&1
+# A fresh line first: systemd may have left a status line open on the
+# console (no newline yet) when the boot was slow.
+echo
 echo "E2E: systemd up, kernel $(uname -r), root $(findmnt -no SOURCE,FSTYPE,OPTIONS /)"
 sed 's/^/E2E: state /' /run/nbdroot/state
 for p in /proc/[0-9]*; do

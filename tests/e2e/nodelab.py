@@ -381,7 +381,11 @@ class VM:
 
     def e2e(self):
         """The node's E2E: lines, without the prefix."""
-        return [l[5:].strip() for l in self.console().splitlines() if l.startswith("E2E: ")]
+        # Wherever "E2E: " is in a line: the node's report may land after a
+        # line the console left open (systemd's "A start job is running"
+        # status, redrawn with \r and no newline, when a boot is slow), and
+        # a line the report started may be cut by a \r.
+        return [m.group(1).strip() for m in re.finditer(r"E2E: ([^\r\n]*)", self.console())]
 
     def wait_for(self, pattern, timeout=BOOT_TIMEOUT):
         """Waits until `pattern` (a regex) is on the console; returns the match."""
