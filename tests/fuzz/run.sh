@@ -39,16 +39,21 @@ run_target() {
 # The targets run side by side, one per core (FUZZ_JOBS overrides): each
 # is single-threaded, and one at a time left the other core idle.
 par=${FUZZ_JOBS:-$(nproc)}
+case $par in '' | *[!0-9]* | 0) echo "FUZZ_JOBS=$par: expected a whole number from 1" >&2; exit 2 ;; esac
 status=0
 for ((i = 0; i < ${#targets[@]}; i += par)); do
   batch=("${targets[@]:i:par}")
   for t in "${batch[@]}"; do
     echo "== $t: ${secs}s"
+    # A run that dies before it writes its summary (set -e in its
+    # subshell) must not show an earlier run's.
+    rm -f "$build/$t.result" "$build/$t.log"
     run_target "$t" &
   done
   wait
   for t in "${batch[@]}"; do
     echo "== $t"
+    [ -f "$build/$t.result" ] || echo "   FAILED (no summary: the run stopped early); log $build/$t.log" >"$build/$t.result"
     cat "$build/$t.result"
     if grep -q '^   FAILED' "$build/$t.result"; then
       echo "   artifacts:" >&2
