@@ -24,6 +24,7 @@
 #include <set>
 #include <shared_mutex>
 #include <thread>
+#include <tuple>
 
 #include "node/chunk_cache.hpp"
 #include "node/nbd_client.hpp"
@@ -1326,13 +1327,13 @@ int run_agent(int argc, char** argv) {
     return bad("--upload-connections must be 1 to 65536");
   if (o.peer_timeout_ms < 1 || o.peer_timeout_ms > 600000)
     return bad("--peer-timeout-ms must be 1 to 600000");
-  if (peers != "on" && peers != "off") return bad("--peers must be on or off, got '" + peers + "'");
-  o.peers = peers == "on";
-  if (prefetch != "on" && prefetch != "off")
-    return bad("--prefetch must be on or off, got '" + prefetch + "'");
-  o.prefetch = prefetch == "on";
-  if (huge != "on" && huge != "off") return bad("--huge-pages must be on or off, got '" + huge + "'");
-  o.huge_pages = huge == "on";
+  for (auto [flag, text, out] : {std::tuple{"peers", &peers, &o.peers},
+                                 std::tuple{"prefetch", &prefetch, &o.prefetch},
+                                 std::tuple{"huge-pages", &huge, &o.huge_pages}}) {
+    if (*text != "on" && *text != "off")
+      return bad(std::string("--") + flag + " must be on or off, got '" + *text + "'");
+    *out = *text == "on";
+  }
   if (!parse_size(cache, &o.cache)) return bad("--cache: not a size: '" + cache + "'");
   if (!parse_size(upload, &o.upload_limit)) return bad("--upload-limit: not a size: '" + upload + "'");
   if (!o.tracker.empty()) {

@@ -383,36 +383,28 @@ def test_the_upload_limit_holds(nbdserver, store, sockdir):
 
 # ---------------------------------------------------------------- bad flags
 
+# A command line that starts; each case below spoils one part of it.
+GOOD = ["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1"]
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--export", "lab", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1"], "IMAGE/NODE"),
     (["--export", "lab/n1?resume", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1"],
      "IMAGE/NODE"),
     (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "nohost"], "--server"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--cache", "lots"], "--cache"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--peers", "maybe"], "--peers"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--prefetch", "sometimes"], "--prefetch must be on or off"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--huge-pages", "yes"], "--huge-pages must be on or off"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--attach-timeout", "-1"], "--attach-timeout must be at most"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--attach-timeout", "soon"], "--attach-timeout"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--upload-connections", "-1"], "--upload-connections must be 1 to 65536"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--upload-connections", "0"], "--upload-connections must be 1 to 65536"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--peer-timeout-ms", "-5"], "--peer-timeout-ms must be 1 to 600000"),
+    (GOOD + ["--cache", "lots"], "--cache"),
+    (GOOD + ["--peers", "maybe"], "--peers"),
+    (GOOD + ["--prefetch", "sometimes"], "--prefetch must be on or off"),
+    (GOOD + ["--huge-pages", "yes"], "--huge-pages must be on or off"),
+    (GOOD + ["--attach-timeout", "-1"], "--attach-timeout must be at most"),
+    (GOOD + ["--attach-timeout", "soon"], "--attach-timeout"),
+    (GOOD + ["--upload-connections", "-1"], "--upload-connections must be 1 to 65536"),
+    (GOOD + ["--upload-connections", "0"], "--upload-connections must be 1 to 65536"),
+    (GOOD + ["--peer-timeout-ms", "-5"], "--peer-timeout-ms must be 1 to 600000"),
     (["--export", "lab/n1", "--socket", "/tmp/x.sock"], "server"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--mode", "sometimes"], "--mode"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--tracker", "127.0.0.1:abc"], "--tracker"),
-    (["--export", "lab/n1", "--socket", "/tmp/x.sock", "--server", "127.0.0.1:1",
-      "--tracker", "127.0.0.1:99999"], "--tracker"),
+    (GOOD + ["--mode", "sometimes"], "--mode"),
+    (GOOD + ["--tracker", "127.0.0.1:abc"], "--tracker"),
+    (GOOD + ["--tracker", "127.0.0.1:99999"], "--tracker"),
 ])
 def test_bad_flags_are_refused_with_a_message(args, msg):
     import subprocess
