@@ -851,7 +851,7 @@ def main():
             os.cpu_count() or 1)
         if host_params:
             for n in args.sim_sizes:
-                if n <= 1000:
+                if n <= stormsim.HOST_MAX_NODES:
                     sims[("peers-host", n)] = stormsim.simulate(reqs, n, host_params, peers=True)
     except Exception:  # noqa: BLE001  (the measured figures must survive a sim bug)
         problems.append("stormsim failed:\n" + traceback.format_exc())

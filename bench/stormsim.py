@@ -28,12 +28,13 @@ The model:
   first-read order): `prefetch_threads` streams, each asking the tracker
   for `prefetch_batch` chunks at a time and fetching them one by one.  A
   read of a chunk nobody fetched yet asks the tracker itself.  The source
-  of a chunk, as the tracker picks it: the least-loaded holder that has it
-  already; else, while it is among the first `tree_askers` askers, its
-  parent in a `fanout`-ary tree in asking order (asker k from asker
-  (k-1)/fanout, which may still be fetching it); else the least-loaded
-  holder; the first asker gets it from the server.  A chunk the node
-  wrote is read from the server (its own view).
+  of a chunk: the first asker gets it from the server; a later one from
+  the holder (or the node still fetching it) that can deliver it first,
+  or, while it is among the first `tree_askers` askers, from its parent in
+  a `fanout`-ary tree in asking order (asker k from asker (k-1)/fanout)
+  when that parent would deliver sooner.  (The tracker spreads askers by
+  load; the model, which knows every queue, takes the earliest delivery.)
+  A chunk the node wrote is read from the server (its own view).
 - The emulation host (`host_cores` > 0, netstorm's one machine): every
   chunk an agent receives costs `host_cpu_chunk` of one shared CPU of
   `host_cores` cores (the agents, their threads and the emulated network
@@ -212,12 +213,14 @@ def simulate(reqs, n, p, peers):
         # model, which knows every queue, takes the holder (or the parent)
         # that would deliver first.
         for h in sample:
-            if best_t is None or est(h) < best_t:
-                best, best_t = h, est(h)
+            e = est(h)
+            if best_t is None or e < best_t:
+                best, best_t = h, e
         if 0 < len(hs) < p.tree_askers:
             parent = hs[(len(hs) - 1) // p.fanout]
-            if est(parent) < best_t:
-                best, best_t = parent, est(parent)
+            e = est(parent)
+            if e < best_t:
+                best, best_t = parent, e
         if best is None:   # first asker: from the server
             ready = server_cpu(t + half)
             end = transfer(srv_up, down[a], p.chunk * p.wire, ready)
@@ -349,6 +352,11 @@ def calibrate(p, reqs, runs):
                                wire=med("server_tx_bytes", st["read_bytes"]))
 
 
+# The emulation host's model is only run up to this many nodes (nobody
+# emulates more on one machine, and its cost grows with N).
+HOST_MAX_NODES = 1000
+
+
 def calibrate_host(p, reqs, runs, cores):
     """The emulation host's CPU per chunk an agent receives, from measured
     peers runs (dicts with nodes, wall_s, host_busy, server_cpu_s): the
@@ -401,7 +409,7 @@ def main():
         print(f"{n:>7} {a['wall_s']:>14.2f} {a['p50_s']:>7.2f} {a['server_tx_bytes'] / n / 1e6:>14.1f}"
               f" | {b['wall_s']:>12.2f} {b['p50_s']:>7.2f} {b['server_tx_bytes'] / n / 1e6:>14.2f}"
               f" {b['wall_s'] / a['wall_s']:>9.2f}x {a['seconds'] + b['seconds']:>6.1f}"
-              + (f" {simulate(reqs, n, host, True)['wall_s']:>11.2f}" if host and n <= 1000 else ""),
+              + (f" {simulate(reqs, n, host, True)['wall_s']:>11.2f}" if host and n <= HOST_MAX_NODES else ""),
               flush=True)
     return 0
 
