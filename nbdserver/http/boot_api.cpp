@@ -220,6 +220,16 @@ void audit_key(const Api& api, const std::string& detail) {
     spdlog::error("http: not recorded in the audit log ({}): {}", detail, err);
 }
 
+// Renders `tmpl` again with variable `name` set to `text`, which holds a
+// secret: the variable's copy is wiped once rendered (the caller wipes
+// `text` and, once sent, r->text).
+void render_with_secret(const std::string& tmpl, const std::string& rel, const char* name,
+                        const std::string& text, TemplateVars* vars, RenderResult* r) {
+  (*vars)[name] = value(text);
+  *r = render_template(tmpl, *vars, rel);
+  tls::wipe((*vars)[name].text);
+}
+
 // Under --tls require, after `r` rendered: when the template carries
 // {{tls_args}} and the node's key is armed, takes it (disarming it) and
 // renders again with nbdroot.key=NODE:HEX. A fetch after the key was
@@ -239,11 +249,11 @@ void deliver_key(Api& api, const httplib::Request& req, const std::string& node,
   }
   const std::optional<storage::NodeKey> k = storage::take_armed(api.root(), node, now, &why, &st);
   if (k) {
-    std::string line = storage::psk_line(*k);
-    (*vars)["tls_args"] = value(" nbdroot.tls=require nbdroot.key=" + line);
+    std::string psk = storage::psk_line(*k);
+    std::string line = " nbdroot.tls=require nbdroot.key=" + psk;
+    tls::wipe(psk);
+    render_with_secret(tmpl, rel, "tls_args", line, vars, r);
     tls::wipe(line);
-    *r = render_template(tmpl, *vars, rel);
-    tls::wipe((*vars)["tls_args"].text);
     spdlog::info("http: node {}: its armed key (generation {}) was delivered in its boot script "
                  "to {}", node, k->generation, req.remote_addr);
     audit_key(api, node + " delivered in the boot script to " + req.remote_addr);
@@ -307,11 +317,10 @@ bool deliver_report_token(Api& api, const httplib::Request& req,
     tls::wipe(token);
     return false;
   }
-  const std::string line = (*vars)["verify_cmdline"].text;
-  (*vars)["verify_cmdline"] = value(line + " nbdroot.report_token=" + token);
+  std::string line = (*vars)["verify_cmdline"].text + " nbdroot.report_token=" + token;
   tls::wipe(token);
-  *r = render_template(tmpl, *vars, rel);
-  tls::wipe((*vars)["verify_cmdline"].text);
+  render_with_secret(tmpl, rel, "verify_cmdline", line, vars, r);
+  tls::wipe(line);
   spdlog::info("http: node {}: the report token of run {} was delivered in its boot script to {}",
                l.node, l.run, req.remote_addr);
   audit_key(api, l.node + " report token of run " + l.run + " delivered in the boot script to " +
