@@ -6,6 +6,7 @@
 #include "fs_diff.hpp"
 #include "util.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -149,6 +150,33 @@ Result<std::vector<std::string>> list_generations(const Store& store, const std:
   return out;
 }
 
+namespace {
+
+// nbdserver's tracker keeps each generation's recorded boot order in
+// tracker/IMAGE@GEN.order (and writes it through IMAGE@GEN.order.tmp.*): a
+// hint for nodes of that generation, useless once it is gone.
+Status remove_boot_orders(const Store& store, const std::string& image,
+                          const std::vector<std::string>& gens) {
+  const std::string dir = store.root() + "/tracker";
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return errno == ENOENT ? Status() : Status::fail(errno_message(dir, errno));
+  std::vector<std::string> doomed;
+  while (dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    for (const std::string& g : gens) {
+      const std::string order = image + "@" + g + ".order";
+      if (name == order || name.rfind(order + ".tmp.", 0) == 0) doomed.push_back(name);
+    }
+  }
+  ::closedir(d);
+  for (const std::string& name : doomed)
+    if (::unlink((dir + "/" + name).c_str()) != 0 && errno != ENOENT)
+      return Status::fail(errno_message("unlink " + dir + "/" + name, errno));
+  return doomed.empty() ? Status() : fsync_dir(dir);
+}
+
+}  // namespace
+
 Result<std::vector<std::string>> gc(const Store& store, const std::string& image) {
   Status s = check_image(store, image);
   if (!s) return s;
@@ -185,6 +213,8 @@ Result<std::vector<std::string>> gc(const Store& store, const std::string& image
     removed.push_back(g);
   }
   s = fsync_dir(store.generations_dir(image));
+  if (!s) return s;
+  s = remove_boot_orders(store, image, removed);
   if (!s) return s;
   return removed;
 }

@@ -530,6 +530,35 @@ def test_publish_rollback_list_gc(store, tmp_path):
     e2fsck(flat_image(store, "lab", gens[5], tmp_path))
 
 
+def test_gc_removes_the_boot_orders_of_the_generations_it_removes(store, tmp_path):
+    """nbdserver's tracker keeps a boot order per generation in
+    STORE/tracker/IMAGE@GEN.order; gc takes a removed generation's with it
+    (and a temporary of one the tracker was writing), and leaves the kept
+    generations' and other images' orders alone."""
+    src = str(tmp_path / "src")
+    make_data_tree(src, files=3, total=MiB, seed=12)
+    gens = []
+    for i in range(3):
+        with open(os.path.join(src, "counter"), "w") as f:
+            f.write(str(i))
+        gens.append(build(store, "lab", src, "--full"))
+    ib(store, "publish", "lab")
+    tracker = os.path.join(store, "tracker")
+    os.mkdir(tracker)
+    names = [f"lab@{g}.order" for g in gens] + [f"lab@{gens[0]}.order.tmp.123.4",
+                                                f"other@{gens[0]}.order", "lab@x.notes"]
+    for n in names:
+        with open(os.path.join(tracker, n), "w") as f:
+            f.write("order\n")
+    removed = [w for w in ib(store, "gc", "lab").stdout.split() if w != "removed"]
+    assert removed == gens[0:2], removed
+    assert sorted(os.listdir(tracker)) == sorted(
+        [f"lab@{gens[2]}.order", f"other@{gens[0]}.order", "lab@x.notes"])
+    # A store whose tracker has never run has no tracker/: gc works as before.
+    shutil.rmtree(tracker)
+    assert ib(store, "gc", "lab").stdout.split() == []
+
+
 # Where a build can be stopped (NBDROOT_IB_PAUSE_AT, see imagebuilder/build.hpp)
 # before its generation is renamed into generations/.
 STAGES_BEFORE_RENAME = ["tmp", "copy", "image", "digests", "manifest"]
