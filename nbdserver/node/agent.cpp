@@ -406,6 +406,7 @@ class Agent {
   void prefetch();
   bool all_dirty(uint64_t c);
   void report(bool leaving, int bad_slot);
+  void catch_up_after_tracker_restart(bool leaving);
   void housekeeping();
   void write_stats();
   void throttle_upload(uint64_t bytes);
@@ -815,11 +816,16 @@ std::vector<int> Agent::ask_tracker(const std::vector<uint64_t>& chunks) {
     for (size_t i = 0; i < chunks.size(); ++i)
       slots[i] = got[i] > 0 && peer_addr_.count(got[i]) ? got[i] : 0;
   }
-  if (tracker_->take_new_epoch()) {
-    resend_held_ = true;
-    report(false, 0);
-  }
+  catch_up_after_tracker_restart(false);
   return slots;
+}
+
+// An answer with a new epoch: the server's tracker restarted and knows
+// nothing of this node's chunks, so the next report says what is held.
+void Agent::catch_up_after_tracker_restart(bool leaving) {
+  if (!tracker_->take_new_epoch()) return;
+  resend_held_ = true;
+  report(leaving, 0);
 }
 
 // The recorded boot order, cut to what the cache holds with headroom for
@@ -902,10 +908,7 @@ void Agent::report(bool leaving, int bad_slot) {
     spdlog::debug("{}", err);
     return;
   }
-  if (tracker_->take_new_epoch()) {
-    resend_held_ = true;
-    report(leaving, 0);
-  }
+  catch_up_after_tracker_restart(leaving);
 }
 
 // ---------------------------------------------------------------- peer side
