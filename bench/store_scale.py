@@ -10,7 +10,10 @@ For each N it lays out a store (one 16 MiB generation, N nodes made by one
              only for N <= --nbdinfo-max, it takes a few ms per export
   admin      `nbdserver admin list`
   attach     connect + NBD_OPT_GO to an existing node, then disconnect
-  create     the same for a node that does not exist yet (--nodes auto)
+  create     the same for a node that does not exist yet (--nodes auto), the
+             first the server creates (it reads nodes/ once for the name check)
+  create2    the next new node in the same server (what later nodes of a
+             storm of new nodes pay)
 
 Usage: /usr/bin/python3 bench/store_scale.py [--nodes 100,1000,10000]
            [--nbdserver build/nbdserver/nbdserver] [--workdir /var/tmp/nbdroot-scale]
@@ -102,7 +105,8 @@ def attach(uri):
 
 def run_one(args, n):
     store, create_s = make_store(args.workdir, args.nbdserver, n)
-    rows = {k: [] for k in ("start", "opt_list", "list2", "nbdinfo", "admin", "attach", "create")}
+    rows = {k: [] for k in ("start", "opt_list", "list2", "nbdinfo", "admin", "attach", "create",
+                           "create2")}
     for rep in range(args.reps):
         srv = Server(args.nbdserver, store, args.workdir)
         rows["start"].append(srv.start_s)
@@ -118,6 +122,7 @@ def run_one(args, n):
         os.sync()  # earlier steps leave metadata for the attach's fsyncs to flush
         rows["attach"].append(timed(lambda: attach(srv.uri(f"lab/{node}"))))
         rows["create"].append(timed(lambda: attach(srv.uri(f"lab/new{rep}"))))
+        rows["create2"].append(timed(lambda: attach(srv.uri(f"lab/new{rep}b"))))
         srv.stop()
     shutil.rmtree(store)
     med = {k: statistics.median(v) if v else None for k, v in rows.items()}
@@ -135,12 +140,13 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     print(f"{'n':>6} {'setup s':>8} {'start s':>8} {'OPT_LIST s':>10} {'list2 s':>8} {'nbdinfo s':>10} "
-          f"{'admin list s':>12} {'attach ms':>10} {'create ms':>10}", flush=True)
+          f"{'admin list s':>12} {'attach ms':>10} {'create ms':>10} {'create2 ms':>10}", flush=True)
     for n in (int(x) for x in args.nodes.split(",")):
         create_s, m = run_one(args, n)
         nbdinfo = f"{m['nbdinfo']:10.2f}" if m["nbdinfo"] is not None else f"{'-':>10}"
         print(f"{n:>6} {create_s:8.1f} {m['start']:8.3f} {m['opt_list']:10.3f} {m['list2']:8.3f} {nbdinfo} "
-              f"{m['admin']:12.3f} {m['attach'] * 1000:10.1f} {m['create'] * 1000:10.1f}",
+              f"{m['admin']:12.3f} {m['attach'] * 1000:10.1f} {m['create'] * 1000:10.1f} "
+              f"{m['create2'] * 1000:10.1f}",
               flush=True)
 
 

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/file.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 
 namespace exports {
 namespace {
@@ -367,8 +369,8 @@ bool Store::existing_record(const std::string& image, const std::string& node,
       *err = "node '" + node + "' is not registered (the server runs with --nodes registered)";
       return false;
     }
-    if (!create_node(node, image, "", how.has_mode ? how.mode : opts_.mode, opts_.block_size,
-                     err))
+    if (!create_node_locked(node, image, how.has_mode ? how.mode : opts_.mode, opts_.block_size,
+                            err))
       return false;
   }
   if (!read_node(node, rec, err)) return false;
@@ -540,17 +542,36 @@ bool Store::write_node(const NodeRecord& r, bool durable, std::string* err) cons
 
 std::vector<std::string> Store::nodes() const { return list_dir(root_ + "/nodes"); }
 
-bool Store::create_node(const std::string& node, const std::string& image,
-                        const std::string& gen_name, storage::NodeMode mode, uint32_t block_size,
-                        std::string* err) {
+bool Store::create_node_locked(const std::string& node, const std::string& image,
+                               storage::NodeMode mode, uint32_t block_size, std::string* err) {
+  // A node's first attach: the generation comes from the cache the attach
+  // uses next (opening it afresh scans the image's allocation and loads
+  // every delta's map), and the name check reads nodes/ once, so a storm of
+  // new nodes in a large store does not stall the loop that runs it.
+  if (!node_names_) node_names_ = std::make_unique<NameIndex>(root_ + "/nodes");
+  if (!check_new_names({node}, image, err, node_names_.get())) return false;
+  const std::string gen = storage::current_generation(root_, image, err);
+  if (gen.empty() || !generation_locked(image, gen, err)) return false;
   size_t created = 0;
-  return create_nodes({node}, image, gen_name, mode, block_size, &created, err);
+  return write_new_nodes({node}, image, gen, mode, block_size, &created, err);
 }
 
 bool Store::create_nodes(const std::vector<std::string>& nodes, const std::string& image,
                          const std::string& gen_name, storage::NodeMode mode,
                          uint32_t block_size, size_t* created, std::string* err) {
   *created = 0;
+  if (!check_new_names(nodes, image, err)) return false;
+  std::string gen = gen_name;
+  if (gen.empty() || gen == "current") {
+    gen = storage::current_generation(root_, image, err);
+    if (gen.empty()) return false;
+  }
+  if (!storage::Generation::open(root_, image, gen, err)) return false;
+  return write_new_nodes(nodes, image, gen, mode, block_size, created, err);
+}
+
+bool Store::check_new_names(const std::vector<std::string>& nodes, const std::string& image,
+                            std::string* err, NameIndex* index) const {
   if (!valid_store_name(image)) {
     *err = "bad image name (use letters, digits, '.', '_' and '-')";
     return false;
@@ -559,8 +580,7 @@ bool Store::create_nodes(const std::vector<std::string>& nodes, const std::strin
   std::sort(sorted.begin(), sorted.end());
   // Names are case-sensitive, and a name that differs from another only in
   // case is a typo (a MAC typed in capitals): refused, not a second node.
-  std::map<std::string, std::string> folded;  // lower case -> the name
-  for (const std::string& n : this->nodes()) folded.emplace(fold_case(n), n);
+  std::unordered_map<std::string, std::string> wanted;  // lower case -> the new name
   for (size_t i = 0; i < sorted.size(); ++i) {
     if (!valid_store_name(sorted[i])) {
       *err = "bad node name " + nbd::quoted(sorted[i]) + " (use at most " +
@@ -578,20 +598,103 @@ bool Store::create_nodes(const std::vector<std::string>& nodes, const std::strin
       *err = "node '" + sorted[i] + "' already exists";
       return false;
     }
-    // Its own directory (a node that fetched a boot script) is no variant.
-    auto [it, fresh] = folded.emplace(fold_case(sorted[i]), sorted[i]);
-    if (!fresh && it->second != sorted[i]) {
+    auto [it, fresh] = wanted.emplace(fold_case(sorted[i]), sorted[i]);
+    if (!fresh) {
       *err = "node '" + sorted[i] + "' differs from the node '" + it->second +
              "' only in case (names are case-sensitive)";
       return false;
     }
   }
-  std::string gen = gen_name;
-  if (gen.empty() || gen == "current") {
-    gen = storage::current_generation(root_, image, err);
-    if (gen.empty()) return false;
+  // One pass over nodes/ (no list, no sort): the first new name, in sorted
+  // order, that an existing name matches but for case. Its own directory
+  // (a node that fetched a boot script) is no variant.
+  std::map<std::string, std::string> clash;  // new name -> the existing one
+  if (index) {
+    for (const auto& [folded, name] : wanted)
+      for (const std::string& existing : index->matching(folded))
+        if (existing != name) clash.emplace(name, existing);
+  } else if (DIR* d = opendir((root_ + "/nodes").c_str())) {
+    std::string folded;
+    while (dirent* e = readdir(d)) {
+      folded.assign(e->d_name);
+      for (char& c : folded) c = char(tolower(static_cast<unsigned char>(c)));
+      auto it = wanted.find(folded);
+      if (it != wanted.end() && it->second != e->d_name && valid_store_name(e->d_name))
+        clash.emplace(it->second, e->d_name);
+    }
+    closedir(d);
   }
-  if (!storage::Generation::open(root_, image, gen, err)) return false;
+  if (clash.empty()) return true;
+  *err = "node '" + clash.begin()->first + "' differs from the node '" + clash.begin()->second +
+         "' only in case (names are case-sensitive)";
+  return false;
+}
+
+NameIndex::~NameIndex() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+std::vector<std::string> NameIndex::matching(const std::string& folded) {
+  catch_up();
+  auto it = by_folded_.find(folded);
+  if (it == by_folded_.end()) return {};
+  return {it->second.begin(), it->second.end()};
+}
+
+void NameIndex::scan() {
+  // The watch first, then the scan: an entry made meanwhile is in both,
+  // which the sets absorb; none is in neither.
+  if (fd_ < 0) fd_ = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  current_ = fd_ >= 0 &&
+             inotify_add_watch(fd_, dir_.c_str(),
+                               IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO |
+                                   IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR) >= 0;
+  if (!current_ && fd_ >= 0 && errno != ENOENT)
+    spdlog::warn("cannot watch {} for new nodes ({}); reading it at every node's creation",
+                 dir_, strerror(errno));
+  by_folded_.clear();
+  for (const std::string& name : list_dir(dir_)) by_folded_[fold_case(name)].insert(name);
+}
+
+void NameIndex::catch_up() {
+  if (!current_) return scan();
+  alignas(inotify_event) char buf[16384];
+  for (;;) {
+    const ssize_t n = ::read(fd_, buf, sizeof buf);
+    if (n <= 0) {
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno != EAGAIN) current_ = false;
+      break;
+    }
+    for (ssize_t at = 0; at < n;) {
+      const auto* e = reinterpret_cast<const inotify_event*>(buf + at);
+      at += ssize_t(sizeof(inotify_event) + e->len);
+      if (e->mask & (IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF)) {
+        current_ = false;
+        continue;
+      }
+      if (!e->len || !valid_store_name(e->name)) continue;
+      const std::string name = e->name;
+      if (e->mask & (IN_CREATE | IN_MOVED_TO)) {
+        by_folded_[fold_case(name)].insert(name);
+      } else if (e->mask & (IN_DELETE | IN_MOVED_FROM)) {
+        auto it = by_folded_.find(fold_case(name));
+        if (it != by_folded_.end() && it->second.erase(name) && it->second.empty())
+          by_folded_.erase(it);
+      }
+    }
+  }
+  if (!current_) {
+    // A new watch on the next scan; the old one (if any) goes with the fd.
+    ::close(fd_);
+    fd_ = -1;
+    scan();
+  }
+}
+
+bool Store::write_new_nodes(const std::vector<std::string>& nodes, const std::string& image,
+                            const std::string& gen, storage::NodeMode mode, uint32_t block_size,
+                            size_t* created, std::string* err) {
   if (!make_dir(root_ + "/nodes", err)) return false;
   for (const std::string& node : nodes) {
     if (mkdir(node_dir(node).c_str(), 0750) != 0 && errno != EEXIST) {

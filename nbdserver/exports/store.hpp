@@ -35,8 +35,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <sys/types.h>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "lifecycle/lifecycle.hpp"
@@ -91,6 +93,29 @@ struct StoreName {
 // Parses an export name. Returns false when it is not a store name; sets
 // *err too when it looks like one but its options are wrong.
 bool parse_store_name(const std::string& name, StoreName* out, std::string* err);
+
+// The entries of a directory (nodes/) by lower-case name, kept current by
+// inotify after one scan, so a node's first attach checks its name against
+// 10,000 others without reading the directory. Rescans after an inotify
+// overflow or when the directory itself moved; scans every time while it
+// cannot watch (no directory yet, no inotify).
+class NameIndex {
+ public:
+  explicit NameIndex(std::string dir) : dir_(std::move(dir)) {}
+  ~NameIndex();
+  NameIndex(const NameIndex&) = delete;
+  NameIndex& operator=(const NameIndex&) = delete;
+  // Entries whose lower-case form is `folded` (names of valid_store_name).
+  std::vector<std::string> matching(const std::string& folded);
+
+ private:
+  void catch_up();
+  void scan();
+  std::string dir_;
+  int fd_ = -1;
+  bool current_ = false;
+  std::unordered_map<std::string, std::set<std::string>> by_folded_;
+};
 
 class Store {
  public:
@@ -166,9 +191,6 @@ class Store {
   // read_node() for listings: node.json as last parsed, while the file has
   // the same inode, size and mtime (records are replaced by rename).
   bool read_node_cached(const std::string& node, NodeRecord* r) const;
-  // Creates a node pinned to `gen` ("" = current). Fails if it exists.
-  bool create_node(const std::string& node, const std::string& image, const std::string& gen,
-                   storage::NodeMode mode, uint32_t block_size, std::string* err);
   // Creates several nodes alike, opening the generation once. Refuses the
   // whole list, creating none, when a name is bad, repeated or taken; else
   // stops at the first failure, and *created says how many were made.
@@ -201,6 +223,18 @@ class Store {
   // view() without the writer check; mu_ held.
   std::shared_ptr<storage::NodeView> open_view(const std::string& image, const std::string& node,
                                                const AttachOptions& how, std::string* err);
+  // A node's first attach creates it on the current generation; mu_ held.
+  bool create_node_locked(const std::string& node, const std::string& image,
+                          storage::NodeMode mode, uint32_t block_size, std::string* err);
+  // The names are valid, new, not repeated and no case variant of another
+  // node's (`image` valid too).
+  // `index`: where to find existing names (else one scan of nodes/).
+  bool check_new_names(const std::vector<std::string>& nodes, const std::string& image,
+                       std::string* err, NameIndex* index = nullptr) const;
+  // Makes the checked nodes' directories and records (durably).
+  bool write_new_nodes(const std::vector<std::string>& nodes, const std::string& image,
+                       const std::string& gen, storage::NodeMode mode, uint32_t block_size,
+                       size_t* created, std::string* err);
   // The node's record, creating the node first if the rules allow.
   bool existing_record(const std::string& image, const std::string& node,
                        const AttachOptions& how, NodeRecord* rec, std::string* err);
@@ -212,6 +246,7 @@ class Store {
   StoreOptions opts_;
   std::shared_ptr<const lifecycle::Lifecycle> life_;
   std::mutex mu_;
+  std::unique_ptr<NameIndex> node_names_;  // mu_ held; made at the first attach that creates
   std::map<std::string, std::weak_ptr<storage::Generation>> gens_;  // "image@gen"
   std::map<std::string, std::weak_ptr<storage::NodeView>> views_;   // node
   struct Writer {  // who has a node attached: one address, how many times

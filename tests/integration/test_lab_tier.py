@@ -314,6 +314,35 @@ def test_admin_create_refuses_a_case_variant(tmp_path):
     assert tree(store) == before
 
 
+def test_first_attach_refuses_a_case_variant(nbdserver, tmp_path):
+    """A node created by its first attach follows admin create's name rules:
+    a case variant of an existing node (or of a node directory that only
+    holds a boot script's state) is refused with the reason, and nothing
+    is created; the directory's own name attaches."""
+    store, _ = make_store(tmp_path)
+    admin(store, "create", "node-a", "--image", "lab")
+    os.makedirs(os.path.join(store, "nodes", "node-b"))
+    before = tree(store)
+    srv = serve_store(nbdserver, store, threads=2)
+    for name, existing in (("Node-A", "node-a"), ("NODE-B", "node-b")):
+        reason = refused(srv, f"lab/{name}", A)
+        assert "only in case" in reason and existing in reason, reason
+    assert tree(store) == before
+    attach(srv, "lab/node-b", A)[0].close()
+    assert os.path.exists(os.path.join(store, "nodes", "node-b", "node.json"))
+    # The server keeps the names it knows current (inotify): nodes another
+    # process creates or deletes while it runs count from then on.
+    admin(store, "create", "node-c", "--image", "lab")
+    reason = refused(srv, "lab/Node-C", A)
+    assert "only in case" in reason and "node-c" in reason, reason
+    admin(store, "delete", "node-a")
+    attach(srv, "lab/Node-A", A)[0].close()
+    assert os.path.exists(os.path.join(store, "nodes", "Node-A", "node.json"))
+    reason = refused(srv, "lab/NODE-a", B)
+    assert "only in case" in reason and "Node-A" in reason, reason
+    srv.assert_alive()
+
+
 # ---------------------------------------------------------------- audit log
 
 def audit_lines(store):
