@@ -338,7 +338,8 @@ std::shared_ptr<storage::NodeView> Store::open_view(const std::string& image,
     return v;
   }
   NodeRecord rec;
-  if (!existing_record(image, node, how, &rec, err)) return nullptr;
+  std::shared_ptr<storage::Generation> created_on;  // held until the view has it
+  if (!existing_record(image, node, how, &rec, err, &created_on)) return nullptr;
   int lock = lock_node(node, true, err);
   if (lock < 0) return nullptr;
   auto gen = generation_locked(image, rec.generation, err);
@@ -350,15 +351,13 @@ std::shared_ptr<storage::NodeView> Store::open_view(const std::string& image,
   std::shared_ptr<storage::NodeView> v = storage::NodeView::open(
       node, layer_prefix(rec), gen, rec.block_size, rec.mode, how.resume, lock, err);
   if (!v) return nullptr;
-  views_[node] = v;
-  rec.last_seen = now_iso8601();
-  std::string ignored;
-  write_node(rec, false, &ignored);
+  views_[node] = v;  // attached() records the node as seen
   return v;
 }
 
 bool Store::existing_record(const std::string& image, const std::string& node,
-                            const AttachOptions& how, NodeRecord* rec, std::string* err) {
+                            const AttachOptions& how, NodeRecord* rec, std::string* err,
+                            std::shared_ptr<storage::Generation>* created_on) {
   if (access((node_dir(node) + "/node.json").c_str(), F_OK) != 0) {
     if (how.resume) {
       *err = "node '" + node + "' does not exist, so there is nothing to resume (deleted while "
@@ -369,9 +368,11 @@ bool Store::existing_record(const std::string& image, const std::string& node,
       *err = "node '" + node + "' is not registered (the server runs with --nodes registered)";
       return false;
     }
+    std::shared_ptr<storage::Generation> gen;
     if (!create_node_locked(node, image, how.has_mode ? how.mode : opts_.mode, opts_.block_size,
-                            err))
+                            &gen, err))
       return false;
+    if (created_on) *created_on = std::move(gen);
   }
   if (!read_node(node, rec, err)) return false;
   if (rec->image != image) {
@@ -543,7 +544,8 @@ bool Store::write_node(const NodeRecord& r, bool durable, std::string* err) cons
 std::vector<std::string> Store::nodes() const { return list_dir(root_ + "/nodes"); }
 
 bool Store::create_node_locked(const std::string& node, const std::string& image,
-                               storage::NodeMode mode, uint32_t block_size, std::string* err) {
+                               storage::NodeMode mode, uint32_t block_size,
+                               std::shared_ptr<storage::Generation>* gen_out, std::string* err) {
   // A node's first attach: the generation comes from the cache the attach
   // uses next (opening it afresh scans the image's allocation and loads
   // every delta's map), and the name check reads nodes/ once, so a storm of
@@ -551,7 +553,7 @@ bool Store::create_node_locked(const std::string& node, const std::string& image
   if (!node_names_) node_names_ = std::make_unique<NameIndex>(root_ + "/nodes");
   if (!check_new_names({node}, image, err, node_names_.get())) return false;
   const std::string gen = storage::current_generation(root_, image, err);
-  if (gen.empty() || !generation_locked(image, gen, err)) return false;
+  if (gen.empty() || !(*gen_out = generation_locked(image, gen, err))) return false;
   size_t created = 0;
   return write_new_nodes({node}, image, gen, mode, block_size, &created, err);
 }

@@ -224,8 +224,10 @@ class Store {
   std::shared_ptr<storage::NodeView> open_view(const std::string& image, const std::string& node,
                                                const AttachOptions& how, std::string* err);
   // A node's first attach creates it on the current generation; mu_ held.
+  // *gen_out: the generation it is on, opened (cached while held).
   bool create_node_locked(const std::string& node, const std::string& image,
-                          storage::NodeMode mode, uint32_t block_size, std::string* err);
+                          storage::NodeMode mode, uint32_t block_size,
+                          std::shared_ptr<storage::Generation>* gen_out, std::string* err);
   // The names are valid, new, not repeated and no case variant of another
   // node's (`image` valid too).
   // `index`: where to find existing names (else one scan of nodes/).
@@ -235,9 +237,11 @@ class Store {
   bool write_new_nodes(const std::vector<std::string>& nodes, const std::string& image,
                        const std::string& gen, storage::NodeMode mode, uint32_t block_size,
                        size_t* created, std::string* err);
-  // The node's record, creating the node first if the rules allow.
+  // The node's record, creating the node first if the rules allow; then
+  // *created_on (if given) holds the generation it was created on.
   bool existing_record(const std::string& image, const std::string& node,
-                       const AttachOptions& how, NodeRecord* rec, std::string* err);
+                       const AttachOptions& how, NodeRecord* rec, std::string* err,
+                       std::shared_ptr<storage::Generation>* created_on = nullptr);
   // False and *err when the node's state forbids attaching its view.
   bool may_attach(const std::string& node, std::string* err) const {
     return !life_ || life_->may_attach(node, err);
