@@ -3,8 +3,13 @@
 // Plain HTTP/1.1 with Boost.Beast (header-only): the agent goes into
 // initrds, where an HTTP library that drags in OpenSSL would not fit.
 // Each call runs its asynchronous steps to completion on a private
-// io_context, so beast::tcp_stream's timeouts apply; a kept-alive
-// connection the server closed in the meantime is reopened once.
+// io_context, so beast::tcp_stream's timeouts apply. Each call has a
+// connection of its own ("Connection: close"): cpp-httplib holds a pool
+// thread per open connection and wakes it every ~11 ms while it idles, so
+// hundreds of agents keeping theirs alive cost the server a context switch
+// per agent every few milliseconds, and those past its pool waited. A
+// connection that did stay open (a server that ignores the header) and was
+// closed by the server in the meantime is reopened once.
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
@@ -154,7 +159,7 @@ struct TrackerClient::Impl {
                  uint64_t limit, Reply* out, std::string* err) {
     http::request<http::string_body> req{verb, target, 11};
     req.set(http::field::host, host);
-    req.keep_alive(true);
+    req.keep_alive(false);
     if (verb == http::verb::post) {
       req.set(http::field::content_type, "application/json");
       req.body() = body;
