@@ -1090,6 +1090,7 @@ void Agent::write_stats() {
             {"prefetched_chunks", stats_.prefetched_chunks.load()},
             {"peer_skipped", stats_.peer_skipped.load()},
             {"cache_bytes", cache_.bytes()},
+            {"cache_wakeups", cache_.wakeups()},
             {"cache_limit", cache_.limit()},
             {"generation", gen_name_}};
   // An idle agent's counters do not change: no rewrite then (a file, a

@@ -22,21 +22,34 @@ ChunkBytes ChunkCache::touch_locked(uint64_t chunk) {
   return it->second.data;
 }
 
+bool ChunkCache::wait_fetch_locked(std::unique_lock<std::mutex>& lk, uint64_t chunk,
+                                   const std::shared_ptr<Fetch>& f,
+                                   std::chrono::steady_clock::time_point deadline) {
+  for (;;) {
+    auto it = fetching_.find(chunk);
+    if (it == fetching_.end() || it->second != f) return true;
+    if (f->done.wait_until(lk, deadline) == std::cv_status::timeout) {
+      it = fetching_.find(chunk);
+      return it == fetching_.end() || it->second != f;
+    }
+    ++wakeups_;
+  }
+}
+
 ChunkBytes ChunkCache::get_or_claim(uint64_t chunk, int timeout_ms, bool* claimed) {
   *claimed = false;
   std::unique_lock<std::mutex> lk(mu_);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
     if (ChunkBytes d = touch_locked(chunk)) return d;
-    if (!fetching_.count(chunk)) {
-      fetching_.insert(chunk);
+    auto it = fetching_.find(chunk);
+    if (it == fetching_.end()) {
+      fetching_.emplace(chunk, std::make_shared<Fetch>());
       *claimed = true;
       return nullptr;
     }
-    if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
-      if (auto it = held_.find(chunk); it != held_.end()) return it->second.data;
-      return nullptr;
-    }
+    const std::shared_ptr<Fetch> f = it->second;
+    if (!wait_fetch_locked(lk, chunk, f, deadline)) return touch_locked(chunk);
   }
 }
 
@@ -45,15 +58,26 @@ ChunkBytes ChunkCache::get(uint64_t chunk, int timeout_ms) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
     if (ChunkBytes d = touch_locked(chunk)) return d;
-    if (!fetching_.count(chunk)) return nullptr;
-    if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) return nullptr;
+    auto it = fetching_.find(chunk);
+    if (it == fetching_.end()) return nullptr;
+    const std::shared_ptr<Fetch> f = it->second;
+    if (!wait_fetch_locked(lk, chunk, f, deadline)) return nullptr;
   }
 }
 
+std::shared_ptr<ChunkCache::Fetch> ChunkCache::end_fetch_locked(uint64_t chunk) {
+  auto it = fetching_.find(chunk);
+  if (it == fetching_.end()) return nullptr;
+  std::shared_ptr<Fetch> f = std::move(it->second);
+  fetching_.erase(it);
+  return f;
+}
+
 void ChunkCache::put(uint64_t chunk, ChunkBytes data) {
+  std::shared_ptr<Fetch> f;
   {
     std::lock_guard<std::mutex> g(mu_);
-    fetching_.erase(chunk);
+    f = end_fetch_locked(chunk);
     if (limit_ && data && data->size() <= limit_ && !held_.count(chunk)) {
       lru_.push_front(chunk);
       bytes_ += data->size();
@@ -61,15 +85,21 @@ void ChunkCache::put(uint64_t chunk, ChunkBytes data) {
       evict_locked();
     }
   }
-  cv_.notify_all();
+  if (f) f->done.notify_all();
 }
 
 void ChunkCache::abandon(uint64_t chunk) {
+  std::shared_ptr<Fetch> f;
   {
     std::lock_guard<std::mutex> g(mu_);
-    fetching_.erase(chunk);
+    f = end_fetch_locked(chunk);
   }
-  cv_.notify_all();
+  if (f) f->done.notify_all();
+}
+
+uint64_t ChunkCache::wakeups() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return wakeups_;
 }
 
 void ChunkCache::clear() {

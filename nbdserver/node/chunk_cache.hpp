@@ -48,6 +48,10 @@ class ChunkCache {
   // Drops everything held (an admin's request, or before memory tests).
   void clear();
 
+  // Times a thread waiting for a chunk on its way was woken (each fetch
+  // wakes only its own chunk's waiters).
+  uint64_t wakeups() const;
+
   // Chunks evicted since the last call (for the tracker).
   std::vector<uint64_t> take_dropped();
   // Chunks held now.
@@ -58,16 +62,28 @@ class ChunkCache {
     ChunkBytes data;
     std::list<uint64_t>::iterator lru;
   };
+  // A fetch in flight; its waiters sleep on its own condition, so a chunk
+  // that arrives wakes nobody who waits for another one.
+  struct Fetch {
+    std::condition_variable done;
+  };
   void evict_locked();
   // The chunk if held, made the most recent; nullptr if not. mu_ held.
   ChunkBytes touch_locked(uint64_t chunk);
+  // Waits until the fetch `f` of `chunk` ends or `deadline`; false on the
+  // deadline. mu_ held (by lk).
+  bool wait_fetch_locked(std::unique_lock<std::mutex>& lk, uint64_t chunk,
+                         const std::shared_ptr<Fetch>& f,
+                         std::chrono::steady_clock::time_point deadline);
+  // Ends the fetch of `chunk` (mu_ held); the caller wakes its waiters.
+  std::shared_ptr<Fetch> end_fetch_locked(uint64_t chunk);
 
   const uint64_t limit_;
   mutable std::mutex mu_;
-  std::condition_variable cv_;
   std::unordered_map<uint64_t, Entry> held_;
   std::list<uint64_t> lru_;  // front: most recent
-  std::unordered_set<uint64_t> fetching_;
+  std::unordered_map<uint64_t, std::shared_ptr<Fetch>> fetching_;
+  uint64_t wakeups_ = 0;
   uint64_t bytes_ = 0;
   std::vector<uint64_t> dropped_;
 };
