@@ -651,9 +651,11 @@ void NameIndex::scan() {
              inotify_add_watch(fd_, dir_.c_str(),
                                IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO |
                                    IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR) >= 0;
-  if (!current_ && fd_ >= 0 && errno != ENOENT)
+  if (!current_ && fd_ >= 0 && errno != ENOENT && !warned_) {
+    warned_ = true;
     spdlog::warn("cannot watch {} for new nodes ({}); reading it at every node's creation",
                  dir_, strerror(errno));
+  }
   by_folded_.clear();
   for (const std::string& name : list_dir(dir_)) by_folded_[fold_case(name)].insert(name);
 }

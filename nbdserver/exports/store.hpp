@@ -114,6 +114,7 @@ class NameIndex {
   std::string dir_;
   int fd_ = -1;
   bool current_ = false;
+  bool warned_ = false;
   std::unordered_map<std::string, std::set<std::string>> by_folded_;
 };
 

@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import stat
 import struct
