@@ -235,10 +235,11 @@ class NbdClient::Sink : public nbd::ReplySink {
   void on_done(uint64_t cookie, uint32_t error) override {
     auto it = c_.calls_.find(cookie);
     if (it == c_.calls_.end()) return;
-    it->second->done = true;
-    it->second->error = error;
+    const std::shared_ptr<Call> call = std::move(it->second);
     c_.calls_.erase(it);
-    c_.cv_.notify_all();
+    call->done = true;
+    call->error = error;
+    call->cv.notify_one();  // its caller alone
   }
 
  private:
@@ -267,13 +268,17 @@ void NbdClient::read_loop(std::string leftover) {
   }
 }
 
+void NbdClient::wake_all_locked() {
+  for (auto& [cookie, call] : calls_) call->cv.notify_all();
+}
+
 void NbdClient::fail(std::string why) {
   if (broken_) return;
   why_ = std::move(why);
   broken_ = true;
   spdlog::warn("nbd client {}: {}", peer_, why_);
   ::shutdown(fd_, SHUT_RDWR);
-  cv_.notify_all();
+  wake_all_locked();
 }
 
 std::string NbdClient::why() const {
@@ -323,9 +328,9 @@ Result NbdClient::submit(nbd::Request req, const void* payload, const std::share
   std::unique_lock lock(mu_);
   auto ready = [&] { return call->done || broken_; };
   if (deadline == kNoDeadline) {
-    cv_.wait(lock, ready);
+    call->cv.wait(lock, ready);
   } else {
-    cv_.wait_until(lock, time_point(deadline), ready);
+    call->cv.wait_until(lock, time_point(deadline), ready);
   }
   if (call->done && call->error == 0) return {};
   if (call->done) {
@@ -395,7 +400,7 @@ void NbdClient::close() {
       healthy = true;
       why_ = "connection closed";
       broken_ = true;
-      cv_.notify_all();
+      wake_all_locked();
     }
   }
   if (healthy) {

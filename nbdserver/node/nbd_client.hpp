@@ -132,6 +132,9 @@ class NbdClient {
     bool done = false;
     uint32_t error = 0;
     std::string message;
+    // Its caller waits here: a reply wakes only the thread that waits for
+    // it (with one condition for all, each reply woke every caller).
+    std::condition_variable cv;
   };
   class Sink;
 
@@ -144,6 +147,7 @@ class NbdClient {
   bool start_tls(std::string_view early, int64_t deadline_ns, std::string* err);
   void read_loop(std::string leftover);
   void fail(std::string why);  // mu_ held
+  void wake_all_locked();      // every caller waiting on a reply; mu_ held
 
   std::string peer_;
   nbd::ClientSession session_;
@@ -158,7 +162,6 @@ class NbdClient {
 
   std::timed_mutex write_mu_;
   mutable std::mutex mu_;
-  std::condition_variable cv_;
   std::unique_ptr<nbd::ReplyReader> reader_;
   std::map<uint64_t, std::shared_ptr<Call>> calls_;
   uint64_t next_cookie_ = 1;
