@@ -76,8 +76,12 @@ def lab(request, tools, kernel, initrd, tmp_path):
     yield lab
     for v in lab.vms:
         v.kill()
-    rc = server.stop()
-    assert rc in (0, None) or server.proc is None, f"nbdserver exit status {rc}"
+    # A test may have replaced lab.server (another network, other flags):
+    # stop that one too, or it outlives the run (it did: a --tls require
+    # server of test_tls_boot was still running after CI ended).
+    for s in (server, lab.server):
+        rc = s.stop()
+        assert rc in (0, None) or s.proc is None, f"nbdserver exit status {rc}"
 
 
 @pytest.hookimpl(hookwrapper=True)
