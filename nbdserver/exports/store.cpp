@@ -607,25 +607,16 @@ bool Store::check_new_names(const std::vector<std::string>& nodes, const std::st
       return false;
     }
   }
-  // One pass over nodes/ (no list, no sort): the first new name, in sorted
-  // order, that an existing name matches but for case. Its own directory
-  // (a node that fetched a boot script) is no variant.
+  // The first new name, in sorted order, that an existing name matches but
+  // for case. Its own directory (a node that fetched a boot script) is no
+  // variant. Without the server's index, one made for this call reads
+  // nodes/ once.
+  std::unique_ptr<NameIndex> once;
+  if (!index) index = (once = std::make_unique<NameIndex>(root_ + "/nodes")).get();
   std::map<std::string, std::string> clash;  // new name -> the existing one
-  if (index) {
-    for (const auto& [folded, name] : wanted)
-      for (const std::string& existing : index->matching(folded))
-        if (existing != name) clash.emplace(name, existing);
-  } else if (DIR* d = opendir((root_ + "/nodes").c_str())) {
-    std::string folded;
-    while (dirent* e = readdir(d)) {
-      folded.assign(e->d_name);
-      for (char& c : folded) c = char(tolower(static_cast<unsigned char>(c)));
-      auto it = wanted.find(folded);
-      if (it != wanted.end() && it->second != e->d_name && valid_store_name(e->d_name))
-        clash.emplace(it->second, e->d_name);
-    }
-    closedir(d);
-  }
+  for (const auto& [folded, name] : wanted)
+    for (const std::string& existing : index->matching(folded))
+      if (existing != name) clash.emplace(name, existing);
   if (clash.empty()) return true;
   *err = "node '" + clash.begin()->first + "' differs from the node '" + clash.begin()->second +
          "' only in case (names are case-sensitive)";

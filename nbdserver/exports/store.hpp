@@ -231,7 +231,7 @@ class Store {
                           std::shared_ptr<storage::Generation>* gen_out, std::string* err);
   // The names are valid, new, not repeated and no case variant of another
   // node's (`image` valid too).
-  // `index`: where to find existing names (else one scan of nodes/).
+  // `index`: where to find existing names (else one read of nodes/).
   bool check_new_names(const std::vector<std::string>& nodes, const std::string& image,
                        std::string* err, NameIndex* index = nullptr) const;
   // Makes the checked nodes' directories and records (durably).
