@@ -28,6 +28,16 @@
  * connect and finish times.  Exit status: 0 ok, 1 on any error (a refused
  * export, a failed request), 3 if the watchdog fires.
  *
+ * With --files DIR instead of --uri there is no NBD, no network and no
+ * server: each node is a thread that replays the trace's mutations into a
+ * file of its own, DIR/node-N.diff (created sparse if absent, left in
+ * place): WRITE as pwrite, FLUSH (and a FUA write's flush) as fdatasync,
+ * TRIM and WRITE_ZEROES as a punched hole; reads are skipped.  This is what
+ * the kernel alone costs to keep N distinct diffs, as node views do;
+ * --no-flush leaves the fdatasyncs out, so the difference between the two
+ * runs is the cost of making them durable (bench/storm.py --floor).  Its
+ * JSON line has the wall time, the process's CPU time and the counts.
+ *
  * Trace format (text, optionally gzip'd): '#' comment lines, then one
  * request per line, "T_MS OP OFFSET LENGTH [fua]", OP one of R W F T Z.
  *
@@ -145,7 +155,9 @@ static struct {
   unsigned timeout;
   const char *per_node;
   const char *netns; /* namespace of node %d: a path, or a name under /run/netns */
-} cfg = { .nodes = 1, .qd = 4, .threads = 1, .timeout = 600 };
+  const char *files; /* --files DIR: no NBD, the mutations into DIR/node-N.diff */
+  bool flush;        /* --files: fdatasync at flushes (off with --no-flush) */
+} cfg = { .nodes = 1, .qd = 4, .threads = 1, .timeout = 600, .flush = true };
 
 static uint8_t *write_buf;
 static uint64_t t_start;
@@ -407,6 +419,73 @@ static uint64_t percentile(const uint64_t *v, unsigned n, double p)
   return v[rank - 1];
 }
 
+/* ------------------------------------------------------------------ */
+/* --files: the trace's mutations straight into files, no NBD          */
+
+static bool files_failed;
+
+static void *file_node_main(void *arg)
+{
+  const unsigned i = (unsigned)(uintptr_t)arg;
+  char path[4096];
+  snprintf(path, sizeof path, "%s/node-%u.diff", cfg.files, i);
+  const int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0 || ftruncate(fd, (off_t)trace_end) != 0) {
+    fprintf(stderr, "nbdstorm: %s: %s\n", path, strerror(errno));
+    __atomic_store_n(&files_failed, true, __ATOMIC_RELAXED);
+    if (fd >= 0)
+      close(fd);
+    return NULL;
+  }
+  for (size_t k = 0; k < ntrace; k++) {
+    const struct req *r = &trace[k];
+    int rc = 0;
+    if (r->op == OP_WRITE)
+      rc = pwrite(fd, write_buf, r->length, (off_t)r->offset) == (ssize_t)r->length ? 0 : -1;
+    else if (r->op == OP_TRIM || r->op == OP_ZERO)
+      rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)r->offset,
+                     (off_t)r->length);
+    if (rc == 0 && cfg.flush && (r->op == OP_FLUSH || (r->fua && r->op != OP_READ)))
+      rc = fdatasync(fd);
+    if (rc != 0) {
+      fprintf(stderr, "nbdstorm: %s: request %zu: %s\n", path, k, strerror(errno));
+      __atomic_store_n(&files_failed, true, __ATOMIC_RELAXED);
+      break;
+    }
+  }
+  close(fd);
+  return NULL;
+}
+
+static int run_files(void)
+{
+  pthread_t *tids = calloc(cfg.nodes, sizeof *tids);
+  uint64_t writes = 0, bytes = 0, flushes = 0;
+  for (size_t k = 0; k < ntrace; k++) {
+    writes += trace[k].op == OP_WRITE;
+    bytes += trace[k].op == OP_WRITE ? trace[k].length : 0;
+    flushes += cfg.flush && (trace[k].op == OP_FLUSH || (trace[k].fua && trace[k].op != OP_READ));
+  }
+  const uint64_t t0 = now_ns();
+  for (unsigned i = 0; i < cfg.nodes; i++)
+    if (pthread_create(&tids[i], NULL, file_node_main, (void *)(uintptr_t)i) != 0)
+      die("pthread_create failed");
+  for (unsigned i = 0; i < cfg.nodes; i++)
+    pthread_join(tids[i], NULL);
+  const uint64_t t1 = now_ns();
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  printf("{\"nodes\": %u, \"flush\": %s, \"wall_s\": %.4f, \"cpu_s\": %.3f, "
+         "\"user_s\": %.3f, \"sys_s\": %.3f, \"writes\": %" PRIu64 ", \"bytes\": %" PRIu64
+         ", \"flushes\": %" PRIu64 "}\n",
+         cfg.nodes, cfg.flush ? "true" : "false", (t1 - t0) / 1e9,
+         ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6,
+         ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6, ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6,
+         writes * cfg.nodes, bytes * cfg.nodes, flushes * cfg.nodes);
+  free(tids);
+  return files_failed ? 1 : 0;
+}
+
 static void usage(FILE *f)
 {
   fputs("Usage: nbdstorm --trace FILE --uri URI [options]\n"
@@ -421,7 +500,11 @@ static void usage(FILE *f)
         "  --qd N            requests in flight per node (default 4, at most 64)\n"
         "  --threads N       client threads; nodes are dealt round-robin (default 1)\n"
         "  --timeout S       give up after S seconds (default 600)\n"
-        "  --per-node FILE   write \"node connect_s done_s\" lines to FILE\n",
+        "  --per-node FILE   write \"node connect_s done_s\" lines to FILE\n"
+        "Or, with no NBD: nbdstorm --trace FILE --files DIR [--nodes N] [--no-flush]\n"
+        "  --files DIR       node N's writes and flushes go to DIR/node-N.diff\n"
+        "                    (pwrite, fdatasync), one thread per node; reads are skipped\n"
+        "  --no-flush        with --files: leave the fdatasyncs out\n",
         f);
 }
 
@@ -432,6 +515,7 @@ int main(int argc, char **argv)
     { "nodes", required_argument, 0, 'n' },    { "qd", required_argument, 0, 'q' },
     { "threads", required_argument, 0, 'j' },  { "timeout", required_argument, 0, 'T' },
     { "per-node", required_argument, 0, 'p' }, { "netns", required_argument, 0, 'N' },
+    { "files", required_argument, 0, 'F' },    { "no-flush", no_argument, 0, 'X' },
     { "help", no_argument, 0, 'h' },
     { 0, 0, 0, 0 },
   };
@@ -446,11 +530,13 @@ int main(int argc, char **argv)
     case 'T': cfg.timeout = (unsigned)atoi(optarg); break;
     case 'p': cfg.per_node = optarg; break;
     case 'N': cfg.netns = optarg; break;
+    case 'F': cfg.files = optarg; break;
+    case 'X': cfg.flush = false; break;
     case 'h': usage(stdout); return 0;
     default: usage(stderr); return 2;
     }
   }
-  if (!cfg.trace || !cfg.uri || optind != argc) {
+  if (!cfg.trace || !cfg.uri == !cfg.files || optind != argc || (!cfg.flush && !cfg.files)) {
     usage(stderr);
     return 2;
   }
@@ -466,6 +552,8 @@ int main(int argc, char **argv)
     seed = seed * 6364136223846793005ull + 1442695040888963407ull;
     write_buf[i] = (uint8_t)(seed >> 56);
   }
+  if (cfg.files)
+    return run_files();
 
   struct node *nodes = calloc(cfg.nodes, sizeof *nodes);
   for (unsigned i = 0; i < cfg.nodes; i++) {

@@ -18,13 +18,20 @@ pre-shared key of identity node-i (one key file, a line per node, given to
 the server and to nbdstorm).
 
 Prints wall time (the slowest node), p50 and p99 per node, the server's CPU
-time, and the ratios to plain.  See bench/README.md, "Boot storm
-(storm.py)".
+time, how busy the machine's CPUs were, and the ratios to plain.  See
+bench/README.md, "Boot storm (storm.py)".
+
+With --floor it also runs nbdstorm --files (the trace's writes and flushes
+for N nodes into N files of their own, with no NBD, network or server) with
+and without the flushes, in the same directory, and prints what making N
+distinct diffs durable costs the kernel alone: with the plain storm
+CPU-bound, a lower bound for the views' wall time on this filesystem.
 
     /usr/bin/python3 bench/storm.py                   # 200 nodes, 3 reps
     /usr/bin/python3 bench/storm.py --nodes 50 --reps 5
     /usr/bin/python3 bench/storm.py --setups first,existing
     /usr/bin/python3 bench/storm.py --setups first,existing,nbdkit --tls
+    /usr/bin/python3 bench/storm.py --floor
 """
 
 import argparse
@@ -143,6 +150,13 @@ def fstype(path):
     return (r.stdout.strip().splitlines() or ["?"])[0]
 
 
+def cpu_ticks():
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
 def clear_nodes(store):
     nodes = os.path.join(store, "nodes")
     shutil.rmtree(nodes, ignore_errors=True)
@@ -256,13 +270,16 @@ def storm(args, setup, store, base, outdir, rep):
                 "--qd", str(args.qd), "--threads", str(args.client_threads),
                 "--per-node", per_node]
         cpu0 = rb.tree_cpu_seconds(srv.pid)
+        box0 = cpu_ticks()
         p = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout + 60)
+        box1 = cpu_ticks()
         cpu1 = rb.tree_cpu_seconds(srv.pid)
         srv.check_alive()
         if p.returncode != 0:
             raise rb.ServerError(f"{setup}: nbdstorm exited {p.returncode}: {p.stderr.strip()}")
         res = json.loads(p.stdout)
-        res.update(setup=setup, rep=rep, tls=args.tls, server_cpu_s=round(cpu1 - cpu0, 2))
+        res.update(setup=setup, rep=rep, tls=args.tls, server_cpu_s=round(cpu1 - cpu0, 2),
+                   box_busy=round((box1[0] - box0[0]) / max(1, box1[1] - box0[1]), 3))
         return res
     finally:
         srv.stop()
@@ -278,16 +295,17 @@ def fmt(v, nd=2):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def report(args, results, summary, out):
+def report(args, results, summary, out, floor=None):
     lines = [f"{'setup':<42} {'wall s':>7} {'p50 s':>7} {'p99 s':>7} {'conn max':>8} "
-             f"{'srv CPU s':>9} {'wall/plain':>10} {'p50/plain':>9} {'p99/plain':>9}  "
+             f"{'srv CPU s':>9} {'busy':>5} {'wall/plain':>10} {'p50/plain':>9} {'p99/plain':>9}  "
              f"runs (wall s)"]
     med = {}
     for s in args.setups:
         rs = [r for r in results if r["setup"] == s]
         if rs:
             med[s] = {k: median([r[k] for r in rs]) for k in ("wall_s", "p50_s", "p99_s",
-                                                             "connect_max_s", "server_cpu_s")}
+                                                             "connect_max_s", "server_cpu_s",
+                                                             "box_busy")}
             med[s]["runs"] = [r["wall_s"] for r in rs]
     ref = med.get("plain")
     for s, m in med.items():
@@ -295,7 +313,7 @@ def report(args, results, summary, out):
             return fmt(m[k] / ref[k]) + "x" if ref and ref[k] else "-"
         lines.append(f"{LABEL[s]:<42} {fmt(m['wall_s']):>7} {fmt(m['p50_s']):>7} "
                      f"{fmt(m['p99_s']):>7} {fmt(m['connect_max_s']):>8} {fmt(m['server_cpu_s']):>9} "
-                     f"{rt('wall_s'):>10} "
+                     f"{m['box_busy'] * 100:>4.0f}% {rt('wall_s'):>10} "
                      f"{rt('p50_s'):>9} {rt('p99_s'):>9}  "
                      + " ".join(fmt(w) for w in m["runs"]))
     if ref:
@@ -305,10 +323,79 @@ def report(args, results, summary, out):
                 r = med[s]["wall_s"] / ref["wall_s"]
                 lines.append(f"target {s}/plain wall <= {target}: {r:.2f} "
                              f"{'met' if r <= target else 'NOT met'}")
+    if ref and floor:
+        lines += floor_lines(args, floor, ref)
     text = "\n".join(lines)
     print(text)
     out.write(text + "\n")
-    summary.update(medians=med)
+    summary.update(medians=med, floor=floor)
+
+
+# --------------------------------------------------------------------------
+# The floor: the kernel's cost of making N distinct diffs durable
+
+
+def run_floor(args, d, flush):
+    argv = [args.nbdstorm, "--trace", args.trace, "--files", d, "--nodes", str(args.nodes)]
+    if not flush:
+        argv.append("--no-flush")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout + 60)
+    if p.returncode != 0:
+        raise rb.ServerError(f"nbdstorm --files exited {p.returncode}: {p.stderr.strip()}")
+    os.sync()  # nothing it left dirty is written back during the next run
+    return json.loads(p.stdout)
+
+
+def floor_runs(args):
+    """Per rep: new files with and without the flushes, then the first
+    ones again (existing nodes) without and with them. Returns medians of
+    the CPU each costs, and of the flushes' share (flush run - no-flush run)."""
+    rows = []
+    for rep in range(args.reps):
+        dirs = [os.path.join(args.workdir, f"floor-{k}") for k in ("a", "b")]
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+        os.sync()
+        first = run_floor(args, dirs[0], True)
+        first_nf = run_floor(args, dirs[1], False)
+        again_nf = run_floor(args, dirs[0], False)
+        again = run_floor(args, dirs[0], True)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        row = dict(rep=rep, first_cpu_s=first["cpu_s"], first_wall_s=first["wall_s"],
+                   first_noflush_cpu_s=first_nf["cpu_s"], existing_cpu_s=again["cpu_s"],
+                   existing_wall_s=again["wall_s"], existing_noflush_cpu_s=again_nf["cpu_s"],
+                   flushes=first["flushes"], bytes=first["bytes"])
+        row["first_extra_cpu_s"] = row["first_cpu_s"] - row["first_noflush_cpu_s"]
+        row["existing_extra_cpu_s"] = row["existing_cpu_s"] - row["existing_noflush_cpu_s"]
+        log(f"floor rep {rep}: new files {row['first_cpu_s']:.2f} s CPU with the flushes, "
+            f"{row['first_noflush_cpu_s']:.2f} without; existing {row['existing_cpu_s']:.2f} / "
+            f"{row['existing_noflush_cpu_s']:.2f}")
+        rows.append(row)
+    med = {k: median([r[k] for r in rows]) for k in rows[0] if k != "rep"}
+    med["runs"] = rows
+    return med
+
+
+def floor_lines(args, floor, ref):
+    """The floor, and the lower bound it puts on the views' wall time when
+    the plain storm keeps every CPU busy: plain wall + extra CPU / CPUs."""
+    cpus = os.cpu_count() or 1
+    out = ["",
+           f"floor (nbdstorm --files: the trace's writes and flushes for {args.nodes} nodes into "
+           f"{args.nodes} files of their own, no NBD, network or server; {floor['flushes']:.0f} "
+           f"fdatasyncs, {floor['bytes'] / 1e6:.0f} MB; this process's CPU only, so a lower "
+           f"bound):"]
+    for s, target in (("first", 1.3), ("existing", 1.1)):
+        extra = floor[f"{s}_extra_cpu_s"]
+        bound = (ref["wall_s"] + extra / cpus) / ref["wall_s"]
+        out.append(f"  {s:<8} nodes: making the diffs durable costs {extra:.2f} s CPU "
+                   f"({floor[f'{s}_cpu_s']:.2f} with the flushes, "
+                   f"{floor[f'{s}_noflush_cpu_s']:.2f} without); the plain storm keeps "
+                   f"{ref['box_busy'] * 100:.0f} % of {cpus} CPUs busy, so views take at least "
+                   f"{bound:.2f}x its wall here (target {target})")
+    return out
 
 
 def parse_args():
@@ -326,6 +413,9 @@ def parse_args():
     ap.add_argument("--outdir", help="default bench/results/storm-<timestamp>")
     ap.add_argument("--nbdserver", default=os.path.join(REPO, "build", "nbdserver", "nbdserver"))
     ap.add_argument("--nbdstorm", default=os.path.join(REPO, "build", "bench", "nbdstorm"))
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure the kernel's cost of persisting N distinct diffs "
+                         "(nbdstorm --files) and the lower bound it sets")
     ap.add_argument("--server-threads", type=int, default=0, help="nbdserver --threads")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra nbdserver argument (repeatable)")
@@ -380,8 +470,10 @@ def main():
               f"; conn max = the last node's handshake done (s); "
               f"srv CPU = utime+stime of the server during the storm")
     print(header)
-    results, problems = [], []
+    results, problems, floor = [], [], None
     try:
+        if args.floor:
+            floor = floor_runs(args)
         for rep in range(args.reps):
             for s in args.setups:
                 r = storm(args, s, store, base, outdir, rep)
@@ -399,7 +491,7 @@ def main():
     summary = dict(header=header, results=results, problems=problems)
     with open(os.path.join(outdir, "storm-report.txt"), "w") as out:
         out.write(header + "\n")
-        report(args, results, summary, out)
+        report(args, results, summary, out, floor)
         for p in problems:
             print("problem: " + p)
             out.write("problem: " + p + "\n")
