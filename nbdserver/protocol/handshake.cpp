@@ -236,9 +236,37 @@ void Handshake::tls_established(std::string identity) {
   status_ = Status::kContinue;
 }
 
+bool Handshake::defer(uint32_t opt, std::string_view name, bool want_name, bool want_desc) {
+  if (!defer_attach_ || !catalog_.attach_may_block(client_, name)) return false;
+  pending_ = PendingAttach{opt, std::string(name), want_name, want_desc};
+  status_ = Status::kAttaching;
+  return true;
+}
+
+void Handshake::attach_done(std::shared_ptr<const ExportInfo> e, std::string why) {
+  if (status_ != Status::kAttaching) {
+    close("attach_done() without an attach waiting for it");
+    return;
+  }
+  status_ = Status::kContinue;
+  PendingAttach p = std::move(pending_);
+  pending_ = {};
+  if (p.opt == kOptExportName) {
+    answer_export_name(p.name, std::move(e), why);
+  } else {
+    answer_info_or_go(p.opt, p.name, std::move(e), why, p.want_name, p.want_desc);
+  }
+}
+
 void Handshake::opt_export_name(std::string_view data) {
+  if (valid_string(data) && defer(kOptExportName, data, false, false)) return;
   std::string why;
   auto e = valid_string(data) ? catalog_.attach(client_, data, &why) : nullptr;
+  answer_export_name(data, std::move(e), why);
+}
+
+void Handshake::answer_export_name(std::string_view data, std::shared_ptr<const ExportInfo> e,
+                                   const std::string& why) {
   if (!e) {
     // NBD_OPT_EXPORT_NAME cannot be answered with an error: hard disconnect.
     close("NBD_OPT_EXPORT_NAME: " +
@@ -290,19 +318,26 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
     reply_error(opt, kRepErrInvalid, "export name is not a valid string");
     return;
   }
-  std::string why;
-  auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(client_, name, &why);
-  if (!e) {
-    reply_error(opt, kRepErrUnknown,
-                why.empty() ? "unknown export " + quoted(name) : why);
-    return;
-  }
   bool want_name = false, want_desc = false;
   for (uint16_t i = 0; i < nreq; ++i) {
     uint16_t info = 0;
     r.u16(&info);
     want_name |= info == kInfoName;
     want_desc |= info == kInfoDescription;
+  }
+  if (opt == kOptGo && defer(opt, name, want_name, want_desc)) return;
+  std::string why;
+  auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(client_, name, &why);
+  answer_info_or_go(opt, name, std::move(e), why, want_name, want_desc);
+}
+
+void Handshake::answer_info_or_go(uint32_t opt, std::string_view name,
+                                  std::shared_ptr<const ExportInfo> e, const std::string& why,
+                                  bool want_name, bool want_desc) {
+  if (!e) {
+    reply_error(opt, kRepErrUnknown,
+                why.empty() ? "unknown export " + quoted(name) : why);
+    return;
   }
   std::string d;
   put16(d, kInfoExport);

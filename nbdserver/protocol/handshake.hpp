@@ -80,6 +80,14 @@ class ExportCatalog {
     (void)client;
     return lookup(name, why);
   }
+  // True when attach(client, name) may block on I/O (opening or creating a
+  // node's view): a Handshake with deferred attaches then leaves the call
+  // to its caller (Handshake::set_defer_attach).
+  virtual bool attach_may_block(const Client& client, std::string_view name) const {
+    (void)client;
+    (void)name;
+    return false;
+  }
   // What NBD_OPT_INFO and NBD_OPT_*_META_CONTEXT report: the export as
   // lookup() would serve it, but without attaching anything (a store node's
   // view is not opened), or nothing when `client` may not attach it.
@@ -129,7 +137,9 @@ class Handshake {
  public:
   // kStartTls: out() ends with the ACK to NBD_OPT_STARTTLS. The caller sends
   // it, runs TLS over the connection, then calls tls_established().
-  enum class Status { kContinue, kStartTls, kTransmission, kClosed };
+  // kAttaching: an NBD_OPT_GO or NBD_OPT_EXPORT_NAME waits for the caller's
+  // attach (set_defer_attach); feed() consumes nothing until attach_done().
+  enum class Status { kContinue, kStartTls, kAttaching, kTransmission, kClosed };
 
   // Appends the server greeting to out() at once. `catalog` must outlive this.
   Handshake(const ExportCatalog& catalog, HandshakeLimits limits = {},
@@ -149,6 +159,18 @@ class Handshake {
   void tls_established(std::string identity);
   // True once tls_established() was called.
   bool tls_active() const { return tls_active_; }
+  // Deferred attaches: with this on, NBD_OPT_GO and NBD_OPT_EXPORT_NAME of a
+  // name the catalog's attach_may_block() names do not call attach().
+  // status() becomes kAttaching; the caller runs
+  // catalog.attach(client(), attaching_name(), &why) where blocking harms
+  // nobody (a worker thread), then gives the result to attach_done(), which
+  // answers the option as a synchronous attach would have.
+  void set_defer_attach(bool on) { defer_attach_ = on; }
+  const std::string& attaching_name() const { return pending_.name; }
+  const Client& client() const { return client_; }
+  // The result of the deferred attach (nullptr and why when refused).
+  // Called in any other state, it closes the handshake.
+  void attach_done(std::shared_ptr<const ExportInfo> e, std::string why);
 
   Status status() const { return status_; }
   // Bytes to send to the client; the caller sends and clears them.
@@ -190,6 +212,14 @@ class Handshake {
   void opt_abort();
   void opt_list(std::string_view data);
   void opt_info_or_go(uint32_t opt, std::string_view data);
+  // The answers once the export is known (attached, described or refused).
+  void answer_export_name(std::string_view name, std::shared_ptr<const ExportInfo> e,
+                          const std::string& why);
+  void answer_info_or_go(uint32_t opt, std::string_view name, std::shared_ptr<const ExportInfo> e,
+                         const std::string& why, bool want_name, bool want_desc);
+  // Defers the attach of `name` for option `opt` when set_defer_attach() is
+  // on and the catalog says it may block; true if so.
+  bool defer(uint32_t opt, std::string_view name, bool want_name, bool want_desc);
   void opt_structured_reply(std::string_view data);
   void opt_extended_headers(std::string_view data);
   void opt_meta_context(uint32_t opt, std::string_view data);
@@ -219,6 +249,12 @@ class Handshake {
   bool no_zeroes_ = false;
   bool aborted_ = false;
   bool shutting_down_ = false;
+  bool defer_attach_ = false;
+  struct PendingAttach {
+    uint32_t opt = 0;
+    std::string name;
+    bool want_name = false, want_desc = false;
+  } pending_;
   Session session_;
   std::string meta_export_;  // export the selected contexts were set for
   std::vector<std::string> errors_;

@@ -100,6 +100,28 @@ FakeCatalog& catalog() {
   return *cat;
 }
 
+// The same exports, but every attach may block: a handshake with deferred
+// attaches leaves each GO and EXPORT_NAME to its caller. Counts attaches.
+class DeferringCatalog : public ExportCatalog {
+ public:
+  std::shared_ptr<const ExportInfo> find(std::string_view name) const override {
+    return catalog().find(name);
+  }
+  std::shared_ptr<const ExportInfo> attach(const Client& client, std::string_view name,
+                                           std::string* why) const override {
+    ++attaches;
+    return catalog().attach(client, name, why);
+  }
+  bool attach_may_block(const Client&, std::string_view) const override { return true; }
+  std::vector<std::shared_ptr<const ExportInfo>> list() const override { return catalog().list(); }
+  mutable int attaches = 0;
+};
+
+DeferringCatalog& deferring() {
+  static DeferringCatalog* cat = new DeferringCatalog;
+  return *cat;
+}
+
 // ---- Driver ----
 
 struct Reply {
@@ -124,13 +146,18 @@ struct Options {
   HandshakeLimits limits{};
   bool shutting_down = false;
   TlsMode tls = TlsMode::kOff;
+  // Deferred attaches: each GO and EXPORT_NAME stops the handshake until
+  // the driver attaches (as a server's worker thread would) and reports it.
+  bool defer = false;
 };
 
 // Feeds `in` `chunk` bytes at a time (0: all at once). When the handshake
 // asks for TLS, it is "established" at once and the rest goes on in the clear,
 // as if it had come out of the TLS session.
 Outcome run_chunked(const std::string& in, size_t chunk, const Options& o) {
-  Handshake h(catalog(), o.limits, o.tls);
+  const ExportCatalog& cat = o.defer ? static_cast<const ExportCatalog&>(deferring()) : catalog();
+  Handshake h(cat, o.limits, o.tls);
+  h.set_defer_attach(o.defer);
   if (o.shutting_down) h.set_shutting_down();
   Outcome r{};
   size_t pos = 0;
@@ -139,13 +166,23 @@ Outcome run_chunked(const std::string& in, size_t chunk, const Options& o) {
     size_t used = h.feed(reinterpret_cast<const uint8_t*>(in.data() + pos), n);
     EXPECT_LE(used, n);
     pos += used;
+    if (h.status() == Handshake::Status::kAttaching) {
+      // Nothing more is taken until the attach is done.
+      if (pos < in.size()) {
+        EXPECT_EQ(0u, h.feed(reinterpret_cast<const uint8_t*>(in.data() + pos), in.size() - pos));
+      }
+      std::string why;
+      auto e = cat.attach(h.client(), h.attaching_name(), &why);
+      h.attach_done(std::move(e), why);
+      if (h.status() == Handshake::Status::kContinue) continue;
+    }
     if (h.status() == Handshake::Status::kStartTls) {
       EXPECT_EQ(h.wanted(), 0u);
       r.starttls_at.push_back(pos);
       h.tls_established("node-a");
       continue;
     }
-    if (h.status() != Handshake::Status::kContinue) {
+    if (h.status() != Handshake::Status::kContinue && h.status() != Handshake::Status::kAttaching) {
       // Once done, the handshake takes nothing more.
       if (pos < in.size()) {
         EXPECT_EQ(0u, h.feed(reinterpret_cast<const uint8_t*>(in.data() + pos), in.size() - pos));
@@ -193,10 +230,17 @@ void expect_same(const Outcome& a, const Outcome& b, const char* how) {
 
 // Runs `in` (client flags included) all at once, byte by byte and in 7-byte
 // chunks, and checks the three agree.
+// Every run is also made with deferred attaches, which must answer alike.
 Outcome drive(const std::string& in, const Options& o = {}) {
   Outcome whole = run_chunked(in, 0, o);
   expect_same(whole, run_chunked(in, 1, o), "byte-at-a-time differs from all-at-once");
   expect_same(whole, run_chunked(in, 7, o), "7-byte chunks differ from all-at-once");
+  if (!o.defer) {
+    Options d = o;
+    d.defer = true;
+    expect_same(whole, run_chunked(in, 0, d), "deferred attaches differ from synchronous ones");
+    expect_same(whole, run_chunked(in, 1, d), "deferred attaches, byte-at-a-time, differ");
+  }
   return whole;
 }
 
@@ -1313,6 +1357,86 @@ TEST(HandshakeTls, OffStaysNoTls) {
   auto reps = parse_replies(r.out);
   expect_reply(reps[0], OPT_STARTTLS, ERR_UNSUP);
   for (const Reply& x : reps) EXPECT_NE(x.type, ERR_TLS_REQD);
+}
+
+
+// ---- Deferred attaches (a server attaching node views on worker threads) ----
+
+TEST(HandshakeDeferredAttach, GoWaitsForTheCallerAndKeepsLaterBytes) {
+  Handshake h(deferring());
+  h.set_defer_attach(true);
+  const int before = deferring().attaches;
+  const std::string hs = client_flags() + opt(OPT_STRUCTURED) + opt(OPT_GO, info_data("disk", {1}));
+  const std::string request = be32(0x25609513) + std::string(24, '\x01');
+  EXPECT_EQ(feed(h, hs + request), hs.size());
+  ASSERT_EQ(h.status(), St::kAttaching);
+  EXPECT_EQ(h.attaching_name(), "disk");
+  EXPECT_EQ(deferring().attaches, before) << "the handshake itself must not attach";
+  // Only the structured-reply ACK so far; nothing of GO's answer.
+  auto early = parse_replies(h.out().substr(kServerGreeting.size()));
+  ASSERT_EQ(early.size(), 1u);
+  expect_reply(early[0], OPT_STRUCTURED, ACK);
+  EXPECT_EQ(feed(h, request), 0u) << "nothing is parsed while the attach runs";
+  h.out().clear();
+  std::string why;
+  h.attach_done(catalog().attach(h.client(), h.attaching_name(), &why), why);
+  ASSERT_EQ(h.status(), St::kTransmission);
+  auto reps = parse_replies(h.out());
+  ASSERT_EQ(reps.size(), 4u);
+  expect_info_export(reps[0], OPT_GO, 0x140000000ULL, HAS_FLAGS | SEND_FLUSH | SEND_DF);
+  EXPECT_EQ(reps[1].data, be16(1) + "disk");
+  expect_reply(reps[3], OPT_GO, ACK);
+  ASSERT_TRUE(h.session().exp);
+  EXPECT_EQ(h.session().exp->name, "disk");
+}
+
+TEST(HandshakeDeferredAttach, RefusedGoIsAnErrorAndOptionsGoOn) {
+  for (bool defer : {false, true}) {
+    Handshake h(deferring());
+    h.set_defer_attach(defer);
+    feed(h, client_flags() + opt(OPT_GO, info_data("nosuch")));
+    if (defer) {
+      ASSERT_EQ(h.status(), St::kAttaching);
+      h.attach_done(nullptr, "node 'nosuch' is retired");
+    }
+    ASSERT_EQ(h.status(), St::kContinue);
+    feed(h, opt(OPT_LIST));
+    auto reps = parse_replies(h.out().substr(kServerGreeting.size()));
+    ASSERT_EQ(reps.size(), 5u);
+    expect_reply(reps[0], OPT_GO, ERR_UNKNOWN);
+    if (defer) {
+      EXPECT_NE(reps[0].data.find("is retired"), std::string::npos) << reps[0].data;
+    }
+    expect_list_ok(&reps[1], 4);
+  }
+}
+
+TEST(HandshakeDeferredAttach, RefusedExportNameCloses) {
+  Handshake h(deferring());
+  h.set_defer_attach(true);
+  feed(h, client_flags(3) + opt(OPT_EXPORT_NAME, "nosuch"));
+  ASSERT_EQ(h.status(), St::kAttaching);
+  h.attach_done(nullptr, "node 'nosuch' is pinned elsewhere");
+  EXPECT_EQ(h.status(), St::kClosed);
+  EXPECT_NE(h.close_reason().find("pinned elsewhere"), std::string::npos) << h.close_reason();
+  EXPECT_EQ(h.out().size(), kServerGreeting.size()) << "EXPORT_NAME has no error reply";
+}
+
+TEST(HandshakeDeferredAttach, InfoAndMetaContextsNeverWait) {
+  Handshake h(deferring());
+  h.set_defer_attach(true);
+  feed(h, client_flags() + opt(OPT_STRUCTURED) + opt(OPT_INFO, info_data("disk")) +
+              opt(OPT_LIST_META, meta_data("disk", {})));
+  EXPECT_EQ(h.status(), St::kContinue);
+}
+
+TEST(HandshakeDeferredAttach, AttachDoneWithoutAWaitingAttachCloses) {
+  Handshake h(deferring());
+  h.set_defer_attach(true);
+  feed(h, client_flags());
+  h.attach_done(catalog().find("disk"), "");
+  EXPECT_EQ(h.status(), St::kClosed);
+  EXPECT_FALSE(h.session().exp);
 }
 
 }  // namespace
