@@ -104,6 +104,14 @@ std::shared_ptr<const nbd::ExportInfo> Registry::attach(const nbd::Client& clien
   return resolve(client, name, tls_required_, why);
 }
 
+bool Registry::attach_may_block(const nbd::Client& client, std::string_view name) const {
+  (void)client;
+  if (!store_ || by_name_.count(name)) return false;
+  StoreName sn;
+  std::string bad;
+  return parse_store_name(std::string(name), &sn, &bad) && !sn.node.empty();
+}
+
 std::shared_ptr<const nbd::ExportInfo> Registry::resolve(const nbd::Client& client,
                                                          std::string_view name,
                                                          bool authorize, std::string* why) const {

@@ -73,6 +73,8 @@ class Registry : public nbd::ExportCatalog {
   // time (Store::view).
   std::shared_ptr<const nbd::ExportInfo> attach(const nbd::Client& client, std::string_view name,
                                                 std::string* why) const override;
+  // A store node's view: attach() opens it, or creates the node.
+  bool attach_may_block(const nbd::Client& client, std::string_view name) const override;
   // A node's export as GO would serve it, from its record and generation
   // size, without opening its view; other names as lookup().
   std::shared_ptr<const nbd::ExportInfo> describe(const nbd::Client& client,

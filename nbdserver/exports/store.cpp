@@ -191,7 +191,7 @@ std::string address_text(const std::string& a) { return a.empty() ? "an unknown 
 }  // namespace
 
 Store::Attachment::~Attachment() {
-  std::lock_guard<std::mutex> g(store_->mu_);
+  std::lock_guard<std::mutex> g(store_->writers_mu_);
   auto it = store_->writers_.find(node_);
   if (it != store_->writers_.end() && --it->second.attachments == 0) store_->writers_.erase(it);
 }
@@ -205,6 +205,14 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   // admin failed or retired while it ran gets no new connection.
   if (!may_attach(node, err)) return nullptr;
   std::lock_guard<std::mutex> g(mu_);
+  // Fault injection (tests): an attach as slow as a busy disk makes it.
+  static const long delay_ms = [] {
+    const char* d = getenv("NBDROOT_FAULT_ATTACH_DELAY_MS");
+    const long ms = d ? std::max(0L, strtol(d, nullptr, 10)) : 0;
+    if (ms) spdlog::warn("fault injection: each node attach takes {} ms more", ms);
+    return ms;
+  }();
+  if (delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
   std::string pin;
   if (valid_store_name(node) && !read_pin(node, &pin, err)) return nullptr;
   if (!pin.empty() && pin != address) {
@@ -213,17 +221,25 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
            " (nbdserver admin pin/unpin)";
     return nullptr;
   }
-  if (auto w = writers_.find(node); w != writers_.end() && w->second.address != address) {
-    *err = "node '" + node + "' is attached from " + address_text(w->second.address) +
-           "; refusing " + (how.resume ? "a resume" : "an attach") + " from " +
-           address_text(address) + " (one writer per view: detach it there first)";
-    return nullptr;
+  {
+    std::lock_guard<std::mutex> wg(writers_mu_);
+    if (auto w = writers_.find(node); w != writers_.end() && w->second.address != address) {
+      *err = "node '" + node + "' is attached from " + address_text(w->second.address) +
+             "; refusing " + (how.resume ? "a resume" : "an attach") + " from " +
+             address_text(address) + " (one writer per view: detach it there first)";
+      return nullptr;
+    }
   }
+  // Meanwhile only detaches change writers_ (every attach holds mu_), and
+  // they only let go: the check above still holds after the view opened.
   auto v = open_view(image, node, how, err);
   if (!v) return nullptr;
-  Writer& w = writers_[node];
-  w.address = address;
-  ++w.attachments;
+  {
+    std::lock_guard<std::mutex> wg(writers_mu_);
+    Writer& w = writers_[node];
+    w.address = address;
+    ++w.attachments;
+  }
   held->reset(new Attachment(this, node));
   if (pin.empty() && opts_.pin_addresses && !address.empty()) pin_first(node, address);
   return v;
@@ -498,7 +514,9 @@ bool Store::read_node_cached(const std::string& node, NodeRecord* r) const {
 void Store::attached(const std::string& node, int delta) {
   NodeRecord rec;
   std::string err;
-  std::lock_guard<std::mutex> g(mu_);
+  // Not mu_: a loop calls this, and mu_ may be held by a node's creation
+  // on the attach threads. Only loops write an attached node's record.
+  std::lock_guard<std::mutex> g(attached_mu_);
   if (!read_node(node, &rec, &err)) return;
   rec.connections = unsigned(std::max(0, int(rec.connections) + delta));
   rec.last_seen = now_iso8601();

@@ -258,7 +258,11 @@ class Store {
     std::string address;
     unsigned attachments = 0;
   };
-  std::map<std::string, Writer> writers_;  // node
+  // writers_mu_, never held long: a loop's detach takes it, while mu_ may
+  // be held by a creation's fsyncs. Taken inside mu_, never the reverse.
+  std::mutex writers_mu_;
+  std::map<std::string, Writer> writers_;  // node; writers_mu_ held
+  std::mutex attached_mu_;                 // attached(): a record's read-modify-write
   std::map<std::string, uint64_t> gen_sizes_;  // "image@gen"; generations never change
   struct CachedRecord {
     dev_t dev = 0;

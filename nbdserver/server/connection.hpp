@@ -97,6 +97,7 @@ struct Connection {
   int handoff_to = -1;   // after the handshake: the loop that owns exp's view
   std::string handoff_reply;  // the handshake's last reply, for that loop to send
   bool view_attached = false;  // counted in the owner loop's ViewState
+  bool attaching = false;      // the handshake waits for an AttachPool job
 
   // Receive buffer: bytes [rpos, rlen) are received and not yet parsed.
   std::vector<uint8_t> rbuf;

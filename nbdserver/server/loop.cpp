@@ -1,4 +1,5 @@
 #include "server/loop.hpp"
+#include "server/attach_pool.hpp"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -151,7 +152,8 @@ void Loop::run() {
     flush_sends();
     bool accepts = std::find(accept_pending_.begin(), accept_pending_.end(), true) !=
                    accept_pending_.end();
-    if (shutdown_started_ && live_conns_ == 0 && !accepts && file_ops_ == 0 && mailbox_empty())
+    if (shutdown_started_ && live_conns_ == 0 && !accepts && file_ops_ == 0 && attaching_ == 0 &&
+        mailbox_empty())
       break;
     if (busy && poll_for_completions()) busy = false;
     int ret = ring_.submit_and_wait(1);
@@ -307,7 +309,7 @@ void Loop::on_timer() {
   for (auto& cp : conns_) {
     if (!cp || cp->fd < 0 || cp->phase == Connection::Phase::kClosing) continue;
     Connection& c = *cp;
-    if (c.phase == Connection::Phase::kHandshake && now > c.handshake_deadline) {
+    if (c.phase == Connection::Phase::kHandshake && !c.attaching && now > c.handshake_deadline) {
       exports::bump(shared_.stats.server().handshake_failures);
       close_connection(c, fmt::format("handshake: no option finished in {} s (--handshake-timeout)",
                                       shared_.opts.handshake_timeout), true);
@@ -327,11 +329,14 @@ void Loop::on_timer() {
 
 void Loop::on_wake() {
   std::vector<Handoff> arrived;
+  std::vector<Attached> done;
   {
     std::lock_guard<std::mutex> g(mailbox_mu_);
     arrived.swap(mailbox_);
+    done.swap(attached_);
   }
   for (Handoff& h : arrived) start_adopted(std::move(h));
+  for (Attached& a : done) on_attached(std::move(a));
   if (shared_.stopping) begin_shutdown();
   post_wake_read();
 }
@@ -344,9 +349,17 @@ void Loop::adopt(Handoff&& h) {
   wake();
 }
 
+void Loop::attached(Attached&& a) {
+  {
+    std::lock_guard<std::mutex> g(mailbox_mu_);
+    attached_.push_back(std::move(a));
+  }
+  wake();
+}
+
 bool Loop::mailbox_empty() {
   std::lock_guard<std::mutex> g(mailbox_mu_);
-  return mailbox_.empty();
+  return mailbox_.empty() && attached_.empty();
 }
 
 void Loop::begin_shutdown() {
@@ -403,6 +416,7 @@ void Loop::start_connection(int fd) {
       shared_.registry, limits,
       shared_.opts.tls_required ? nbd::TlsMode::kRequire : nbd::TlsMode::kOff);
   c.hs->set_client(nbd::Client{peer_address(fd)});
+  c.hs->set_defer_attach(shared_.attach_pool != nullptr);
   c.handshake_deadline =
       Clock::now() + seconds(shared_.opts.handshake_timeout);
   spdlog::debug("conn {}: accepted from {} on loop {}", c.id, c.peer, index_);
@@ -561,8 +575,9 @@ void Loop::on_recv(Connection& c, int res) {
 
 void Loop::on_handshake_input(Connection& c) {
   // After STARTTLS nothing more is parsed in plaintext: what follows is the
-  // client's TLS stream (start_tls()).
-  if (c.hs->status() == nbd::Handshake::Status::kStartTls) return;
+  // client's TLS stream (start_tls()). During an attach, what the client
+  // sent after its option waits in rbuf.
+  if (c.hs->status() == nbd::Handshake::Status::kStartTls || c.attaching) return;
   const uint64_t progress = c.hs->progress();
   size_t used = c.hs->feed(c.unparsed_data(), c.unparsed());
   c.rpos += used;
@@ -570,6 +585,10 @@ void Loop::on_handshake_input(Connection& c) {
   // exports takes as long as it takes, a message trickled in never finishes.
   if (c.hs->progress() != progress)
     c.handshake_deadline = Clock::now() + seconds(shared_.opts.handshake_timeout);
+  after_handshake_step(c);
+}
+
+void Loop::after_handshake_step(Connection& c) {
   for (const std::string& e : c.hs->take_errors()) {
     spdlog::info("conn {}: {}", c.id, e);
     exports::bump(shared_.stats.server().option_errors);
@@ -579,6 +598,9 @@ void Loop::on_handshake_input(Connection& c) {
   switch (c.hs->status()) {
     case nbd::Handshake::Status::kContinue:
     case nbd::Handshake::Status::kStartTls:  // start_tls() once the reply is sent
+      break;
+    case nbd::Handshake::Status::kAttaching:
+      start_attach(c);
       break;
     case nbd::Handshake::Status::kTransmission:
       c.session = c.hs->session();
@@ -622,6 +644,40 @@ void Loop::on_handshake_input(Connection& c) {
     m.extra = std::move(out);
     queue(c, std::move(m));
   }
+}
+
+// Opening or creating a node's view blocks on the disk: it runs on the
+// AttachPool while this loop serves its other connections. The job holds
+// no reference into the loop's tables, only the connection's slot and
+// generation, and its result comes back through attached().
+void Loop::start_attach(Connection& c) {
+  c.attaching = true;
+  ++attaching_;
+  spdlog::debug("conn {}: attaching '{}' on the attach threads", c.id, c.hs->attaching_name());
+  shared_.attach_pool->post([this, slot = c.slot, gen = c.gen, client = c.hs->client(),
+                             name = c.hs->attaching_name()] {
+    Attached a{slot, gen, nullptr, {}};
+    a.exp = shared_.registry.attach(client, name, &a.why);
+    attached(std::move(a));
+  });
+}
+
+void Loop::on_attached(Attached&& a) {
+  --attaching_;
+  Connection* cp = a.slot < conns_.size() ? conns_[a.slot].get() : nullptr;
+  // The client left (or the server is stopping) meanwhile: the attachment
+  // is let go here, on the loop, like any other.
+  if (!cp || cp->fd < 0 || cp->gen != a.gen || !cp->attaching ||
+      cp->phase != Connection::Phase::kHandshake || !cp->hs)
+    return;
+  Connection& c = *cp;
+  c.attaching = false;
+  c.hs->attach_done(std::move(a.exp), std::move(a.why));
+  c.handshake_deadline = Clock::now() + seconds(shared_.opts.handshake_timeout);
+  after_handshake_step(c);
+  // Options the client sent after this one wait in rbuf.
+  if (c.phase == Connection::Phase::kHandshake && c.unparsed()) on_handshake_input(c);
+  queue(c, OutMsg());
 }
 
 // Moves payload bytes from rbuf into the WRITE waiting for them. Returns true
@@ -812,7 +868,9 @@ void Loop::flush_sends() {
         close_connection(c, c.disconnect ? "client disconnected" : "handshake ended", false);
       } else if (shared_.stopping && c.phase == Connection::Phase::kTransmission && idle) {
         close_connection(c, "server shutting down", false);
-      } else if (!c.recv_pending && !c.disconnect && !c.close_after_send) {
+      } else if (!c.recv_pending && !c.disconnect && !c.close_after_send && !c.attaching) {
+        // Not while attaching: rbuf grows when transmission starts, which
+        // must not happen under a recv in flight into it.
         bool paused = c.payload_op == kNone && c.drain_left == 0 && backpressured(c);
         // Shutting down: no new requests are read, only the rest of one
         // whose payload is arriving. What the client sent after that stays

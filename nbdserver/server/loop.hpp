@@ -30,6 +30,7 @@
 namespace server {
 
 class Loop;
+class AttachPool;
 inline constexpr size_t kMaxMappedQueued = 8 << 20;  // mapped reply bytes waiting to be sent
 inline constexpr size_t kMaxExtents = 16384;
 
@@ -54,6 +55,7 @@ struct Shared {
   std::atomic<bool> stopping{false};
   std::atomic<bool> failed{false};  // a loop died; the server exits non-zero
   std::vector<Loop*> loops;         // set before any loop runs
+  AttachPool* attach_pool = nullptr;  // node attaches off the loops; set before any loop runs
   const TlsKeys* tls_keys = nullptr;  // with --tls require
 };
 
@@ -72,6 +74,14 @@ class Loop {
   void wake();
   // Takes over a connection handed off by another loop. Any thread.
   void adopt(Handoff&& h);
+  // The result of an attach run for connection (slot, gen) on the
+  // AttachPool. Any thread.
+  struct Attached {
+    uint32_t slot = 0, gen = 0;
+    std::shared_ptr<const nbd::ExportInfo> exp;
+    std::string why;
+  };
+  void attached(Attached&& a);
 
  private:
   void fail(const std::string& why);
@@ -99,6 +109,11 @@ class Loop {
   void post_recv(Connection& c);
   void on_recv(Connection& c, int res);
   void on_handshake_input(Connection& c);
+  // What the handshake's status asks for once it moved on: answers,
+  // transmission, a hand-off, a deferred attach or the end.
+  void after_handshake_step(Connection& c);
+  void start_attach(Connection& c);
+  void on_attached(Attached&& a);
   void process_requests(Connection& c);
   bool read_payload(Connection& c);
   void handle_request(Connection& c, const nbd::Request& req);
@@ -246,6 +261,8 @@ class Loop {
   std::unordered_map<storage::NodeView*, uint32_t> view_slots_;
   std::mutex mailbox_mu_;
   std::vector<Handoff> mailbox_;  // guarded by mailbox_mu_
+  std::vector<Attached> attached_;  // guarded by mailbox_mu_
+  unsigned attaching_ = 0;          // attaches posted and not yet handled here
   // Declared last so that it is destroyed first: the kernel must be done
   // with every buffer above before they are freed.
   io::Ring ring_;

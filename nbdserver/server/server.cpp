@@ -23,12 +23,18 @@
 #include "lifecycle/parsers.hpp"
 #include "lifecycle/report.hpp"
 #include "tracker/tracker.hpp"
+#include "server/attach_pool.hpp"
 #include "server/listen.hpp"
 #include "server/loop.hpp"
 #include "server/tls_keys.hpp"
 
 namespace server {
 namespace {
+
+// Attach threads: a node's attach runs under the store's lock, so more
+// threads would mostly wait for it; two let a node's state check and
+// file reads overlap another node's creation.
+constexpr unsigned kAttachThreads = 2;
 
 // Lets many connections in: raise the soft descriptor limit to the hard one.
 void raise_fd_limit() {
@@ -177,6 +183,13 @@ int run_server(const ServerOptions& opts) {
     }
   }
   for (auto& l : loops) shared.loops.push_back(l.get());
+  // Declared after the loops, so it is joined before they go. The loops
+  // wait for every attach they posted before they stop.
+  std::unique_ptr<AttachPool> attach_pool;
+  if (!opts.store.empty()) {
+    attach_pool = std::make_unique<AttachPool>(kAttachThreads);
+    shared.attach_pool = attach_pool.get();
+  }
   std::vector<std::thread> threads;
   for (auto& l : loops) threads.emplace_back([&l] { l->run(); });
   // A start that fails once the loops run: stops them, and exits 1.

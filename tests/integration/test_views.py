@@ -10,9 +10,11 @@ import json
 import os
 import random
 import subprocess
+import threading
 import time
 
 import nbd
+import nbdraw as N
 import pytest
 
 from conftest import MiB, NBDSERVER, run
@@ -960,3 +962,84 @@ def test_page_cached_reads_of_mixed_views_match_the_model(nbdserver, tmp_path):
             assert err == 0 and got == want, f"simple read {off}+{n}"
     raw.disconnect()
     h.shutdown()
+
+
+# ---------------------------------------------------------------- attach threads
+
+ATTACH_DELAY = 1.5  # s, NBDROOT_FAULT_ATTACH_DELAY_MS: a node attach as slow as a busy disk
+
+
+def test_a_slow_attach_does_not_stall_other_nodes_on_its_loop(nbdserver, store):
+    """Opening or creating a node's view runs on the attach threads, not on
+    the event loop: while one node's attach is slow (fault injection, under
+    the store's lock as a creation's fsyncs are), another node on the same
+    loop (--threads 1) keeps reading, and closing a connection does not
+    wait for it either."""
+    root, base = store
+    srv = nbdserver(args=["--store", root, "--threads", "1"],
+                    env=dict(os.environ, NBDROOT_FAULT_ATTACH_DELAY_MS=str(int(ATTACH_DELAY * 1000))))
+    a = connect(srv, "lab/a")  # pays the delay itself
+    spare = connect(srv, "lab/spare")
+    assert a.pread(BS, 0) == base[:BS]
+    got = {}
+
+    def attach_b():
+        t0 = time.monotonic()
+        got["b"] = connect(srv, "lab/b")
+        got["took"] = time.monotonic() - t0
+
+    th = threading.Thread(target=attach_b)
+    th.start()
+    time.sleep(0.2)  # b's attach is under way
+    worst, n, closed = 0.0, 0, False
+    start = time.monotonic()
+    while time.monotonic() < start + ATTACH_DELAY * 0.6:
+        if not closed and time.monotonic() > start + ATTACH_DELAY * 0.2:
+            spare.shutdown()  # a detach on the same loop during b's attach: a's
+            closed = True     # next reads wait for it if it waits for b
+        off = (n * 977 % (SIZE // BS)) * BS
+        t0 = time.monotonic()
+        assert a.pread(BS, off) == base[off:off + BS]
+        worst = max(worst, time.monotonic() - t0)
+        n += 1
+    th.join(30)
+    assert "b" in got, "b's attach did not finish"
+    assert got["took"] >= ATTACH_DELAY * 0.9, f"b's attach took {got['took']:.2f} s"
+    assert worst < ATTACH_DELAY / 3, (
+        f"a read of node a waited {worst:.2f} s during node b's attach ({n} reads)")
+    b = got["b"]
+    b.pwrite(b"b" * BS, 0)
+    b.flush()
+    assert b.pread(BS, 0) == b"b" * BS
+    assert a.pread(BS, 0) == base[:BS]
+    a.shutdown()
+    b.shutdown()
+
+
+def test_a_client_gone_during_its_attach_leaves_the_node_free(nbdserver, store):
+    """A client that hangs up while its node is being attached: the attach
+    finishes on the attach threads, and the loop lets it go, so the node
+    can be attached again (from another address too), and SIGTERM during
+    an attach still stops the server cleanly."""
+    root, base = store
+    srv = nbdserver(args=["--store", root, "--threads", "1"],
+                    env=dict(os.environ, NBDROOT_FAULT_ATTACH_DELAY_MS="800"))
+    with N.RawClient(srv.tcp) as c:
+        c.handshake()
+        c.send_option(N.OPT_GO, c.go_data("lab/gone"))
+        time.sleep(0.2)  # the attach is under way
+    time.sleep(1.0)  # and done, for nobody
+    h = connect(srv, "lab/gone")
+    assert h.pread(BS, 0) == base[:BS]
+    h.shutdown()
+    deadline = time.monotonic() + 10
+    while node_record(root, "gone")["connections"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node_record(root, "gone")["connections"] == 0, node_record(root, "gone")
+    srv.assert_alive()
+    # SIGTERM while an attach runs: the loop waits for it, then stops.
+    with N.RawClient(srv.tcp) as c:
+        c.handshake()
+        c.send_option(N.OPT_GO, c.go_data("lab/late"))
+        time.sleep(0.2)
+        assert srv.terminate() == 0, srv.stderr()[-3000:]
