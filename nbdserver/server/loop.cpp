@@ -1,5 +1,4 @@
 #include "server/loop.hpp"
-#include "server/attach_pool.hpp"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -18,6 +17,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+
+#include "server/attach_pool.hpp"
 
 namespace server {
 namespace {
