@@ -109,7 +109,7 @@ bool Registry::attach_may_block(const nbd::Client& client, std::string_view name
   if (!store_ || by_name_.count(name)) return false;
   StoreName sn;
   std::string bad;
-  return parse_store_name(std::string(name), &sn, &bad) && !sn.node.empty();
+  return parse_store_name(std::string(name), &sn, &bad);
 }
 
 std::shared_ptr<const nbd::ExportInfo> Registry::resolve(const nbd::Client& client,

@@ -73,7 +73,9 @@ class Registry : public nbd::ExportCatalog {
   // time (Store::view).
   std::shared_ptr<const nbd::ExportInfo> attach(const nbd::Client& client, std::string_view name,
                                                 std::string* why) const override;
-  // A store node's view: attach() opens it, or creates the node.
+  // Any store name: attach() opens a node's view or creates the node, or
+  // opens a generation; describe() may create a node's record. All of it
+  // under the store's lock, which a creation holds through its fsyncs.
   bool attach_may_block(const nbd::Client& client, std::string_view name) const override;
   // A node's export as GO would serve it, from its record and generation
   // size, without opening its view; other names as lookup().

@@ -205,14 +205,6 @@ std::shared_ptr<storage::NodeView> Store::view(const std::string& image, const s
   // admin failed or retired while it ran gets no new connection.
   if (!may_attach(node, err)) return nullptr;
   std::lock_guard<std::mutex> g(mu_);
-  // Fault injection (tests): an attach as slow as a busy disk makes it.
-  static const long delay_ms = [] {
-    const char* d = getenv("NBDROOT_FAULT_ATTACH_DELAY_MS");
-    const long ms = d ? std::max(0L, strtol(d, nullptr, 10)) : 0;
-    if (ms) spdlog::warn("fault injection: each node attach takes {} ms more", ms);
-    return ms;
-  }();
-  if (delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
   std::string pin;
   if (valid_store_name(node) && !read_pin(node, &pin, err)) return nullptr;
   if (!pin.empty() && pin != address) {
@@ -567,7 +559,16 @@ bool Store::create_node_locked(const std::string& node, const std::string& image
   // A node's first attach: the generation comes from the cache the attach
   // uses next (opening it afresh scans the image's allocation and loads
   // every delta's map), and the name check reads nodes/ once, so a storm of
-  // new nodes in a large store does not stall the loop that runs it.
+  // new nodes in a large store stays cheap. It runs on the attach threads
+  // (server/attach_pool.hpp), never on an event loop.
+  // Fault injection (tests): a creation as slow as a busy disk makes it.
+  static const long delay_ms = [] {
+    const char* d = getenv("NBDROOT_FAULT_ATTACH_DELAY_MS");
+    const long ms = d ? std::max(0L, strtol(d, nullptr, 10)) : 0;
+    if (ms) spdlog::warn("fault injection: each node creation takes {} ms more", ms);
+    return ms;
+  }();
+  if (delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
   if (!node_names_) node_names_ = std::make_unique<NameIndex>(root_ + "/nodes");
   if (!check_new_names({node}, image, err, node_names_.get())) return false;
   const std::string gen = storage::current_generation(root_, image, err);

@@ -236,9 +236,11 @@ void Handshake::tls_established(std::string identity) {
   status_ = Status::kContinue;
 }
 
-bool Handshake::defer(uint32_t opt, std::string_view name, bool want_name, bool want_desc) {
+bool Handshake::defer(uint32_t opt, std::string_view name, bool want_name, bool want_desc,
+                      std::vector<std::string>* queries) {
   if (!defer_attach_ || !catalog_.attach_may_block(client_, name)) return false;
-  pending_ = PendingAttach{opt, std::string(name), want_name, want_desc};
+  pending_ = PendingAttach{opt, std::string(name), want_name, want_desc, {}};
+  if (queries) pending_.queries = std::move(*queries);
   status_ = Status::kAttaching;
   return true;
 }
@@ -253,6 +255,8 @@ void Handshake::attach_done(std::shared_ptr<const ExportInfo> e, std::string why
   pending_ = {};
   if (p.opt == kOptExportName) {
     answer_export_name(p.name, std::move(e), why);
+  } else if (p.opt == kOptListMetaContext || p.opt == kOptSetMetaContext) {
+    answer_meta_context(p.opt, p.name, p.queries, std::move(e), why);
   } else {
     answer_info_or_go(p.opt, p.name, std::move(e), why, p.want_name, p.want_desc);
   }
@@ -325,7 +329,7 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
     want_name |= info == kInfoName;
     want_desc |= info == kInfoDescription;
   }
-  if (opt == kOptGo && defer(opt, name, want_name, want_desc)) return;
+  if (defer(opt, name, want_name, want_desc)) return;
   std::string why;
   auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(client_, name, &why);
   answer_info_or_go(opt, name, std::move(e), why, want_name, want_desc);
@@ -422,8 +426,17 @@ void Handshake::opt_meta_context(uint32_t opt, std::string_view data) {
     reply_error(opt, kRepErrInvalid, "malformed option data");
     return;
   }
+  std::vector<std::string> owned(queries.begin(), queries.end());
+  if (defer(opt, name, false, false, &owned)) return;
   std::string why;
   auto e = catalog_.describe(client_, name, &why);
+  answer_meta_context(opt, name, owned, std::move(e), why);
+}
+
+void Handshake::answer_meta_context(uint32_t opt, std::string_view name,
+                                    const std::vector<std::string>& queries,
+                                    std::shared_ptr<const ExportInfo> e, const std::string& why) {
+  const bool listing = opt == kOptListMetaContext;
   if (!e) {
     reply_error(opt, kRepErrUnknown,
                 why.empty() ? "unknown export " + quoted(name) : why);
@@ -433,7 +446,7 @@ void Handshake::opt_meta_context(uint32_t opt, std::string_view data) {
   for (size_t i = 0; i < e->contexts.size(); ++i) {
     const std::string& c = e->contexts[i];
     bool hit = listing && queries.empty();
-    for (auto q : queries) hit |= query_matches(q, c, listing);
+    for (const std::string& q : queries) hit |= query_matches(q, c, listing);
     if (hit) chosen.push_back({uint32_t(i + 1), c});
   }
   for (const auto& c : chosen) {

@@ -80,9 +80,10 @@ class ExportCatalog {
     (void)client;
     return lookup(name, why);
   }
-  // True when attach(client, name) may block on I/O (opening or creating a
-  // node's view): a Handshake with deferred attaches then leaves the call
-  // to its caller (Handshake::set_defer_attach).
+  // True when attach(client, name) or describe(client, name) may block on
+  // I/O (opening or creating a node's view, creating its record): a
+  // Handshake with deferred attaches then leaves the call to its caller
+  // (Handshake::set_defer_attach).
   virtual bool attach_may_block(const Client& client, std::string_view name) const {
     (void)client;
     (void)name;
@@ -159,14 +160,19 @@ class Handshake {
   void tls_established(std::string identity);
   // True once tls_established() was called.
   bool tls_active() const { return tls_active_; }
-  // Deferred attaches: with this on, NBD_OPT_GO and NBD_OPT_EXPORT_NAME of a
-  // name the catalog's attach_may_block() names do not call attach().
-  // status() becomes kAttaching; the caller runs
-  // catalog.attach(client(), attaching_name(), &why) where blocking harms
-  // nobody (a worker thread), then gives the result to attach_done(), which
-  // answers the option as a synchronous attach would have.
+  // Deferred attaches: with this on, the options that name an export
+  // (NBD_OPT_GO, NBD_OPT_EXPORT_NAME, NBD_OPT_INFO and the meta-context
+  // options) do not call the catalog for a name its attach_may_block()
+  // names. status() becomes kAttaching; the caller runs
+  // catalog.attach(client(), attaching_name(), &why), or describe() when
+  // attaching_describes(), where blocking harms nobody (a worker thread),
+  // then gives the result to attach_done(), which answers the option as a
+  // synchronous call would have.
   void set_defer_attach(bool on) { defer_attach_ = on; }
   const std::string& attaching_name() const { return pending_.name; }
+  bool attaching_describes() const {
+    return pending_.opt != kOptGo && pending_.opt != kOptExportName;
+  }
   const Client& client() const { return client_; }
   // The result of the deferred attach (nullptr and why when refused).
   // Called in any other state, it closes the handshake.
@@ -217,9 +223,14 @@ class Handshake {
                           const std::string& why);
   void answer_info_or_go(uint32_t opt, std::string_view name, std::shared_ptr<const ExportInfo> e,
                          const std::string& why, bool want_name, bool want_desc);
-  // Defers the attach of `name` for option `opt` when set_defer_attach() is
-  // on and the catalog says it may block; true if so.
-  bool defer(uint32_t opt, std::string_view name, bool want_name, bool want_desc);
+  void answer_meta_context(uint32_t opt, std::string_view name,
+                           const std::vector<std::string>& queries,
+                           std::shared_ptr<const ExportInfo> e, const std::string& why);
+  // Defers the attach (or description) of `name` for option `opt` when
+  // set_defer_attach() is on and the catalog says it may block; true if so
+  // (then *queries, a meta-context option's, moved into the pending state).
+  bool defer(uint32_t opt, std::string_view name, bool want_name, bool want_desc,
+             std::vector<std::string>* queries = nullptr);
   void opt_structured_reply(std::string_view data);
   void opt_extended_headers(std::string_view data);
   void opt_meta_context(uint32_t opt, std::string_view data);
@@ -254,6 +265,7 @@ class Handshake {
     uint32_t opt = 0;
     std::string name;
     bool want_name = false, want_desc = false;
+    std::vector<std::string> queries;  // the meta-context options'
   } pending_;
   Session session_;
   std::string meta_export_;  // export the selected contexts were set for

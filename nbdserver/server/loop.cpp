@@ -647,8 +647,9 @@ void Loop::after_handshake_step(Connection& c) {
   }
 }
 
-// Opening or creating a node's view blocks on the disk: it runs on the
-// AttachPool while this loop serves its other connections. The job holds
+// Opening or creating a node's view (or, for NBD_OPT_INFO, its record)
+// blocks on the disk: it runs on the AttachPool while this loop serves its
+// other connections. The job holds
 // no reference into the loop's tables, only the connection's slot and
 // generation, and its result comes back through attached().
 void Loop::start_attach(Connection& c) {
@@ -656,9 +657,17 @@ void Loop::start_attach(Connection& c) {
   ++attaching_;
   spdlog::debug("conn {}: attaching '{}' on the attach threads", c.id, c.hs->attaching_name());
   shared_.attach_pool->post([this, slot = c.slot, gen = c.gen, client = c.hs->client(),
-                             name = c.hs->attaching_name()] {
+                             name = c.hs->attaching_name(),
+                             describe = c.hs->attaching_describes()] {
     Attached a{slot, gen, nullptr, {}};
-    a.exp = shared_.registry.attach(client, name, &a.why);
+    // Stopping: attaches still queued are refused, not made for nobody.
+    if (shared_.stopping) {
+      a.why = "server is shutting down";
+    } else if (describe) {
+      a.exp = shared_.registry.describe(client, name, &a.why);
+    } else {
+      a.exp = shared_.registry.attach(client, name, &a.why);
+    }
     attached(std::move(a));
   });
 }

@@ -966,15 +966,24 @@ def test_page_cached_reads_of_mixed_views_match_the_model(nbdserver, tmp_path):
 
 # ---------------------------------------------------------------- attach threads
 
-ATTACH_DELAY = 1.5  # s, NBDROOT_FAULT_ATTACH_DELAY_MS: a node attach as slow as a busy disk
+ATTACH_DELAY = 1.5  # s, NBDROOT_FAULT_ATTACH_DELAY_MS: a node creation as slow as a busy disk
 
 
-def test_a_slow_attach_does_not_stall_other_nodes_on_its_loop(nbdserver, store):
-    """Opening or creating a node's view runs on the attach threads, not on
-    the event loop: while one node's attach is slow (fault injection, under
-    the store's lock as a creation's fsyncs are), another node on the same
-    loop (--threads 1) keeps reading, and closing a connection does not
-    wait for it either."""
+def raw_info(srv, export):
+    """NBD_OPT_INFO of `export` on a raw connection; returns its replies."""
+    with N.RawClient(srv.tcp, timeout=30) as c:
+        c.handshake()
+        return c.opt_go(export, opt=N.OPT_INFO)
+
+
+@pytest.mark.parametrize("how", ["go", "info"])
+def test_a_slow_attach_does_not_stall_other_nodes_on_its_loop(nbdserver, store, how):
+    """Opening or creating a node's view (NBD_OPT_GO), or creating its
+    record (NBD_OPT_INFO of a new node), runs on the attach threads, not on
+    the event loop: while one node's creation is slow (fault injection,
+    under the store's lock as a creation's fsyncs are), another node on the
+    same loop (--threads 1) keeps reading, and closing a connection does
+    not wait for it either."""
     root, base = store
     srv = nbdserver(args=["--store", root, "--threads", "1"],
                     env=dict(os.environ, NBDROOT_FAULT_ATTACH_DELAY_MS=str(int(ATTACH_DELAY * 1000))))
@@ -985,7 +994,7 @@ def test_a_slow_attach_does_not_stall_other_nodes_on_its_loop(nbdserver, store):
 
     def attach_b():
         t0 = time.monotonic()
-        got["b"] = connect(srv, "lab/b")
+        got["b"] = connect(srv, "lab/b") if how == "go" else raw_info(srv, "lab/b")
         got["took"] = time.monotonic() - t0
 
     th = threading.Thread(target=attach_b)
@@ -1007,13 +1016,17 @@ def test_a_slow_attach_does_not_stall_other_nodes_on_its_loop(nbdserver, store):
     assert got["took"] >= ATTACH_DELAY * 0.9, f"b's attach took {got['took']:.2f} s"
     assert worst < ATTACH_DELAY / 3, (
         f"a read of node a waited {worst:.2f} s during node b's attach ({n} reads)")
-    b = got["b"]
-    b.pwrite(b"b" * BS, 0)
-    b.flush()
-    assert b.pread(BS, 0) == b"b" * BS
+    if how == "go":
+        b = got["b"]
+        b.pwrite(b"b" * BS, 0)
+        b.flush()
+        assert b.pread(BS, 0) == b"b" * BS
+        b.shutdown()
+    else:
+        assert not got["b"][-1].is_error, got["b"]
+        assert node_record(root, "b")["image"] == "lab"
     assert a.pread(BS, 0) == base[:BS]
     a.shutdown()
-    b.shutdown()
 
 
 def test_a_client_gone_during_its_attach_leaves_the_node_free(nbdserver, store):

@@ -112,6 +112,11 @@ class DeferringCatalog : public ExportCatalog {
     ++attaches;
     return catalog().attach(client, name, why);
   }
+  std::shared_ptr<const ExportInfo> describe(const Client& client, std::string_view name,
+                                             std::string* why) const override {
+    ++attaches;
+    return catalog().describe(client, name, why);
+  }
   bool attach_may_block(const Client&, std::string_view) const override { return true; }
   std::vector<std::shared_ptr<const ExportInfo>> list() const override { return catalog().list(); }
   mutable int attaches = 0;
@@ -172,7 +177,8 @@ Outcome run_chunked(const std::string& in, size_t chunk, const Options& o) {
         EXPECT_EQ(0u, h.feed(reinterpret_cast<const uint8_t*>(in.data() + pos), in.size() - pos));
       }
       std::string why;
-      auto e = cat.attach(h.client(), h.attaching_name(), &why);
+      auto e = h.attaching_describes() ? cat.describe(h.client(), h.attaching_name(), &why)
+                                       : cat.attach(h.client(), h.attaching_name(), &why);
       h.attach_done(std::move(e), why);
       if (h.status() == Handshake::Status::kContinue) continue;
     }
@@ -1422,12 +1428,39 @@ TEST(HandshakeDeferredAttach, RefusedExportNameCloses) {
   EXPECT_EQ(h.out().size(), kServerGreeting.size()) << "EXPORT_NAME has no error reply";
 }
 
-TEST(HandshakeDeferredAttach, InfoAndMetaContextsNeverWait) {
+TEST(HandshakeDeferredAttach, InfoWaitsForADescriptionAndStaysInOptions) {
   Handshake h(deferring());
   h.set_defer_attach(true);
-  feed(h, client_flags() + opt(OPT_STRUCTURED) + opt(OPT_INFO, info_data("disk")) +
-              opt(OPT_LIST_META, meta_data("disk", {})));
+  feed(h, client_flags() + opt(OPT_INFO, info_data("disk", {1})));
+  ASSERT_EQ(h.status(), St::kAttaching);
+  EXPECT_TRUE(h.attaching_describes());
+  std::string why;
+  h.attach_done(catalog().describe(h.client(), h.attaching_name(), &why), why);
   EXPECT_EQ(h.status(), St::kContinue);
+  auto reps = parse_replies(h.out().substr(kServerGreeting.size()));
+  ASSERT_EQ(reps.size(), 4u);
+  expect_info_export(reps[0], OPT_INFO, 0x140000000ULL, HAS_FLAGS | SEND_FLUSH);
+  expect_reply(reps[3], OPT_INFO, ACK);
+  EXPECT_FALSE(h.session().exp);
+}
+
+TEST(HandshakeDeferredAttach, SetMetaContextWaitsAndKeepsItsQueries) {
+  Handshake h(deferring());
+  h.set_defer_attach(true);
+  feed(h, client_flags() + opt(OPT_STRUCTURED) +
+              opt(OPT_SET_META, meta_data("disk", {"qemu:dirty-bitmap:b", "base:allocation"})));
+  ASSERT_EQ(h.status(), St::kAttaching);
+  EXPECT_TRUE(h.attaching_describes());
+  std::string why;
+  h.attach_done(catalog().describe(h.client(), h.attaching_name(), &why), why);
+  EXPECT_EQ(h.status(), St::kContinue);
+  feed(h, opt(OPT_GO, info_data("disk")));
+  ASSERT_EQ(h.status(), St::kAttaching);
+  h.attach_done(catalog().attach(h.client(), h.attaching_name(), &why), why);
+  ASSERT_EQ(h.status(), St::kTransmission);
+  ASSERT_EQ(h.session().contexts.size(), 2u);
+  EXPECT_EQ(h.session().contexts[0].name, "base:allocation");
+  EXPECT_EQ(h.session().contexts[1].name, "qemu:dirty-bitmap:b");
 }
 
 TEST(HandshakeDeferredAttach, AttachDoneWithoutAWaitingAttachCloses) {
