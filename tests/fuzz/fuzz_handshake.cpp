@@ -4,7 +4,9 @@
 //   byte 0   segmentation: 0 feeds everything at once, n > 0 feeds n-byte
 //            chunks, with bit 7 set the chunk sizes vary pseudo-randomly
 //   byte 1   configuration: bit 0 set_shutting_down() before the first byte,
-//            bit 1 tiny limits (max_option 64, max_skip 256, max_options 8)
+//            bit 1 tiny limits (max_option 64, max_skip 256, max_options 8),
+//            bit 2 the segmented run defers every attach and description
+//            (set_defer_attach), made by the driver at each kAttaching
 //   rest     the client's byte stream, starting with its 32-bit flags
 //
 // Invariants checked on every input:
@@ -13,7 +15,8 @@
 //   - once kClosed or kTransmission, the status, out() and wanted() stay put
 //     and feed() consumes nothing;
 //   - the segmented run produces exactly the bytes, status and session of a
-//     run that feeds everything at once;
+//     run that feeds everything at once, with or without deferred attaches;
+//   - while kAttaching, feed() consumes nothing;
 //   - out() is the 18-byte greeting, then well-formed option replies, then
 //     (only after NBD_OPT_EXPORT_NAME) the 10- or 134-byte export reply;
 //   - a session in transmission is consistent with what was negotiated.
@@ -74,6 +77,23 @@ const Catalog& catalog() {
   return c;
 }
 
+// The same exports, every call of which "may block".
+class Deferring : public nbd::ExportCatalog {
+ public:
+  std::shared_ptr<const nbd::ExportInfo> find(std::string_view name) const override {
+    return catalog().find(name);
+  }
+  bool attach_may_block(const nbd::Client&, std::string_view) const override { return true; }
+  std::vector<std::shared_ptr<const nbd::ExportInfo>> list() const override {
+    return catalog().list();
+  }
+};
+
+const Deferring& deferring() {
+  static const Deferring c;
+  return c;
+}
+
 struct Run {
   std::string out;
   Handshake::Status status;
@@ -83,10 +103,13 @@ struct Run {
 };
 
 // Feeds `in` in chunks chosen by `seg` and checks the per-call invariants.
-Run run(const uint8_t* in, size_t len, uint8_t seg, uint8_t cfg) {
+Run run(const uint8_t* in, size_t len, uint8_t seg, uint8_t cfg, bool defer) {
   nbd::HandshakeLimits limits;
   if (cfg & 2) limits = {64, 256, 8};
-  Handshake h(catalog(), limits);
+  const nbd::ExportCatalog& cat =
+      defer ? static_cast<const nbd::ExportCatalog&>(deferring()) : catalog();
+  Handshake h(cat, limits);
+  h.set_defer_attach(defer);
   if (cfg & 1) h.set_shutting_down();
   Chunker chunks(seg);
   size_t pos = 0;
@@ -95,6 +118,16 @@ Run run(const uint8_t* in, size_t len, uint8_t seg, uint8_t cfg) {
     size_t used = h.feed(in + pos, n);
     CHECK(used <= n);
     pos += used;
+    if (h.status() == Handshake::Status::kAttaching) {
+      CHECK(defer);
+      if (pos < len) CHECK(h.feed(in + pos, len - pos) == 0);
+      std::string why;
+      auto e = h.attaching_describes() ? cat.describe(h.client(), h.attaching_name(), &why)
+                                       : cat.attach(h.client(), h.attaching_name(), &why);
+      h.attach_done(std::move(e), why);
+      CHECK(h.status() != Handshake::Status::kAttaching);
+      if (h.status() == Handshake::Status::kContinue) continue;
+    }
     if (h.status() != Handshake::Status::kContinue) break;
     CHECK(used == n);
     CHECK(h.wanted() > 0 || h.status() != Handshake::Status::kContinue);
@@ -210,8 +243,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t seg = data[0], cfg = data[1];
   const uint8_t* in = data + 2;
   const size_t len = size - 2;
-  Run whole = run(in, len, 0, cfg);
-  Run parts = run(in, len, seg, cfg);
+  Run whole = run(in, len, 0, cfg, false);
+  Run parts = run(in, len, seg, cfg, cfg & 4);
   CHECK(whole.out == parts.out);
   CHECK(whole.status == parts.status);
   CHECK(whole.used == parts.used);

@@ -70,6 +70,16 @@ HANDSHAKE = {
                               opt(GO, info("nope")), opt(GO, info("ro"))),
     "bad_flags": hs(0, 0, flags(0x80)),
     "bad_option_magic": hs(0, 0, flags(1), b"IHAVEOPX" + struct.pack(">II", LIST, 0)),
+    # cfg bit 2: the segmented run defers attaches and descriptions.
+    "deferred_meta_info_go": hs(3, 4, flags(3), opt(STRUCTURED), opt(LIST_META, meta("disk")),
+                                opt(SET_META, meta("disk", ["qemu:dirty-bitmap:x", "base:"])),
+                                opt(INFO, info("nope", [1])), opt(INFO, info("disk", [1, 2])),
+                                opt(GO, info("disk", [2])),
+                                struct.pack(">IHHQI", 0x25609513, 0, 0, 1, 0)),
+    "deferred_export_name": hs(1, 4, flags(1), opt(GO, info("nope")), opt(EXPORT_NAME, b"ro"),
+                               b"trailing"),
+    "deferred_shutting_down": hs(0x82, 5, flags(1), opt(INFO, info("disk")),
+                                 opt(GO, info("disk")), opt(EXPORT_NAME, b"disk")),
 }
 
 # The same layout, for a server that requires TLS (fuzz_handshake_tls).
