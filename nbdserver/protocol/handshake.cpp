@@ -239,7 +239,7 @@ void Handshake::tls_established(std::string identity) {
 bool Handshake::defer(uint32_t opt, std::string_view name, bool want_name, bool want_desc,
                       std::vector<std::string>* queries) {
   if (!defer_attach_ || !catalog_.attach_may_block(client_, name)) return false;
-  pending_ = PendingAttach{opt, std::string(name), want_name, want_desc, {}};
+  pending_ = PendingAttach{opt, call(opt, name), want_name, want_desc, {}};
   if (queries) pending_.queries = std::move(*queries);
   status_ = Status::kAttaching;
   return true;
@@ -253,19 +253,20 @@ void Handshake::attach_done(std::shared_ptr<const ExportInfo> e, std::string why
   status_ = Status::kContinue;
   PendingAttach p = std::move(pending_);
   pending_ = {};
+  const std::string& name = p.call.name;
   if (p.opt == kOptExportName) {
-    answer_export_name(p.name, std::move(e), why);
+    answer_export_name(name, std::move(e), why);
   } else if (p.opt == kOptListMetaContext || p.opt == kOptSetMetaContext) {
-    answer_meta_context(p.opt, p.name, p.queries, std::move(e), why);
+    answer_meta_context(p.opt, name, p.queries, std::move(e), why);
   } else {
-    answer_info_or_go(p.opt, p.name, std::move(e), why, p.want_name, p.want_desc);
+    answer_info_or_go(p.opt, name, std::move(e), why, p.want_name, p.want_desc);
   }
 }
 
 void Handshake::opt_export_name(std::string_view data) {
   if (valid_string(data) && defer(kOptExportName, data, false, false)) return;
   std::string why;
-  auto e = valid_string(data) ? catalog_.attach(client_, data, &why) : nullptr;
+  auto e = valid_string(data) ? call(kOptExportName, data).run(catalog_, &why) : nullptr;
   answer_export_name(data, std::move(e), why);
 }
 
@@ -331,7 +332,7 @@ void Handshake::opt_info_or_go(uint32_t opt, std::string_view data) {
   }
   if (defer(opt, name, want_name, want_desc)) return;
   std::string why;
-  auto e = opt == kOptGo ? catalog_.attach(client_, name, &why) : catalog_.describe(client_, name, &why);
+  auto e = call(opt, name).run(catalog_, &why);
   answer_info_or_go(opt, name, std::move(e), why, want_name, want_desc);
 }
 
@@ -429,7 +430,7 @@ void Handshake::opt_meta_context(uint32_t opt, std::string_view data) {
   std::vector<std::string> owned(queries.begin(), queries.end());
   if (defer(opt, name, false, false, &owned)) return;
   std::string why;
-  auto e = catalog_.describe(client_, name, &why);
+  auto e = call(opt, name).run(catalog_, &why);
   answer_meta_context(opt, name, owned, std::move(e), why);
 }
 

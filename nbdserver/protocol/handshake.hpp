@@ -102,6 +102,19 @@ class ExportCatalog {
   virtual std::vector<std::shared_ptr<const ExportInfo>> list() const = 0;
 };
 
+// The catalog call a deferred option waits for (Handshake::deferred_call):
+// who asks, for which name, and whether it is attach() (NBD_OPT_GO,
+// NBD_OPT_EXPORT_NAME) or describe() (NBD_OPT_INFO, the meta-context
+// options). A copy, for the thread that makes the call.
+struct CatalogCall {
+  Client client;
+  std::string name;
+  bool describe = false;
+  std::shared_ptr<const ExportInfo> run(const ExportCatalog& catalog, std::string* why) const {
+    return describe ? catalog.describe(client, name, why) : catalog.attach(client, name, why);
+  }
+};
+
 struct MetaContext {
   uint32_t id;
   std::string name;
@@ -138,8 +151,8 @@ class Handshake {
  public:
   // kStartTls: out() ends with the ACK to NBD_OPT_STARTTLS. The caller sends
   // it, runs TLS over the connection, then calls tls_established().
-  // kAttaching: an NBD_OPT_GO or NBD_OPT_EXPORT_NAME waits for the caller's
-  // attach (set_defer_attach); feed() consumes nothing until attach_done().
+  // kAttaching: an option naming an export waits for the caller's catalog
+  // call (set_defer_attach); feed() consumes nothing until attach_done().
   enum class Status { kContinue, kStartTls, kAttaching, kTransmission, kClosed };
 
   // Appends the server greeting to out() at once. `catalog` must outlive this.
@@ -164,16 +177,11 @@ class Handshake {
   // (NBD_OPT_GO, NBD_OPT_EXPORT_NAME, NBD_OPT_INFO and the meta-context
   // options) do not call the catalog for a name its attach_may_block()
   // names. status() becomes kAttaching; the caller runs
-  // catalog.attach(client(), attaching_name(), &why), or describe() when
-  // attaching_describes(), where blocking harms nobody (a worker thread),
-  // then gives the result to attach_done(), which answers the option as a
-  // synchronous call would have.
+  // deferred_call().run(catalog, &why) where blocking harms nobody (a
+  // worker thread), then gives the result to attach_done(), which answers
+  // the option as a synchronous call would have.
   void set_defer_attach(bool on) { defer_attach_ = on; }
-  const std::string& attaching_name() const { return pending_.name; }
-  bool attaching_describes() const {
-    return pending_.opt != kOptGo && pending_.opt != kOptExportName;
-  }
-  const Client& client() const { return client_; }
+  const CatalogCall& deferred_call() const { return pending_.call; }
   // The result of the deferred attach (nullptr and why when refused).
   // Called in any other state, it closes the handshake.
   void attach_done(std::shared_ptr<const ExportInfo> e, std::string why);
@@ -261,9 +269,13 @@ class Handshake {
   bool aborted_ = false;
   bool shutting_down_ = false;
   bool defer_attach_ = false;
+  // The call option `opt` makes: attach() for GO and EXPORT_NAME, else describe().
+  CatalogCall call(uint32_t opt, std::string_view name) const {
+    return {client_, std::string(name), opt != kOptGo && opt != kOptExportName};
+  }
   struct PendingAttach {
     uint32_t opt = 0;
-    std::string name;
+    CatalogCall call;
     bool want_name = false, want_desc = false;
     std::vector<std::string> queries;  // the meta-context options'
   } pending_;

@@ -647,26 +647,23 @@ void Loop::after_handshake_step(Connection& c) {
   }
 }
 
-// Opening or creating a node's view (or, for NBD_OPT_INFO, its record)
-// blocks on the disk: it runs on the AttachPool while this loop serves its
-// other connections. The job holds
-// no reference into the loop's tables, only the connection's slot and
+// Opening or creating a node's view (or, for NBD_OPT_INFO and the
+// meta-context options, its record) blocks on the disk: it runs on the
+// AttachPool while this loop serves its other connections. The job holds no
+// reference into the loop's tables, only the connection's slot and
 // generation, and its result comes back through attached().
 void Loop::start_attach(Connection& c) {
   c.attaching = true;
   ++attaching_;
-  spdlog::debug("conn {}: attaching '{}' on the attach threads", c.id, c.hs->attaching_name());
-  shared_.attach_pool->post([this, slot = c.slot, gen = c.gen, client = c.hs->client(),
-                             name = c.hs->attaching_name(),
-                             describe = c.hs->attaching_describes()] {
+  spdlog::debug("conn {}: attaching '{}' on the attach threads", c.id,
+                c.hs->deferred_call().name);
+  shared_.attach_pool->post([this, slot = c.slot, gen = c.gen, call = c.hs->deferred_call()] {
     Attached a{slot, gen, nullptr, {}};
     // Stopping: attaches still queued are refused, not made for nobody.
     if (shared_.stopping) {
       a.why = "server is shutting down";
-    } else if (describe) {
-      a.exp = shared_.registry.describe(client, name, &a.why);
     } else {
-      a.exp = shared_.registry.attach(client, name, &a.why);
+      a.exp = call.run(shared_.registry, &a.why);
     }
     attached(std::move(a));
   });

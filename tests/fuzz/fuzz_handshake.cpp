@@ -122,8 +122,7 @@ Run run(const uint8_t* in, size_t len, uint8_t seg, uint8_t cfg, bool defer) {
       CHECK(defer);
       if (pos < len) CHECK(h.feed(in + pos, len - pos) == 0);
       std::string why;
-      auto e = h.attaching_describes() ? cat.describe(h.client(), h.attaching_name(), &why)
-                                       : cat.attach(h.client(), h.attaching_name(), &why);
+      auto e = h.deferred_call().run(cat, &why);
       h.attach_done(std::move(e), why);
       CHECK(h.status() != Handshake::Status::kAttaching);
       if (h.status() == Handshake::Status::kContinue) continue;

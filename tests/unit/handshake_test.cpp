@@ -177,8 +177,7 @@ Outcome run_chunked(const std::string& in, size_t chunk, const Options& o) {
         EXPECT_EQ(0u, h.feed(reinterpret_cast<const uint8_t*>(in.data() + pos), in.size() - pos));
       }
       std::string why;
-      auto e = h.attaching_describes() ? cat.describe(h.client(), h.attaching_name(), &why)
-                                       : cat.attach(h.client(), h.attaching_name(), &why);
+      auto e = h.deferred_call().run(cat, &why);
       h.attach_done(std::move(e), why);
       if (h.status() == Handshake::Status::kContinue) continue;
     }
@@ -1376,7 +1375,8 @@ TEST(HandshakeDeferredAttach, GoWaitsForTheCallerAndKeepsLaterBytes) {
   const std::string request = be32(0x25609513) + std::string(24, '\x01');
   EXPECT_EQ(feed(h, hs + request), hs.size());
   ASSERT_EQ(h.status(), St::kAttaching);
-  EXPECT_EQ(h.attaching_name(), "disk");
+  EXPECT_EQ(h.deferred_call().name, "disk");
+  EXPECT_FALSE(h.deferred_call().describe);
   EXPECT_EQ(deferring().attaches, before) << "the handshake itself must not attach";
   // Only the structured-reply ACK so far; nothing of GO's answer.
   auto early = parse_replies(h.out().substr(kServerGreeting.size()));
@@ -1385,7 +1385,7 @@ TEST(HandshakeDeferredAttach, GoWaitsForTheCallerAndKeepsLaterBytes) {
   EXPECT_EQ(feed(h, request), 0u) << "nothing is parsed while the attach runs";
   h.out().clear();
   std::string why;
-  h.attach_done(catalog().attach(h.client(), h.attaching_name(), &why), why);
+  h.attach_done(h.deferred_call().run(catalog(), &why), why);
   ASSERT_EQ(h.status(), St::kTransmission);
   auto reps = parse_replies(h.out());
   ASSERT_EQ(reps.size(), 4u);
@@ -1433,9 +1433,9 @@ TEST(HandshakeDeferredAttach, InfoWaitsForADescriptionAndStaysInOptions) {
   h.set_defer_attach(true);
   feed(h, client_flags() + opt(OPT_INFO, info_data("disk", {1})));
   ASSERT_EQ(h.status(), St::kAttaching);
-  EXPECT_TRUE(h.attaching_describes());
+  EXPECT_TRUE(h.deferred_call().describe);
   std::string why;
-  h.attach_done(catalog().describe(h.client(), h.attaching_name(), &why), why);
+  h.attach_done(h.deferred_call().run(catalog(), &why), why);
   EXPECT_EQ(h.status(), St::kContinue);
   auto reps = parse_replies(h.out().substr(kServerGreeting.size()));
   ASSERT_EQ(reps.size(), 4u);
@@ -1450,13 +1450,13 @@ TEST(HandshakeDeferredAttach, SetMetaContextWaitsAndKeepsItsQueries) {
   feed(h, client_flags() + opt(OPT_STRUCTURED) +
               opt(OPT_SET_META, meta_data("disk", {"qemu:dirty-bitmap:b", "base:allocation"})));
   ASSERT_EQ(h.status(), St::kAttaching);
-  EXPECT_TRUE(h.attaching_describes());
+  EXPECT_TRUE(h.deferred_call().describe);
   std::string why;
-  h.attach_done(catalog().describe(h.client(), h.attaching_name(), &why), why);
+  h.attach_done(h.deferred_call().run(catalog(), &why), why);
   EXPECT_EQ(h.status(), St::kContinue);
   feed(h, opt(OPT_GO, info_data("disk")));
   ASSERT_EQ(h.status(), St::kAttaching);
-  h.attach_done(catalog().attach(h.client(), h.attaching_name(), &why), why);
+  h.attach_done(h.deferred_call().run(catalog(), &why), why);
   ASSERT_EQ(h.status(), St::kTransmission);
   ASSERT_EQ(h.session().contexts.size(), 2u);
   EXPECT_EQ(h.session().contexts[0].name, "base:allocation");
