@@ -424,6 +424,12 @@ static uint64_t percentile(const uint64_t *v, unsigned n, double p)
 
 static bool files_failed;
 
+/* A request that --files ends with an fdatasync: a FLUSH, or a FUA mutation. */
+static bool file_syncs(const struct req *r)
+{
+  return cfg.flush && (r->op == OP_FLUSH || (r->fua && r->op != OP_READ));
+}
+
 static void *file_node_main(void *arg)
 {
   const unsigned i = (unsigned)(uintptr_t)arg;
@@ -445,7 +451,7 @@ static void *file_node_main(void *arg)
     else if (r->op == OP_TRIM || r->op == OP_ZERO)
       rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)r->offset,
                      (off_t)r->length);
-    if (rc == 0 && cfg.flush && (r->op == OP_FLUSH || (r->fua && r->op != OP_READ)))
+    if (rc == 0 && file_syncs(r))
       rc = fdatasync(fd);
     if (rc != 0) {
       fprintf(stderr, "nbdstorm: %s: request %zu: %s\n", path, k, strerror(errno));
@@ -464,7 +470,7 @@ static int run_files(void)
   for (size_t k = 0; k < ntrace; k++) {
     writes += trace[k].op == OP_WRITE;
     bytes += trace[k].op == OP_WRITE ? trace[k].length : 0;
-    flushes += cfg.flush && (trace[k].op == OP_FLUSH || (trace[k].fua && trace[k].op != OP_READ));
+    flushes += file_syncs(&trace[k]);
   }
   const uint64_t t0 = now_ns();
   for (unsigned i = 0; i < cfg.nodes; i++)
