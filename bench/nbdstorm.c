@@ -35,8 +35,12 @@
  * TRIM and WRITE_ZEROES as a punched hole; reads are skipped.  This is what
  * the kernel alone costs to keep N distinct diffs, as node views do;
  * --no-flush leaves the fdatasyncs out, so the difference between the two
- * runs is the cost of making them durable (bench/storm.py --floor).  Its
- * JSON line has the wall time, the process's CPU time and the counts.
+ * runs is the cost of making them durable (bench/storm.py --floor).  With
+ * --maps each node also keeps a block map as a node view does: at a flush
+ * that follows writes to blocks its diff did not hold yet, after the diff's
+ * fdatasync, it writes a 4 KiB map slot into DIR/node-N.bitmap (two slots,
+ * allocated when the file is made, written in turn) and fdatasyncs that.
+ * Its JSON line has the wall time, the process's CPU time and the counts.
  *
  * Trace format (text, optionally gzip'd): '#' comment lines, then one
  * request per line, "T_MS OP OFFSET LENGTH [fua]", OP one of R W F T Z.
@@ -59,6 +63,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -157,6 +162,7 @@ static struct {
   const char *netns; /* namespace of node %d: a path, or a name under /run/netns */
   const char *files; /* --files DIR: no NBD, the mutations into DIR/node-N.diff */
   bool flush;        /* --files: fdatasync at flushes (off with --no-flush) */
+  bool maps;         /* --files: a block map per node, persisted after the diff */
 } cfg = { .nodes = 1, .qd = 4, .threads = 1, .timeout = 600, .flush = true };
 
 static uint8_t *write_buf;
@@ -430,19 +436,69 @@ static bool file_syncs(const struct req *r)
   return cfg.flush && (r->op == OP_FLUSH || (r->fua && r->op != OP_READ));
 }
 
+enum { MAP_BLOCK = 4096, MAP_SLOT = 4096, MAP_STRIDE = 65536 };
+static uint64_t map_writes; /* map slots written and synced, all nodes */
+
+/* --maps: the node's bitmap file (both slots allocated when it is made, as
+ * a view's are), and which blocks its diff already holds (from the diff's
+ * data extents: a file left by an earlier run holds that run's blocks). */
+static int open_map(const char *path, int diff_fd, uint8_t *held)
+{
+  const int mfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  struct stat st;
+  if (mfd < 0 || fstat(mfd, &st) != 0)
+    return -1;
+  if (st.st_size == 0 && fallocate(mfd, 0, 0, 2 * MAP_STRIDE) != 0) {
+    close(mfd);
+    return -1;
+  }
+  for (off_t at = 0;;) {
+    const off_t data = lseek(diff_fd, at, SEEK_DATA);
+    if (data < 0 || (uint64_t)data >= trace_end)
+      break;
+    off_t hole = lseek(diff_fd, data, SEEK_HOLE);
+    if (hole < 0 || (uint64_t)hole > trace_end)
+      hole = (off_t)trace_end;
+    for (uint64_t b = (uint64_t)data / MAP_BLOCK; b < ((uint64_t)hole + MAP_BLOCK - 1) / MAP_BLOCK; b++)
+      held[b] = 1;
+    at = hole;
+  }
+  return mfd;
+}
+
+/* Marks the blocks of [off, off + len) held; true if one was not yet. */
+static bool hold_blocks(uint8_t *held, uint64_t off, uint64_t len)
+{
+  bool grew = false;
+  for (uint64_t b = off / MAP_BLOCK; b < (off + len + MAP_BLOCK - 1) / MAP_BLOCK; b++) {
+    grew |= !held[b];
+    held[b] = 1;
+  }
+  return grew;
+}
+
 static void *file_node_main(void *arg)
 {
   const unsigned i = (unsigned)(uintptr_t)arg;
-  char path[4096];
+  char path[4096], map_path[4096];
   snprintf(path, sizeof path, "%s/node-%u.diff", cfg.files, i);
+  snprintf(map_path, sizeof map_path, "%s/node-%u.bitmap", cfg.files, i);
   const int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0 || ftruncate(fd, (off_t)trace_end) != 0) {
-    fprintf(stderr, "nbdstorm: %s: %s\n", path, strerror(errno));
+  uint8_t *held = cfg.maps ? calloc(trace_end / MAP_BLOCK + 1, 1) : NULL;
+  int mfd = -1;
+  if (fd < 0 || ftruncate(fd, (off_t)trace_end) != 0 ||
+      (cfg.maps && (!held || (mfd = open_map(map_path, fd, held)) < 0))) {
+    fprintf(stderr, "nbdstorm: %s: %s\n", mfd < 0 && fd >= 0 && cfg.maps ? map_path : path,
+            strerror(errno));
     __atomic_store_n(&files_failed, true, __ATOMIC_RELAXED);
     if (fd >= 0)
       close(fd);
+    free(held);
     return NULL;
   }
+  bool map_changed = false;
+  uint64_t seq = 0, maps = 0;
+  static const uint8_t slot[MAP_SLOT];
   for (size_t k = 0; k < ntrace; k++) {
     const struct req *r = &trace[k];
     int rc = 0;
@@ -451,15 +507,28 @@ static void *file_node_main(void *arg)
     else if (r->op == OP_TRIM || r->op == OP_ZERO)
       rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)r->offset,
                      (off_t)r->length);
+    if (held && r->op != OP_READ && r->op != OP_FLUSH)
+      map_changed |= hold_blocks(held, r->offset, r->length);
     if (rc == 0 && file_syncs(r))
       rc = fdatasync(fd);
+    if (rc == 0 && file_syncs(r) && map_changed) {
+      /* The map only after the data it names is durable, as a view's flush. */
+      rc = pwrite(mfd, slot, sizeof slot, (off_t)(seq++ % 2 * MAP_STRIDE)) == sizeof slot
+               ? fdatasync(mfd) : -1;
+      map_changed = false;
+      maps++;
+    }
     if (rc != 0) {
       fprintf(stderr, "nbdstorm: %s: request %zu: %s\n", path, k, strerror(errno));
       __atomic_store_n(&files_failed, true, __ATOMIC_RELAXED);
       break;
     }
   }
+  __atomic_add_fetch(&map_writes, maps, __ATOMIC_RELAXED);
   close(fd);
+  if (mfd >= 0)
+    close(mfd);
+  free(held);
   return NULL;
 }
 
@@ -483,11 +552,11 @@ static int run_files(void)
   getrusage(RUSAGE_SELF, &ru);
   printf("{\"nodes\": %u, \"flush\": %s, \"wall_s\": %.4f, \"cpu_s\": %.3f, "
          "\"user_s\": %.3f, \"sys_s\": %.3f, \"writes\": %" PRIu64 ", \"bytes\": %" PRIu64
-         ", \"flushes\": %" PRIu64 "}\n",
+         ", \"flushes\": %" PRIu64 ", \"map_writes\": %" PRIu64 "}\n",
          cfg.nodes, cfg.flush ? "true" : "false", (t1 - t0) / 1e9,
          ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6,
          ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6, ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6,
-         writes * cfg.nodes, bytes * cfg.nodes, flushes * cfg.nodes);
+         writes * cfg.nodes, bytes * cfg.nodes, flushes * cfg.nodes, map_writes);
   free(tids);
   return files_failed ? 1 : 0;
 }
@@ -507,10 +576,12 @@ static void usage(FILE *f)
         "  --threads N       client threads; nodes are dealt round-robin (default 1)\n"
         "  --timeout S       give up after S seconds (default 600)\n"
         "  --per-node FILE   write \"node connect_s done_s\" lines to FILE\n"
-        "Or, with no NBD: nbdstorm --trace FILE --files DIR [--nodes N] [--no-flush]\n"
+        "Or, with no NBD: nbdstorm --trace FILE --files DIR [--nodes N] [--no-flush] [--maps]\n"
         "  --files DIR       node N's writes and flushes go to DIR/node-N.diff\n"
         "                    (pwrite, fdatasync), one thread per node; reads are skipped\n"
-        "  --no-flush        with --files: leave the fdatasyncs out\n",
+        "  --no-flush        with --files: leave the fdatasyncs out\n"
+        "  --maps            with --files: at a flush after writes to new blocks, also\n"
+        "                    write a 4 KiB map slot to DIR/node-N.bitmap and fdatasync it\n",
         f);
 }
 
@@ -522,7 +593,7 @@ int main(int argc, char **argv)
     { "threads", required_argument, 0, 'j' },  { "timeout", required_argument, 0, 'T' },
     { "per-node", required_argument, 0, 'p' }, { "netns", required_argument, 0, 'N' },
     { "files", required_argument, 0, 'F' },    { "no-flush", no_argument, 0, 'X' },
-    { "help", no_argument, 0, 'h' },
+    { "maps", no_argument, 0, 'M' },           { "help", no_argument, 0, 'h' },
     { 0, 0, 0, 0 },
   };
   int c;
@@ -538,11 +609,12 @@ int main(int argc, char **argv)
     case 'N': cfg.netns = optarg; break;
     case 'F': cfg.files = optarg; break;
     case 'X': cfg.flush = false; break;
+    case 'M': cfg.maps = true; break;
     case 'h': usage(stdout); return 0;
     default: usage(stderr); return 2;
     }
   }
-  if (!cfg.trace || !cfg.uri == !cfg.files || optind != argc || (!cfg.flush && !cfg.files)) {
+  if (!cfg.trace || !cfg.uri == !cfg.files || optind != argc || ((!cfg.flush || cfg.maps) && !cfg.files)) {
     usage(stderr);
     return 2;
   }
