@@ -21,6 +21,10 @@ inside each repetition (A B C, A B C, ...), medians reported:
          and into a view whose blocks there are all dirty already (the map
          never changes, so a flush is one fdatasync of the diff).
 
+With --floor the read part also runs bench/iovfloor on the d10 and d90
+diffs: what the kernel alone costs to copy a view's pieces (no server), and
+the ceiling that puts on view/plain when the server's CPU is the limit.
+
 Reuses run.py's process accounting, server start/stop and image helpers.
 """
 
@@ -509,6 +513,72 @@ def part_read(args, base, stores, logdir, raw, problems):
             srv.stop()
 
 
+def read_floor(args, base, store, problems):
+    """--floor: bench/iovfloor on each changed view's diff, per read size of
+    two blocks or more, pinned like the server: what the kernel alone costs
+    to copy the view's pieces against one contiguous piece. Returns
+    {(view, workload): iovfloor's JSON}."""
+    out = {}
+    warm([base] + [os.path.join(store, "nodes", v, "lab.g1.diff") for v in ("d10", "d90")])
+    for w in args.read_workloads:
+        bs = READ_WL[w][1]["bs"]
+        if bs < 2 * 4096:
+            continue  # one block: one piece, nothing to alternate
+        for v in ("d10", "d90"):
+            argv = [args.iovfloor, base, os.path.join(store, "nodes", v, "lab.g1.diff"),
+                    "--read", str(bs), "--rounds", "5"]
+            if args.server_cpus:
+                argv = ["taskset", "-c", args.server_cpus] + argv
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            if p.returncode != 0:
+                problems.append(f"read floor {v} {w}: iovfloor exited {p.returncode}: "
+                                f"{p.stderr.strip()}")
+                log(problems[-1])
+                continue
+            out[(v, w)] = json.loads(p.stdout)
+            f = out[(v, w)]
+            log(f"read floor {v} {w}: {f['pieces_per_read']:.1f} pieces per read; copying them "
+                f"costs {f['view_us_per_mib']:.1f} us/MiB, one contiguous piece "
+                f"{f['image_us_per_mib']:.1f}, the same cuts from the image alone "
+                f"{f['cuts_us_per_mib']:.1f}")
+    return out
+
+
+def floor_lines(summ, floors):
+    """The read floor against the measured server CPU per read: the view's
+    server CPU per read is plain's plus at least what the kernel's copy of
+    its pieces costs more; where the server's CPU is the limit (srv cores
+    about 1 with the server pinned), view/plain is then at most about
+    plain CPU / that sum (the ceiling)."""
+    lines = ["", "== Kernel copy floor for reads (bench/iovfloor: the view's iovec lists copied by "
+             "pwritev into a memfd, no server, no NBD, no network; CPU per MiB, pinned like the "
+             "server)",
+             f"{'view':<5} {'workload':<9} {'pieces/read':>11} {'copy extra us/read':>18} "
+             f"{'of which cuts':>13} {'prefetched':>10} {'plain CPU us/op':>15} {'ceiling':>7} "
+             f"{'measured':>8} {'ours extra us/op':>16}"]
+    for (v, w), f in sorted(floors.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        mib = READ_WL[w][1]["bs"] / (1 << 20)
+        extra, cuts = f["view_extra_us_per_mib"] * mib, f["cuts_extra_us_per_mib"] * mib
+        pref = f["prefetch_extra_us_per_mib"] * mib
+        p, d = summ.get(("read", "plain", w)), summ.get(("read", v, w))
+        if not p or not d:
+            continue
+        ceiling = p["cpu_us_per_op"] / (p["cpu_us_per_op"] + extra)
+        lines.append(f"{v:<5} {w:<9} {f['pieces_per_read']:>11.1f} {extra:>18.1f} {cuts:>13.1f} "
+                     f"{pref:>10.1f} {p['cpu_us_per_op']:>15.1f} {ceiling:>7.2f} "
+                     f"{ratio(d[tkey(w)], p[tkey(w)]):>8.2f} "
+                     f"{d['cpu_us_per_op'] - p['cpu_us_per_op']:>16.1f}")
+    lines.append("copy extra = the view's pieces less one contiguous piece; of which cuts = the "
+                 "same boundaries, all from the image; prefetched = the view's pieces with the "
+                 "first 512 bytes of each prefetched first")
+    lines.append("ceiling = plain CPU/op / (plain CPU/op + copy extra): view/plain throughput "
+                 "when the server's CPU is the limit and the server adds nothing to the kernel's "
+                 "copy (medians of noisy runs: a measured ratio can land a few hundredths above "
+                 "it); measured = view/plain above; ours extra = the view's server CPU per op "
+                 "less plain's")
+    return lines
+
+
 def write_run(args, part, who, w, params, rep, base, topdir, logdir, raw, problems, deferred):
     """Starts a fresh server (fresh overlay in topdir), runs one write
     workload and stops it.  The overlay is thrown away now, or, when
@@ -644,7 +714,7 @@ def table(lines, summ, part, w, variants, ref, ref_label, flushes=False):
         lines.append(line)
 
 
-def report(args, summ, dirty, out):
+def report(args, summ, dirty, out, floors=None):
     lines = []
     targets = []
     if "read" in args.parts:
@@ -660,6 +730,8 @@ def report(args, summ, dirty, out):
                     r = ratio(d[tkey(w)], p[tkey(w)])
                     targets.append(f"read {w:<10} {v:<4} view/plain = {fmt(r, 2)} (target >= 0.90)"
                                    + ("" if math.isnan(r) else ("  OK" if r >= 0.9 else "  MISS")))
+        if floors:
+            lines += floor_lines(summ, floors)
     peers = [s for s in args.write_servers if s != "ours"]
     for part, wls, title in (("write", args.write_workloads if "write" in args.parts else [],
                               "#### 2. Writes into a fresh overlay (ratios: server / ours)"),
@@ -748,6 +820,10 @@ def parse_args():
                          "run maps the generation and the view's diff afresh")
     ap.add_argument("--no-verify", action="store_true", help="skip the data check of plain/lab/d0")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--floor", action="store_true",
+                    help="read part: also measure the kernel's copy of each view's reads "
+                         "(bench/iovfloor) and the ceiling it puts on view/plain")
+    ap.add_argument("--iovfloor", default=os.path.join(rb.REPO, "build", "bench", "iovfloor"))
     a = ap.parse_args()
     if a.quick:
         a.reps, a.seconds, a.warmup = 1, 2.0, 0.2
@@ -812,13 +888,17 @@ def main():
         except Exception as e:  # noqa: BLE001
             meta["versions"][exe] = f"? ({e})"
 
-    raw, problems, dirty, deferred = [], [], {}, []
+    if args.floor and "read" in args.parts and not os.access(args.iovfloor, os.X_OK):
+        sys.exit(f"{args.iovfloor} not found (ninja -C build iovfloor, or pass --iovfloor)")
+    raw, problems, dirty, deferred, floors = [], [], {}, [], {}
     interrupted = False
     t_start = time.monotonic()
     try:
         dirty = prepare_nodes(args, stores, size, logdir)
         if "read" in args.parts:
             part_read(args, base, stores, logdir, raw, problems)
+            if args.floor:
+                floors = read_floor(args, base, stores["read"], problems)
         if "write" in args.parts:
             warm([base])
             deferred += part_write(args, base, logdir, raw, problems)
@@ -884,7 +964,7 @@ def main():
                f"requests); spread = (max-min)/median of throughput")
         print(hdr)
         out.write(hdr + "\n")
-        report(args, summ, dirty, out)
+        report(args, summ, dirty, out, floors)
         if problems or interrupted:
             items = problems + (["run was interrupted: results are partial"] if interrupted else [])
             msg = "\n== Problems\n" + "\n".join("  " + p for p in items)
