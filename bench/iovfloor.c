@@ -43,14 +43,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loadgen.h"
+
 enum { IMAGE, VIEW, CUTS, PREFETCH, VARIANTS };
 static const char *const variant_name[VARIANTS] = { "image", "view", "cuts", "prefetch" };
-
-static void die(const char *what)
-{
-  fprintf(stderr, "iovfloor: %s: %s\n", what, strerror(errno));
-  exit(1);
-}
 
 static double thread_cpu_s(void)
 {
@@ -69,10 +65,10 @@ static const uint8_t *map_file(const char *path, uint64_t size)
 {
   const int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0)
-    die(path);
+    die("%s: %s", path, strerror(errno));
   void *p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED)
-    die(path);
+    die("%s: %s", path, strerror(errno));
   close(fd);
   return p;
 }
@@ -105,7 +101,7 @@ int main(int argc, char **argv)
   const char *image_path = argv[optind], *diff_path = argv[optind + 1];
   struct stat st;
   if (stat(image_path, &st) != 0)
-    die(image_path);
+    die("%s: %s", image_path, strerror(errno));
   const uint64_t size = (uint64_t)st.st_size / read_size * read_size;
   if (!size) {
     fputs("iovfloor: the image is smaller than one read\n", stderr);
@@ -117,25 +113,14 @@ int main(int argc, char **argv)
   uint8_t *changed = calloc(blocks, 1);
   const int dfd = open(diff_path, O_RDONLY | O_CLOEXEC);
   if (!changed || dfd < 0)
-    die(diff_path);
-  uint64_t nchanged = 0;
-  for (off_t at = 0;;) {
-    const off_t data = lseek(dfd, at, SEEK_DATA);
-    if (data < 0 || (uint64_t)data >= size)
-      break;
-    off_t hole = lseek(dfd, data, SEEK_HOLE);
-    if (hole < 0 || (uint64_t)hole > size)
-      hole = (off_t)size;
-    for (uint64_t b = (uint64_t)data / block; b < ((uint64_t)hole + block - 1) / block; b++)
-      nchanged += !changed[b], changed[b] = 1;
-    at = hole;
-  }
+    die("%s: %s", diff_path, strerror(errno));
+  const uint64_t nchanged = mark_data_blocks(dfd, size, block, changed);
   close(dfd);
   const uint8_t *image = map_file(image_path, size), *diff = map_file(diff_path, size);
 
   const int out = memfd_create("iovfloor", MFD_CLOEXEC);
   if (out < 0 || ftruncate(out, (off_t)read_size) != 0)
-    die("memfd");
+    die("memfd: %s", strerror(errno));
   const size_t max_pieces = read_size / block;
   struct iovec *iov = malloc(max_pieces * sizeof *iov);
   double *cpu = calloc((size_t)VARIANTS * rounds, sizeof *cpu);
@@ -169,7 +154,7 @@ int main(int argc, char **argv)
           const int cnt = n - i > 1024 ? 1024 : (int)(n - i);
           const ssize_t r = pwritev(out, iov + i, cnt, (off_t)done);
           if (r < 0)
-            die("pwritev");
+            die("pwritev: %s", strerror(errno));
           done += (size_t)r;
           i += (size_t)cnt; /* a memfd takes whole writes */
         }

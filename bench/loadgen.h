@@ -1,6 +1,6 @@
-/* Shared by the bench load generators (nbdload, nbdblast, nbdstorm):
- * error exit, a monotonic clock, a seeded PRNG, option parsers and a
- * log-linear latency histogram.  Everything is static inline: include it in
+/* Shared by the bench tools (nbdload, nbdblast, nbdstorm, iovfloor):
+ * error exit, a monotonic clock, a seeded PRNG, option parsers, a
+ * log-linear latency histogram and a sparse file's data blocks.  Everything is static inline: include it in
  * one translation unit per program.  Needs _GNU_SOURCE (for
  * program_invocation_short_name) before the first system header. */
 #ifndef NBDROOT_BENCH_LOADGEN_H
@@ -165,6 +165,27 @@ static inline void watchdog_alarm(int sig)
   r = write(2, msg, sizeof msg - 1);
   (void)r;
   _exit(3);
+}
+
+/* Sets marks[b] for every `block`-sized block b of [0, end) that holds
+ * part of fd's data extents (SEEK_DATA / SEEK_HOLE); returns how many of
+ * them were not set before. */
+static inline uint64_t mark_data_blocks(int fd, uint64_t end, uint64_t block, uint8_t *marks)
+{
+  uint64_t added = 0;
+  for (off_t at = 0;;) {
+    const off_t data = lseek(fd, at, SEEK_DATA);
+    if (data < 0 || (uint64_t)data >= end)
+      return added;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0 || (uint64_t)hole > end)
+      hole = (off_t)end;
+    for (uint64_t b = (uint64_t)data / block; b < ((uint64_t)hole + block - 1) / block; b++) {
+      added += !marks[b];
+      marks[b] = 1;
+    }
+    at = hole;
+  }
 }
 
 #endif

@@ -452,17 +452,7 @@ static int open_map(const char *path, int diff_fd, uint8_t *held)
     close(mfd);
     return -1;
   }
-  for (off_t at = 0;;) {
-    const off_t data = lseek(diff_fd, at, SEEK_DATA);
-    if (data < 0 || (uint64_t)data >= trace_end)
-      break;
-    off_t hole = lseek(diff_fd, data, SEEK_HOLE);
-    if (hole < 0 || (uint64_t)hole > trace_end)
-      hole = (off_t)trace_end;
-    for (uint64_t b = (uint64_t)data / MAP_BLOCK; b < ((uint64_t)hole + MAP_BLOCK - 1) / MAP_BLOCK; b++)
-      held[b] = 1;
-    at = hole;
-  }
+  mark_data_blocks(diff_fd, trace_end, MAP_BLOCK, held);
   return mfd;
 }
 
