@@ -728,8 +728,10 @@ def report(args, summ, dirty, out, floors=None):
                 d = summ.get(("read", v, w))
                 if p and d:
                     r = ratio(d[tkey(w)], p[tkey(w)])
-                    targets.append(f"read {w:<10} {v:<4} view/plain = {fmt(r, 2)} (target >= 0.90)"
-                                   + ("" if math.isnan(r) else ("  OK" if r >= 0.9 else "  MISS")))
+                    # Issue 10 asks 0.95 of 1 MiB reads of part-changed views.
+                    want = 0.95 if w == "sr1m" and v != "d0" else 0.90
+                    targets.append(f"read {w:<10} {v:<4} view/plain = {fmt(r, 2)} (target >= {want:.2f})"
+                                   + ("" if math.isnan(r) else ("  OK" if r >= want else "  MISS")))
         if floors:
             lines += floor_lines(summ, floors)
     peers = [s for s in args.write_servers if s != "ours"]

@@ -37,9 +37,10 @@
  * --no-flush leaves the fdatasyncs out, so the difference between the two
  * runs is the cost of making them durable (bench/storm.py --floor).  With
  * --maps each node also keeps a block map as a node view does: at a flush
- * that follows writes to blocks its diff did not hold yet, after the diff's
- * fdatasync, it writes a 4 KiB map slot into DIR/node-N.bitmap (two slots,
- * allocated when the file is made, written in turn) and fdatasyncs that.
+ * (a FLUSH, or a FUA write's) that follows writes to blocks its diff did
+ * not hold yet, after the diff's fdatasync, it writes a 4 KiB map slot into
+ * DIR/node-N.bitmap (two slots, allocated when the file is made, written
+ * in turn) and fdatasyncs that.
  * Its JSON line has the wall time, the process's CPU time and the counts.
  *
  * Trace format (text, optionally gzip'd): '#' comment lines, then one
@@ -445,10 +446,10 @@ static uint64_t map_writes; /* map slots written and synced, all nodes */
 static int open_map(const char *path, int diff_fd, uint8_t *held)
 {
   const int mfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  struct stat st;
-  if (mfd < 0 || fstat(mfd, &st) != 0)
+  if (mfd < 0)
     return -1;
-  if (st.st_size == 0 && fallocate(mfd, 0, 0, 2 * MAP_STRIDE) != 0) {
+  struct stat st;
+  if (fstat(mfd, &st) != 0 || (st.st_size == 0 && fallocate(mfd, 0, 0, 2 * MAP_STRIDE) != 0)) {
     close(mfd);
     return -1;
   }
@@ -570,7 +571,7 @@ static void usage(FILE *f)
         "  --files DIR       node N's writes and flushes go to DIR/node-N.diff\n"
         "                    (pwrite, fdatasync), one thread per node; reads are skipped\n"
         "  --no-flush        with --files: leave the fdatasyncs out\n"
-        "  --maps            with --files: at a flush after writes to new blocks, also\n"
+        "  --maps            with --files: at a flush (or FUA) after writes to new blocks, also\n"
         "                    write a 4 KiB map slot to DIR/node-N.bitmap and fdatasync it\n",
         f);
 }
