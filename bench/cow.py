@@ -84,6 +84,7 @@ def tkey(w):
 
 
 READ_VARIANTS = ["plain", "lab", "d0", "d10", "d90"]
+CHANGED_VIEWS = ("d10", "d90")  # views with part of their blocks changed (--floor)
 READ_LABEL = {"plain": "plain file (--export plain=FILE,ro)", "lab": "store image (lab, ro)",
               "d0": "view lab/d0 (0 % dirty)", "d10": "view lab/d10 (10 % dirty)",
               "d90": "view lab/d90 (90 % dirty)"}
@@ -452,9 +453,14 @@ def release(procs):
             p.wait()
 
 
+def view_diff(store, node):
+    """The diff file of one of the read part's view nodes."""
+    return os.path.join(store, "nodes", node, "lab.g1.diff")
+
+
 def part_read(args, base, stores, logdir, raw, problems):
     store = stores["read"]
-    diffs = [os.path.join(store, "nodes", n, "lab.g1.diff") for n in ("d0", "d10", "d90")]
+    diffs = [view_diff(store, n) for n in ("d0",) + CHANGED_VIEWS]
     if not args.no_verify:
         # In an instance of its own: reading everything would leave the
         # plain and generation mappings faulted in, but not the views' diff
@@ -519,14 +525,13 @@ def read_floor(args, base, store, problems):
     to copy the view's pieces against one contiguous piece. Returns
     {(view, workload): iovfloor's JSON}."""
     out = {}
-    warm([base] + [os.path.join(store, "nodes", v, "lab.g1.diff") for v in ("d10", "d90")])
+    warm([base] + [view_diff(store, v) for v in CHANGED_VIEWS])
     for w in args.read_workloads:
         bs = READ_WL[w][1]["bs"]
         if bs < 2 * 4096:
             continue  # one block: one piece, nothing to alternate
-        for v in ("d10", "d90"):
-            argv = [args.iovfloor, base, os.path.join(store, "nodes", v, "lab.g1.diff"),
-                    "--read", str(bs), "--rounds", "5"]
+        for v in CHANGED_VIEWS:
+            argv = [args.iovfloor, base, view_diff(store, v), "--read", str(bs), "--rounds", "5"]
             if args.server_cpus:
                 argv = ["taskset", "-c", args.server_cpus] + argv
             p = subprocess.run(argv, capture_output=True, text=True, timeout=600)

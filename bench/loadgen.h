@@ -1,7 +1,8 @@
 /* Shared by the bench tools (nbdload, nbdblast, nbdstorm, iovfloor):
  * error exit, a monotonic clock, a seeded PRNG, option parsers, a
- * log-linear latency histogram and a sparse file's data blocks.  Everything is static inline: include it in
- * one translation unit per program.  Needs _GNU_SOURCE (for
+ * log-linear latency histogram and a sparse file's data blocks.
+ * Everything is static inline: include it in one translation unit per
+ * program.  Needs _GNU_SOURCE (for
  * program_invocation_short_name) before the first system header. */
 #ifndef NBDROOT_BENCH_LOADGEN_H
 #define NBDROOT_BENCH_LOADGEN_H

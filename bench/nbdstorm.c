@@ -477,10 +477,11 @@ static void *file_node_main(void *arg)
   const int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   uint8_t *held = cfg.maps ? calloc(trace_end / MAP_BLOCK + 1, 1) : NULL;
   int mfd = -1;
-  if (fd < 0 || ftruncate(fd, (off_t)trace_end) != 0 ||
-      (cfg.maps && (!held || (mfd = open_map(map_path, fd, held)) < 0))) {
-    fprintf(stderr, "nbdstorm: %s: %s\n", mfd < 0 && fd >= 0 && cfg.maps ? map_path : path,
-            strerror(errno));
+  const char *failed = fd < 0 || ftruncate(fd, (off_t)trace_end) != 0 ? path
+                       : cfg.maps && (!held || (mfd = open_map(map_path, fd, held)) < 0) ? map_path
+                       : NULL;
+  if (failed) {
+    fprintf(stderr, "nbdstorm: %s: %s\n", failed, strerror(errno));
     __atomic_store_n(&files_failed, true, __ATOMIC_RELAXED);
     if (fd >= 0)
       close(fd);
@@ -500,9 +501,10 @@ static void *file_node_main(void *arg)
                      (off_t)r->length);
     if (held && r->op != OP_READ && r->op != OP_FLUSH)
       map_changed |= hold_blocks(held, r->offset, r->length);
-    if (rc == 0 && file_syncs(r))
+    const bool syncs = file_syncs(r);
+    if (rc == 0 && syncs)
       rc = fdatasync(fd);
-    if (rc == 0 && file_syncs(r) && map_changed) {
+    if (rc == 0 && syncs && map_changed) {
       /* The map only after the data it names is durable, as a view's flush. */
       rc = pwrite(mfd, slot, sizeof slot, (off_t)(seq++ % 2 * MAP_STRIDE)) == sizeof slot
                ? fdatasync(mfd) : -1;

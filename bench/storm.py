@@ -26,8 +26,8 @@ for N nodes into N files of their own, with no NBD, network or server) with
 and without the flushes, in the same directory, and once more with a block
 map per node persisted after the diff (--maps), and prints what making N
 distinct diffs durable costs the kernel alone, counted in the process and
-on every CPU: with the plain storm CPU-bound, a lower bound for the views'
-wall time on this filesystem.
+on every CPU: with the plain storm CPU-bound, an estimate of the least wall
+time views can take on this filesystem (bench/README.md, "The floor").
 
     /usr/bin/python3 bench/storm.py                   # 200 nodes, 3 reps
     /usr/bin/python3 bench/storm.py --nodes 50 --reps 5
@@ -356,7 +356,10 @@ def run_floor(args, d, flush, maps=False):
     return res
 
 
-FLOOR_KINDS = ("first", "first_maps", "existing")
+# The floor's rows: kind (its runs' key), label, and the issue's target.
+FLOOR_ROWS = (("first", "first nodes, diffs only", 1.3),
+              ("first_maps", "first nodes, diffs and maps", 1.3),
+              ("existing", "existing nodes (no map changes)", 1.1))
 
 
 def floor_runs(args):
@@ -384,7 +387,7 @@ def floor_runs(args):
         for k, r in runs.items():
             row[f"{k}_cpu_s"], row[f"{k}_box_s"], row[f"{k}_wall_s"] = (
                 r["cpu_s"], r["box_cpu_s"], r["wall_s"])
-        for k in FLOOR_KINDS:
+        for k, _, _ in FLOOR_ROWS:
             nf = "existing_noflush" if k == "existing" else "first_noflush"
             row[f"{k}_extra_cpu_s"] = row[f"{k}_cpu_s"] - row[f"{nf}_cpu_s"]
             row[f"{k}_extra_box_s"] = row[f"{k}_box_s"] - row[f"{nf}_box_s"]
@@ -399,8 +402,9 @@ def floor_runs(args):
 
 
 def floor_lines(args, floor, ref):
-    """The floor, and the lower bound it puts on the views' wall time when
-    the plain storm keeps every CPU busy: plain wall + extra CPU / CPUs."""
+    """The floor, and the estimate it gives of the views' least wall time
+    when the plain storm keeps every CPU busy: plain wall + extra CPU / CPUs
+    (not a strict bound: plain's own flushes are not subtracted)."""
     cpus = os.cpu_count() or 1
     out = ["",
            f"floor (nbdstorm --files: the trace's writes and flushes for {args.nodes} nodes into "
@@ -410,12 +414,11 @@ def floor_lines(args, floor, ref):
            f"Extra CPU = with the flushes less without; 'process' counts nbdstorm only, "
            f"'machine' every CPU's busy time during the run (writeback, interrupts). The plain "
            f"storm keeps {ref['box_busy'] * 100:.0f} % of {cpus} CPUs busy, so the views' wall "
-           f"is at least plain's + extra / {cpus}:"]
+           f"is about plain's + extra / {cpus} at least (an estimate: plain's own flushes are "
+           f"not subtracted):"]
     out.append(f"  {'':<34} {'extra CPU process':>17} {'machine':>8} "
-               f"{'bound process':>13} {'machine':>8} {'target':>6}")
-    for k, label, target in (("first", "first nodes, diffs only", 1.3),
-                             ("first_maps", "first nodes, diffs and maps", 1.3),
-                             ("existing", "existing nodes (no map changes)", 1.1)):
+               f"{'est. process':>13} {'machine':>8} {'target':>6}")
+    for k, label, target in FLOOR_ROWS:
         ep, em = floor[f"{k}_extra_cpu_s"], floor[f"{k}_extra_box_s"]
         bp, bm = ((ref["wall_s"] + e / cpus) / ref["wall_s"] for e in (ep, em))
         out.append(f"  {label:<34} {ep:>15.2f} s {em:>6.2f} s {bp:>12.2f}x {bm:>7.2f}x "
